@@ -1,0 +1,435 @@
+"""Run configuration: one frozen dataclass per concern, YAML presets and dotted overrides.
+
+The built-in defaults are the main job (a small decoder LM on the embedded default corpus).
+Every error a user can make in a config is a `ConfigError` with one line naming the key; the
+CLI turns it into exit code 2 before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config the run cannot use. The message is one line naming the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything the model sees; nothing else reaches the Linen modules."""
+
+    arch: str = "gpt2"  # gpt2 | llama
+    vocab_size: int = 2048
+    n_layers: int = 4
+    d_model: int = 256
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: n_heads (multi-head); fewer: grouped-query attention
+    d_ff: int = 1024
+    max_len: int = 1024  # longest sequence the learned position table supports
+    position: str | None = None  # learned | sinusoidal | rope; None: gpt2 -> learned, llama -> rope
+    tie_embeddings: bool | None = None  # None: gpt2 -> tied, llama -> untied
+    dropout: float = 0.0
+    dtype: str = "float32"  # compute dtype of activations and matmuls
+    param_dtype: str = "float32"  # storage dtype of parameters
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    scan_layers: bool = False  # one compiled layer body, looped with nn.scan
+    remat: str = "none"  # none | full | dots: what the backward pass recomputes
+    attention: str = "xla"  # xla (explicit einsum) | cudnn (jax.nn.dot_product_attention)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def resolved_position(self) -> str:
+        if self.position is not None:
+            return self.position
+        return "rope" if self.arch == "llama" else "learned"
+
+    @property
+    def resolved_tie_embeddings(self) -> bool:
+        if self.tie_embeddings is not None:
+            return self.tie_embeddings
+        return self.arch == "gpt2"
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    path: str = ""  # an existing SentencePiece .model; empty: train one on the corpus
+    model_type: str = "bpe"  # bpe | unigram
+    sample_bytes: int = 4_000_000  # training input is a sample of the corpus of about this size
+    byte_fallback: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str = "default"  # default | text | jsonl | tfds
+    path: str = ""  # a glob of local files (text, jsonl)
+    text_key: str = "text"  # the JSON field holding the text (jsonl)
+    tfds_name: str = ""  # a TFDS catalog name, e.g. "lm1b" or "lm1b:1.1.0"
+    tfds_data_dir: str = ""  # local or gs:// data dir for tfds; empty: the TFDS default
+    tfds_train_split: str = "train"
+    tfds_eval_split: str = "validation"
+    prepared_dir: str = ""  # where local corpora are prepared as TFDS datasets; empty: a user cache
+    eval_fraction: float = 0.02  # share of local documents held out for evaluation
+    shuffle: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = "adamw"  # adamw | lamb
+    lr: float = 2e-3  # peak learning rate, reached after warmup
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at train.steps
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # not applied to norms, biases (nor embeddings of positions)
+    clip_norm: float = 1.0  # global-norm clipping; 0 disables
+    grad_accum: int = 1  # micro-batches per update; train.batch_size is split among them
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 16  # global, in sequences
+    seq_len: int = 128
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    sample_prompt: str = "def "
+    sample_tokens: int = 80
+    temperature: float = 0.8
+    top_k: int = 40
+    progress: bool = True  # console progress bar
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 100
+    keep: int = 3
+    async_save: bool = True
+
+
+# Logical axis name -> mesh axis (or axes). Data, not code: a new layout is a config change.
+DEFAULT_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("length", None),
+    ("layers", None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # -1: all devices left after the other axes
+    fsdp: int = 1
+    tensor: int = 1
+    axis_rules: tuple[tuple[str, Any], ...] = DEFAULT_AXIS_RULES
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    mode: str = "jit"  # jit (sharded over the mesh) | pmap (replicated data parallel)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    coordinator: str = ""  # host:port of process 0; empty: auto-detect or single process
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    workdir: str = "runs/default"
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    mesh: MeshConfig = MeshConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    distributed: DistributedConfig = DistributedConfig()
+
+
+CHOICES = {
+    "model.arch": ("gpt2", "llama"),
+    "model.position": ("learned", "sinusoidal", "rope", None),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16", "float16"),
+    "model.remat": ("none", "full", "dots"),
+    "model.attention": ("xla", "cudnn"),
+    "tokenizer.model_type": ("bpe", "unigram"),
+    "data.source": ("default", "text", "jsonl", "tfds"),
+    "optimizer.name": ("adamw", "lamb"),
+    "parallel.mode": ("jit", "pmap"),
+}
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of the config, e.g. 'model.n_layers'."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        ftype = _field_types(cls)[f.name]
+        if dataclasses.is_dataclass(ftype):
+            keys += all_keys(ftype, prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unknown_key(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else "; run with a valid dotted key such as 'train.steps'"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any, ftype: Any) -> Any:
+    """Checks `value` against the annotated type; ints are accepted where floats are."""
+    origin = typing.get_origin(ftype)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(ftype)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                pass
+        allowed = " or ".join("null" if a is type(None) else a.__name__ for a in args)
+        raise ConfigError(f"config key '{key}' must be {allowed}, got {value!r}")
+    if origin is tuple:  # the axis rules: a list of [logical_name, mesh_axis or list or null]
+        if not isinstance(value, (list, tuple)) or not all(
+            isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[0], str) for r in value
+        ):
+            raise ConfigError(f"config key '{key}' must be a list of [logical_axis, mesh_axis] pairs")
+        return tuple((r[0], tuple(r[1]) if isinstance(r[1], list) else r[1]) for r in value)
+    if ftype is bool:
+        if isinstance(value, bool):
+            return value
+    elif ftype is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif ftype is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif ftype is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"config key '{key}' must be {ftype.__name__}, got {value!r}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    types_ = _field_types(cls)
+    kwargs = {}
+    for name, value in values.items():
+        key = prefix + name
+        if name not in types_:
+            raise _unknown_key(key)
+        ftype = types_[name]
+        if dataclasses.is_dataclass(ftype):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{key}' is a section; give its keys, e.g. '{key}.<name>=...'")
+            kwargs[name] = _build(ftype, value, key + ".")
+        else:
+            kwargs[name] = _coerce(key, value, ftype)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise _unknown_key(key)
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.steps=200' -> ('train.steps', 200). Values are YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"expected key=value, got '{text}'")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"expected key=value, got '{text}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults <- YAML file <- key=value overrides, validated. Raises ConfigError."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys")
+        tree = loaded
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    config = _build(Config, tree)
+    validate(config)
+    return config
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """Plain YAML-friendly dict (tuples become lists)."""
+
+    def plain(x: Any) -> Any:
+        if isinstance(x, (tuple, list)):
+            return [plain(v) for v in x]
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return x
+
+    return plain(dataclasses.asdict(config))
+
+
+def dump_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(c: Config) -> None:
+    """Checks that need no devices. Device-dependent checks live in `validate_for_devices`."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(c, section), name)
+        shown = ", ".join("null" if a is None else a for a in allowed)
+        _require(value in allowed, f"config key '{key}' must be one of {shown}, got {value!r}")
+
+    m = c.model
+    for key in ("vocab_size", "n_layers", "d_model", "n_heads", "d_ff", "max_len"):
+        _require(getattr(m, key) > 0, f"config key 'model.{key}' must be positive, got {getattr(m, key)}")
+    _require(m.d_model % m.n_heads == 0,
+             f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
+    _require(m.kv_heads > 0 and m.n_heads % m.kv_heads == 0,
+             f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.kv_heads})")
+    _require(m.resolved_position != "rope" or m.head_dim % 2 == 0,
+             f"RoPE needs an even head dimension; model.d_model/model.n_heads = {m.head_dim}")
+    _require(0.0 <= m.dropout < 1.0, f"config key 'model.dropout' must be in [0, 1), got {m.dropout}")
+    _require(m.vocab_size >= 260 or bool(c.tokenizer.path),
+             f"model.vocab_size ({m.vocab_size}) must be at least 260 to train a byte-fallback tokenizer")
+
+    t = c.train
+    for key in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches"):
+        _require(getattr(t, key) > 0, f"config key 'train.{key}' must be positive, got {getattr(t, key)}")
+    _require(t.seq_len <= m.max_len or m.resolved_position != "learned",
+             f"train.seq_len ({t.seq_len}) exceeds model.max_len ({m.max_len}) of the learned positions")
+    _require(t.top_k >= 0, f"config key 'train.top_k' must be >= 0, got {t.top_k}")
+    _require(t.temperature >= 0, f"config key 'train.temperature' must be >= 0, got {t.temperature}")
+
+    o = c.optimizer
+    _require(o.lr > 0, f"config key 'optimizer.lr' must be positive, got {o.lr}")
+    _require(o.warmup_steps >= 0, f"config key 'optimizer.warmup_steps' must be >= 0, got {o.warmup_steps}")
+    _require(o.grad_accum >= 1, f"config key 'optimizer.grad_accum' must be >= 1, got {o.grad_accum}")
+    _require(t.batch_size % o.grad_accum == 0,
+             f"train.batch_size ({t.batch_size}) must be divisible by optimizer.grad_accum ({o.grad_accum})")
+    _require(o.clip_norm >= 0, f"config key 'optimizer.clip_norm' must be >= 0, got {o.clip_norm}")
+
+    k = c.checkpoint
+    _require(k.every > 0, f"config key 'checkpoint.every' must be positive, got {k.every}")
+    _require(k.keep > 0, f"config key 'checkpoint.keep' must be positive, got {k.keep}")
+
+    d = c.data
+    _require(d.source not in ("text", "jsonl") or bool(d.path),
+             f"data.source={d.source} needs data.path (a glob of files)")
+    _require(d.source != "tfds" or bool(d.tfds_name), "data.source=tfds needs data.tfds_name")
+    _require(0.0 < d.eval_fraction < 1.0, f"config key 'data.eval_fraction' must be in (0, 1), got {d.eval_fraction}")
+
+    for axis in ("data", "fsdp", "tensor"):
+        size = getattr(c.mesh, axis)
+        _require(size == -1 or size > 0, f"config key 'mesh.{axis}' must be positive or -1, got {size}")
+    _require([c.mesh.data, c.mesh.fsdp, c.mesh.tensor].count(-1) <= 1,
+             "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+
+    dist = c.distributed
+    _require(dist.num_processes is None or dist.num_processes > 0,
+             f"config key 'distributed.num_processes' must be positive, got {dist.num_processes}")
+    if dist.process_id is not None and dist.num_processes is not None:
+        _require(0 <= dist.process_id < dist.num_processes,
+                 f"distributed.process_id ({dist.process_id}) must be in [0, {dist.num_processes})")
+
+
+def validate_for_devices(c: Config, num_devices: int, num_processes: int = 1) -> tuple[int, int, int]:
+    """Resolves -1 mesh axes for `num_devices` and checks that the batch and heads divide.
+
+    Returns the (data, fsdp, tensor) mesh shape.
+    """
+    sizes = [c.mesh.data, c.mesh.fsdp, c.mesh.tensor]
+    known = 1
+    for s in sizes:
+        if s != -1:
+            known *= s
+    if -1 in sizes:
+        _require(num_devices % known == 0,
+                 f"mesh axes {known} do not divide the {num_devices} devices (mesh.data/fsdp/tensor)")
+        sizes[sizes.index(-1)] = num_devices // known
+    data, fsdp, tensor = sizes
+    _require(data * fsdp * tensor == num_devices,
+             f"mesh.data*mesh.fsdp*mesh.tensor = {data}*{fsdp}*{tensor} must equal the {num_devices} devices")
+    m, t = c.model, c.train
+    _require(m.n_heads % tensor == 0, f"model.n_heads ({m.n_heads}) must be divisible by mesh.tensor ({tensor})")
+    _require(m.kv_heads % tensor == 0,
+             f"model.n_kv_heads ({m.kv_heads}) must be divisible by mesh.tensor ({tensor})")
+    per_update = t.batch_size // c.optimizer.grad_accum
+    batch_shards = data * fsdp if c.parallel.mode == "jit" else num_devices
+    _require(per_update % batch_shards == 0,
+             f"train.batch_size/optimizer.grad_accum ({per_update}) must be divisible by the "
+             f"{batch_shards} batch shards (mesh.data*mesh.fsdp)")
+    _require(t.batch_size % num_processes == 0,
+             f"train.batch_size ({t.batch_size}) must be divisible by the {num_processes} processes")
+    return data, fsdp, tensor

@@ -1,0 +1,9 @@
+"""Shared test setup: CPU, strict rank promotion, tiny configs."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
