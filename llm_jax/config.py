@@ -243,6 +243,11 @@ def _coerce(key: str, value: Any, ftype: Any) -> Any:
     elif ftype is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # PyYAML reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif ftype is str:
         if isinstance(value, str):
             return value
@@ -257,6 +262,9 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     for name, value in values.items():
         key = prefix + name
         if name not in types_:
+            while isinstance(value, dict) and len(value) == 1:  # name the whole dotted key in the error
+                (name, value), = value.items()
+                key += "." + str(name)
             raise _unknown_key(key)
         ftype = types_[name]
         if dataclasses.is_dataclass(ftype):

@@ -1,0 +1,380 @@
+"""Building blocks of the decoder: projections, norms, positions, attention, MLP, the block.
+
+Conventions:
+- Shapes are written as suffixes: `x_BLE` is [batch, length, embed]. Letters: B batch, L query
+  length, S key length, E embed (d_model), V vocab, H query heads, K key/value heads, G query heads
+  per key/value head (H = K * G), D head_dim, F mlp hidden (d_ff), P position-table length.
+- Every parameter is created through `nn.with_logical_partitioning`, so `init` returns
+  `nn.Partitioned` boxes and sharding is a matter of `mesh.axis_rules` in the config. Main
+  activations carry `nn.with_logical_constraint`, a no-op outside a mesh and rules context.
+- Matmuls run in the compute `dtype`; parameters are stored in `param_dtype`; norms, softmax and the
+  logits run in float32, because those are where bfloat16 loses the accuracy that matters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llm_jax.config import ModelConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# Large enough to zero a softmax entry, small enough not to overflow float32 when subtracted.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def to_dtype(name: str) -> jnp.dtype:
+    """Config strings ('bfloat16') to jnp dtypes; the config stays plain YAML."""
+    return jnp.dtype(DTYPES[name])
+
+
+def output_init_std(config: ModelConfig) -> float:
+    """GPT-2 scaled init: each block adds two projections to the residual stream, so their
+    std shrinks with depth to keep the stream's variance roughly constant at init."""
+    return config.init_std / math.sqrt(2 * config.n_layers)
+
+
+def constrain(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    return nn.with_logical_constraint(x, axes)
+
+
+# ----------------------------------------------------------------------------- projections
+
+
+class Dense(nn.Module):
+    """x[..., in dims] @ kernel[in dims, out dims] (+ bias[out dims]), with logical axes.
+
+    One module for every projection, so multi-dimensional kernels (embed -> heads x head_dim)
+    keep their head axes as real axes that can be sharded, instead of being flattened.
+    """
+
+    features: tuple[int, ...]
+    kernel_axes: tuple[str, ...]  # names of the contracted input dims, then of `features`
+    n_in: int = 1  # trailing dims of x that are contracted
+    use_bias: bool = False
+    init_std: float = 0.02
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    out_dtype: jnp.dtype | None = None  # None: `dtype`; float32 for the logits
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_shape = x.shape[x.ndim - self.n_in:]
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(nn.initializers.normal(self.init_std), self.kernel_axes),
+            (*in_shape, *self.features),
+            self.param_dtype,
+        )
+        x_dims = tuple(range(x.ndim - self.n_in, x.ndim))
+        kernel_dims = tuple(range(self.n_in))
+        y = jax.lax.dot_general(
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            ((x_dims, kernel_dims), ((), ())),
+            preferred_element_type=self.out_dtype or self.dtype,
+        )
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[self.n_in:]),
+                self.features,
+                self.param_dtype,
+            )
+            y = y + bias.astype(y.dtype).reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
+        return y
+
+
+class Embed(nn.Module):
+    """A lookup table; `attend` reuses it as the output projection when embeddings are tied."""
+
+    num_embeddings: int
+    features: int
+    axes: tuple[str, str] = ("vocab", "embed")
+    init_std: float = 0.02
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(self.init_std), self.axes),
+            (self.num_embeddings, self.features),
+            self.param_dtype,
+        )
+
+    def __call__(self, ids_BL: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding, ids_BL, axis=0).astype(self.dtype)  # [B, L, E]
+
+    def attend(self, x_BLE: jax.Array) -> jax.Array:
+        """Logits against the table, accumulated and returned in float32."""
+        return jnp.einsum(
+            "ble,ve->blv",
+            x_BLE.astype(self.dtype),
+            self.embedding.astype(self.dtype),
+            preferred_element_type=jnp.float32,
+        )
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+class LayerNorm(nn.Module):
+    """GPT-2 norm. Statistics in float32 whatever the compute dtype."""
+
+    eps: float = 1e-5
+    use_bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                           (features,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (features,))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                              (features,), self.param_dtype)
+            y = y + bias.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (features,))
+        return y.astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+    """Llama norm: no centering, no bias. Statistics in float32."""
+
+    eps: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                           (features,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        y = y * scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (features,))
+        return y.astype(self.dtype)
+
+
+def make_norm(config: ModelConfig, name: str) -> nn.Module:
+    dtype, param_dtype = to_dtype(config.dtype), to_dtype(config.param_dtype)
+    if config.arch == "llama":
+        return RMSNorm(eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype, name=name)
+    return LayerNorm(eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+# ----------------------------------------------------------------------------- positions
+
+
+def sinusoidal_positions(positions_BL: jax.Array, features: int) -> jax.Array:
+    """The fixed sin/cos table of "Attention is all you need", computed for any position, so
+    it needs no max_len and restarts cleanly inside packed rows. Returns float32 [B, L, E]."""
+    half = (features + 1) // 2
+    inv_freq_F = 1.0 / (10000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
+    angles_BLF = positions_BL.astype(jnp.float32)[:, :, None] * inv_freq_F[None, None, :]
+    table_BLE = jnp.concatenate([jnp.sin(angles_BLF), jnp.cos(angles_BLF)], axis=-1)
+    return table_BLE[:, :, :features]
+
+
+def apply_rope(x_BLHD: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, "rotate half" layout: dim i pairs with dim i + D/2.
+
+    Rotating q and k by angles proportional to their positions makes q.k depend only on the
+    position difference, which is what lets packed documents restart at position 0.
+    Computed in float32, returned in x's dtype.
+    """
+    head_dim = x_BLHD.shape[-1]
+    half = head_dim // 2
+    inv_freq_F = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))  # F = D / 2
+    angles_BLF = positions_BL.astype(jnp.float32)[:, :, None] * inv_freq_F[None, None, :]
+    sin_BL1F = jnp.sin(angles_BLF)[:, :, None, :]
+    cos_BL1F = jnp.cos(angles_BLF)[:, :, None, :]
+    x32 = x_BLHD.astype(jnp.float32)
+    x1, x2 = x32[..., :half], x32[..., half:]
+    rotated = jnp.concatenate([x1 * cos_BL1F - x2 * sin_BL1F, x2 * cos_BL1F + x1 * sin_BL1F], axis=-1)
+    return rotated.astype(x_BLHD.dtype)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def causal_segment_mask(segment_ids_BL: jax.Array | None, length: int) -> jax.Array:
+    """Bool [B or 1, 1, L, L]: query i sees key j iff j <= i and both lie in the same document.
+
+    Causality is by index in the row, not by position id, because positions restart at 0 for
+    each packed document. Padding (segment 0) only sees padding, so no row is fully masked.
+    """
+    index_L = jnp.arange(length)
+    mask_11LL = (index_L[:, None] >= index_L[None, :])[None, None, :, :]
+    if segment_ids_BL is None:
+        return mask_11LL
+    same_B1LL = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
+    return jnp.logical_and(mask_11LL, same_B1LL)
+
+
+def xla_attention(q_BLHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, mask_B1LS: jax.Array) -> jax.Array:
+    """Explicit grouped-query attention: each group of G query heads shares one key/value head
+    without materialising repeated keys. Scores and softmax in float32."""
+    batch, length, n_heads, head_dim = q_BLHD.shape
+    n_kv = k_BSKD.shape[2]
+    q_BLKGD = q_BLHD.reshape(batch, length, n_kv, n_heads // n_kv, head_dim)
+    scores_BKGLS = jnp.einsum("blkgd,bskd->bkgls", q_BLKGD, k_BSKD, preferred_element_type=jnp.float32)
+    scores_BKGLS = scores_BKGLS * (1.0 / math.sqrt(head_dim))
+    scores_BKGLS = jnp.where(mask_B1LS[:, :, None, :, :], scores_BKGLS, _MASK_VALUE)
+    probs_BKGLS = jax.nn.softmax(scores_BKGLS, axis=-1).astype(v_BSKD.dtype)
+    out_BLKGD = jnp.einsum("bkgls,bskd->blkgd", probs_BKGLS, v_BSKD)
+    return out_BLKGD.reshape(batch, length, n_heads, head_dim)
+
+
+def fused_attention(q_BLHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array,
+                    segment_ids_BL: jax.Array | None) -> jax.Array:
+    """`jax.nn.dot_product_attention`: the cuDNN flash kernel on GPU for 16-bit dtypes (the only
+    ones it supports), its XLA implementation elsewhere. Causality goes in as `is_causal` so cuDNN
+    can skip the masked half; documents only as an extra mask."""
+    on_gpu = jax.default_backend() == "gpu"
+    implementation = "cudnn" if on_gpu and q_BLHD.dtype in (jnp.bfloat16, jnp.float16) else None
+    mask_B1LL = None
+    if segment_ids_BL is not None:
+        mask_B1LL = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
+    return jax.nn.dot_product_attention(
+        q_BLHD, k_BSKD, v_BSKD, mask=mask_B1LL, is_causal=True, implementation=implementation
+    )
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention with an optional KV cache.
+
+    Decoding follows the Flax convention: `init(..., decode=True)` with the full length creates
+    zeroed "cache" variables; each later `apply(..., decode=True, mutable=["cache"])` writes its
+    keys/values at the cache index and attends to everything written so far. A decode call may
+    carry several tokens (a prompt prefill) or one. In decode mode segment ids are ignored: the
+    cache holds a single document per row.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BLE: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array | None,
+                 deterministic: bool, decode: bool) -> jax.Array:
+        cfg = self.config
+        dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
+        use_bias = cfg.arch == "gpt2"
+
+        def proj(name, n_heads, heads_axis):
+            return Dense(features=(n_heads, cfg.head_dim), kernel_axes=("embed", heads_axis, "head_dim"),
+                         use_bias=use_bias, init_std=cfg.init_std, dtype=dtype, param_dtype=param_dtype,
+                         name=name)
+
+        q_BLHD = proj("query", cfg.n_heads, "heads")(x_BLE)
+        k_BLKD = proj("key", cfg.kv_heads, "kv_heads")(x_BLE)
+        v_BLKD = proj("value", cfg.kv_heads, "kv_heads")(x_BLE)
+        if cfg.resolved_position == "rope":
+            q_BLHD = apply_rope(q_BLHD, positions_BL, cfg.rope_theta)
+            k_BLKD = apply_rope(k_BLKD, positions_BL, cfg.rope_theta)
+        q_BLHD = constrain(q_BLHD, ("batch", "length", "heads", "head_dim"))
+        k_BLKD = constrain(k_BLKD, ("batch", "length", "kv_heads", "head_dim"))
+        v_BLKD = constrain(v_BLKD, ("batch", "length", "kv_heads", "head_dim"))
+
+        length = x_BLE.shape[1]
+        if decode and self.has_variable("cache", "cached_key"):
+            k_BSKD, v_BSKD, mask_11LS = self._update_cache(k_BLKD, v_BLKD)
+            out_BLHD = xla_attention(q_BLHD, k_BSKD, v_BSKD, mask_11LS)
+        else:
+            if decode:  # the init call: size the cache from the full-length input
+                self._update_cache(k_BLKD, v_BLKD)
+            if cfg.attention == "cudnn":
+                out_BLHD = fused_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
+            else:
+                out_BLHD = xla_attention(q_BLHD, k_BLKD, v_BLKD, causal_segment_mask(segment_ids_BL, length))
+        out_BLHD = constrain(out_BLHD, ("batch", "length", "heads", "head_dim"))
+
+        out_BLE = Dense(features=(cfg.d_model,), kernel_axes=("heads", "head_dim", "embed"), n_in=2,
+                        use_bias=use_bias, init_std=output_init_std(cfg), dtype=dtype,
+                        param_dtype=param_dtype, name="out")(out_BLHD)
+        return out_BLE
+
+    def _update_cache(self, k_BLKD: jax.Array, v_BLKD: jax.Array):
+        """Writes this call's keys/values at the cache index and advances it.
+
+        Returns the whole cache and the mask of written, causally visible slots. On the init call
+        the variables are only created (zeros, index 0), sized by the input.
+        """
+        initialized = self.has_variable("cache", "cached_key")
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, k_BLKD.shape, k_BLKD.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, v_BLKD.shape, v_BLKD.dtype)
+        cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
+        if not initialized:
+            return None
+        length = k_BLKD.shape[1]
+        max_length = cached_key.value.shape[1]
+        index = cache_index.value
+        k_BSKD = jax.lax.dynamic_update_slice(cached_key.value, k_BLKD.astype(cached_key.value.dtype),
+                                              (0, index, 0, 0))
+        v_BSKD = jax.lax.dynamic_update_slice(cached_value.value, v_BLKD.astype(cached_value.value.dtype),
+                                              (0, index, 0, 0))
+        cached_key.value, cached_value.value = k_BSKD, v_BSKD
+        cache_index.value = index + length
+        query_index_L = index + jnp.arange(length)
+        mask_11LS = (jnp.arange(max_length)[None, :] <= query_index_L[:, None])[None, None, :, :]
+        return k_BSKD, v_BSKD, mask_11LS
+
+
+# ----------------------------------------------------------------------------- MLP and block
+
+
+class Mlp(nn.Module):
+    """gpt2: Linear-GELU-Linear with biases. llama: SwiGLU (silu(gate) * up, then down), no biases."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BLE: jax.Array) -> jax.Array:
+        cfg = self.config
+        dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
+        use_bias = cfg.arch == "gpt2"
+
+        def dense(name, features, axes, std):
+            return Dense(features=(features,), kernel_axes=axes, use_bias=use_bias, init_std=std,
+                         dtype=dtype, param_dtype=param_dtype, name=name)
+
+        if cfg.arch == "llama":
+            gate_BLF = dense("gate", cfg.d_ff, ("embed", "mlp"), cfg.init_std)(x_BLE)
+            up_BLF = dense("up", cfg.d_ff, ("embed", "mlp"), cfg.init_std)(x_BLE)
+            h_BLF = nn.silu(gate_BLF) * up_BLF
+        else:
+            h_BLF = nn.gelu(dense("fc", cfg.d_ff, ("embed", "mlp"), cfg.init_std)(x_BLE), approximate=True)
+        h_BLF = constrain(h_BLF, ("batch", "length", "mlp"))
+        return dense("proj", cfg.d_model, ("mlp", "embed"), output_init_std(cfg))(h_BLF)
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    Returns (x, None), the (carry, per-layer output) pair of an `nn.scan` body, so the same module
+    serves the scanned and the unrolled stacks. Arguments are positional so that `nn.remat` can
+    mark `deterministic` and `decode` static.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BLE: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array | None,
+                 deterministic: bool, decode: bool):
+        cfg = self.config
+        h_BLE = make_norm(cfg, "attn_norm")(x_BLE)
+        h_BLE = Attention(cfg, name="attn")(h_BLE, positions_BL, segment_ids_BL, deterministic, decode)
+        x_BLE = x_BLE + nn.Dropout(cfg.dropout)(h_BLE, deterministic=deterministic)
+        h_BLE = make_norm(cfg, "mlp_norm")(x_BLE)
+        h_BLE = Mlp(cfg, name="mlp")(h_BLE)
+        x_BLE = x_BLE + nn.Dropout(cfg.dropout)(h_BLE, deterministic=deterministic)
+        return constrain(x_BLE, ("batch", "length", "embed")), None

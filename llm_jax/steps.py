@@ -1,0 +1,103 @@
+"""Pure train and eval step functions. No jit here: the trainer compiles them with shardings.
+
+A batch is a dict of [batch, length] arrays: inputs, targets, segment_ids, positions, weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from llm_jax.losses import cross_entropy_sum, mean_loss
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything that must survive a restart for the run to continue exactly."""
+
+    step: jax.Array  # int32 scalar: updates applied so far
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # uint32[2] base key; each step folds in its step number
+
+
+def init_state(rng: jax.Array, model, tx: optax.GradientTransformation, seq_len: int) -> TrainState:
+    """Builds a fresh state. Under `jax.eval_shape` this also yields the boxed (logical) tree."""
+    init_rng, train_rng = jax.random.split(rng)
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    params = model.init({"params": init_rng, "dropout": init_rng}, tokens)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=train_rng)
+
+
+def _loss_sums(params, batch: dict[str, jax.Array], model, rng: jax.Array | None):
+    deterministic = rng is None
+    logits = model.apply(
+        {"params": params},
+        batch["inputs"],
+        positions=batch["positions"],
+        segment_ids=batch["segment_ids"],
+        deterministic=deterministic,
+        rngs=None if deterministic else {"dropout": rng},
+    )
+    return cross_entropy_sum(logits, batch["targets"], batch["weights"])
+
+
+def _split_micro(batch: dict[str, jax.Array], n_micro: int) -> dict[str, jax.Array]:
+    """[B, L] -> [n_micro, B / n_micro, L], micro-batch i taking rows i, i + n, i + 2n, ...
+
+    Strided rows keep every micro-batch spread over all batch shards of the mesh.
+    """
+    def split(x):
+        b = x.shape[0] // n_micro
+        return jnp.swapaxes(x.reshape((b, n_micro) + x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx: optax.GradientTransformation,
+               schedule: optax.Schedule, grad_accum: int = 1, use_dropout: bool = False):
+    """One optimizer update over the whole batch, accumulated over `grad_accum` micro-batches.
+
+    Gradients of loss *sums* are accumulated and divided once by the total target count, so the
+    update equals that of one big batch however the batch is split or padded.
+    """
+    rng = jax.random.fold_in(state.rng, state.step) if use_dropout else None
+    grad_fn = jax.value_and_grad(_loss_sums, has_aux=True)
+
+    if grad_accum == 1:
+        (loss_sum, weight_sum), grads = grad_fn(state.params, batch, model, rng)
+    else:
+        micro = _split_micro(batch, grad_accum)
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+
+        def accumulate(carry, xs):
+            grads_acc, loss_acc, weight_acc = carry
+            i, micro_batch = xs
+            micro_rng = None if rng is None else jax.random.fold_in(rng, i)
+            (loss_sum, weight_sum), grads = grad_fn(state.params, micro_batch, model, micro_rng)
+            grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
+            return (grads_acc, loss_acc + loss_sum, weight_acc + weight_sum), None
+
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (grads, loss_sum, weight_sum), _ = jax.lax.scan(accumulate, init, (jnp.arange(grad_accum), micro))
+
+    scale = 1.0 / jnp.maximum(weight_sum, 1.0)
+    grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads, state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": mean_loss(loss_sum, weight_sum),
+        "grad_norm": optax.tree.norm(grads),
+        "lr": schedule(state.step),
+        "tokens": weight_sum,
+    }
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+
+def eval_step(params, batch: dict[str, jax.Array], *, model) -> tuple[jax.Array, jax.Array]:
+    """(loss sum, target count) of one batch; the caller sums over batches and divides once."""
+    return _loss_sums(params, batch, model, None)

@@ -1,0 +1,318 @@
+"""The training run: the one place that compiles steps, owns the loop, and talks to disk.
+
+State init follows eval_shape -> shardings -> jit(init, out_shardings); the train step is
+compiled once with explicit in/out shardings and a donated state. The host trails the device by
+one step: metrics of step s are fetched only after step s+1 has been dispatched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from flax import linen as nn
+
+from llm_jax import checkpoint as ckpt
+from llm_jax import data as data_lib
+from llm_jax import sharding
+from llm_jax.config import Config, ConfigError, dump_config, to_dict
+from llm_jax.generate import generate
+from llm_jax.metrics import MetricsWriter
+from llm_jax.optim import make_optimizer
+from llm_jax.steps import TrainState, eval_step, init_state, train_step
+from llm_jax.tokenizer import Tokenizer, load_or_train_tokenizer
+from llm_jax.transformer import Transformer, count_params
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Setup:
+    """What a run builds once: model, optimizer, mesh, shardings, tokenizer and data sources."""
+
+    config: Config
+    workdir: Path
+    mesh: jax.sharding.Mesh
+    model: Transformer
+    tx: Any
+    schedule: Any
+    abstract_state: Any  # unboxed ShapeDtypeStructs of the TrainState
+    state_shardings: Any
+    tokenizer: Tokenizer | None  # None when built without data (bench)
+    sources: Any
+
+    @property
+    def rules(self):
+        return sharding.axis_rules(self.config)
+
+    def context(self):
+        """Mesh and logical-axis rules, active while tracing so activation constraints apply."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(self.rules))
+        return stack
+
+
+def check_workdir_matches(config: Config, workdir: Path) -> None:
+    """A resumed run must build the same model as the run that wrote the workdir."""
+    saved_path = workdir / "config.yaml"
+    if not saved_path.exists():
+        return
+    try:
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+    except yaml.YAMLError:
+        return  # an unreadable old config is replaced; the checkpoint restore still checks shapes
+    saved_model = saved.get("model", {})
+    for key, value in to_dict(config)["model"].items():
+        if key in saved_model and saved_model[key] != value and key not in ("scan_layers", "remat", "attention"):
+            raise ConfigError(
+                f"workdir {workdir} holds a run with model.{key}={saved_model[key]!r}, not {value!r}; "
+                "use a new workdir or the same model settings")
+
+
+def build(config: Config, mesh: jax.sharding.Mesh | None = None, with_data: bool = True) -> Setup:
+    """Everything a run needs before the first step, in data-flow order."""
+    workdir = Path(config.workdir)
+    mesh = mesh if mesh is not None else sharding.make_mesh(config)
+    sources = tokenizer = None
+    if with_data:
+        if jax.process_index() == 0:
+            workdir.mkdir(parents=True, exist_ok=True)
+        sources = data_lib.open_sources(config)
+        tokenizer = load_or_train_tokenizer(config, workdir, sources)
+    model = Transformer(config.model)
+    tx, schedule = make_optimizer(config.optimizer, config.train.steps)
+
+    rules = sharding.axis_rules(config)
+    init_fn = functools.partial(init_state, model=model, tx=tx, seq_len=config.train.seq_len)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(init_fn, jax.random.key_data(jax.random.key(0)))
+    state_shardings = sharding.logical_shardings(boxed, mesh, rules)
+    abstract_state = ckpt.abstract_with_shardings(nn.unbox(boxed), state_shardings)
+    return Setup(config, workdir, mesh, model, tx, schedule, abstract_state, state_shardings, tokenizer, sources)
+
+
+def create_state(setup: Setup) -> TrainState:
+    """A fresh state, initialised directly in its sharded layout (never whole on one device)."""
+    init_fn = functools.partial(init_state, model=setup.model, tx=setup.tx, seq_len=setup.config.train.seq_len)
+    rng = jax.random.key_data(jax.random.key(setup.config.seed))
+    with setup.context():
+        return jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=setup.state_shardings)(rng)
+
+
+def compile_steps(setup: Setup):
+    """Jitted train and eval steps with explicit shardings; the train state is donated."""
+    c = setup.config
+    batch_sharding = sharding.batch_sharding(setup.mesh)
+    replicated = sharding.replicated(setup.mesh)
+    train_fn = jax.jit(
+        functools.partial(train_step, model=setup.model, tx=setup.tx, schedule=setup.schedule,
+                          grad_accum=c.optimizer.grad_accum, use_dropout=c.model.dropout > 0),
+        in_shardings=(setup.state_shardings, batch_sharding),
+        out_shardings=(setup.state_shardings, replicated),
+        donate_argnums=0,
+    )
+    eval_fn = jax.jit(
+        functools.partial(eval_step, model=setup.model),
+        in_shardings=(setup.state_shardings.params, batch_sharding),
+        out_shardings=replicated,
+    )
+    return train_fn, eval_fn
+
+
+def evaluate(setup: Setup, eval_fn, params, eval_batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    """Mean loss and perplexity over the held-out batches (sums first, one division)."""
+    batch_sharding = sharding.batch_sharding(setup.mesh)
+    loss_sum = jnp.zeros(())
+    weight_sum = jnp.zeros(())
+    with setup.context():
+        for local in eval_batches:
+            batch_loss, batch_weight = eval_fn(params, sharding.global_batch(local, batch_sharding))
+            loss_sum, weight_sum = loss_sum + batch_loss, weight_sum + batch_weight
+    loss_sum, weight_sum = jax.device_get((loss_sum, weight_sum))
+    loss = float(loss_sum) / max(float(weight_sum), 1.0)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+
+def sample_text(setup: Setup, params, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int,
+                seed: int) -> str:
+    tok = setup.tokenizer
+    prompt_ids = [tok.bos_id] + tok.encode(prompt)
+    max_new_tokens = min(max_new_tokens, _max_decode_len(setup.config) - len(prompt_ids))
+    with setup.context():
+        ids = generate(setup.model, params, prompt_ids, max_new_tokens=max(max_new_tokens, 0),
+                       rng=jax.random.key(seed), temperature=temperature, top_k=top_k, eos_id=tok.eos_id)
+    return tok.decode(ids[1:])
+
+
+def _max_decode_len(config: Config) -> int:
+    if config.model.resolved_position == "learned":
+        return config.model.max_len
+    return max(config.model.max_len, config.train.seq_len)
+
+
+class StopSignal:
+    """SIGTERM/SIGINT ask the loop to stop after the current step; a second SIGINT interrupts."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("received %s: stopping after this step and saving a checkpoint", signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def _progress_bar(config: Config, start: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.train.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                mininterval=1.0)
+
+
+def train(config: Config) -> dict[str, Any]:
+    """Runs (or resumes) the training job of `config`; returns the final summary."""
+    is_main = jax.process_index() == 0
+    workdir = Path(config.workdir)
+    check_workdir_matches(config, workdir)
+    setup = build(config)
+    c = config
+    if is_main:
+        dump_config(c, workdir / "config.yaml")
+    log.info("data: %s", setup.sources.description)
+    log.info("model: %s, %.2fM parameters; mesh %s over %d devices", c.model.arch,
+             count_params(setup.abstract_state.params) / 1e6, dict(setup.mesh.shape), setup.mesh.size)
+
+    train_iter = data_lib.make_train_iterator(c, setup.tokenizer, setup.sources,
+                                              jax.process_index(), jax.process_count())
+    iter_ckpt = ckpt.IteratorCheckpoint(lambda: data_lib.iterator_state(train_iter),
+                                        lambda s: data_lib.restore_iterator_state(train_iter, s))
+    eval_batches = data_lib.make_eval_batches(c, setup.tokenizer, setup.sources,
+                                              jax.process_index(), jax.process_count())
+    checkpointer = ckpt.Checkpointer(workdir / "checkpoints", c.checkpoint)
+    restored = checkpointer.restore_latest(setup.abstract_state, iter_ckpt)
+    if restored is None:
+        state = create_state(setup)
+        start = 0
+    else:
+        state, metadata = restored
+        start = int(metadata["step"])
+        log.info("resumed from step %d (%s)", start, checkpointer.directory / str(start))
+    log.info("per-device bytes: params %d, optimizer state %d",
+             sharding.bytes_per_device(state.params), sharding.bytes_per_device(state.opt_state))
+
+    train_fn, eval_fn = compile_steps(setup)
+    writer = MetricsWriter(workdir, enabled=is_main)
+    tokens_per_step = c.train.batch_size * c.train.seq_len
+    batch_sharding = sharding.batch_sharding(setup.mesh)
+    bar = _progress_bar(c, start, enabled=is_main and c.train.progress)
+    wall_start = time.time()
+    last_eval: dict[str, float] = {}
+
+    def save(step: int) -> None:
+        metadata = {"step": step, "tokens_seen": step * tokens_per_step, "wall_time_s": time.time() - wall_start,
+                    "config": to_dict(c)}
+        checkpointer.save(step, state, iter_ckpt, metadata)
+
+    pending = None  # (step, device metrics) of the last dispatched step that is due for logging
+    interval = {"time": time.perf_counter(), "wait": 0.0, "steps": 0}
+
+    def report(step: int, device_metrics) -> None:
+        now = time.perf_counter()
+        elapsed = max(now - interval["time"], 1e-9)
+        host = jax.device_get(device_metrics)
+        row = {"loss": float(host["loss"]), "lr": float(host["lr"]), "grad_norm": float(host["grad_norm"]),
+               "tokens_per_sec": interval["steps"] * tokens_per_step / elapsed,
+               "data_wait_frac": interval["wait"] / elapsed}
+        writer.write(step, row)
+        if bar is not None:
+            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:.0f}", refresh=False)
+        interval.update(time=now, wait=0.0, steps=0)
+
+    step = start
+    with StopSignal() as stop, setup.context():
+        while step < c.train.steps and not stop.requested:
+            t0 = time.perf_counter()
+            local = next(train_iter)
+            interval["wait"] += time.perf_counter() - t0
+            state, metrics = train_fn(state, sharding.global_batch(local, batch_sharding))
+            step += 1
+            interval["steps"] += 1
+            if pending is not None:
+                report(*pending)
+                pending = None
+            if step % c.train.log_every == 0 or step == c.train.steps:
+                pending = (step, metrics)
+            if bar is not None:
+                bar.update(1)
+            if step % c.train.eval_every == 0 and step < c.train.steps:
+                if pending is not None:
+                    report(*pending)
+                    pending = None
+                last_eval = evaluate(setup, eval_fn, state.params, eval_batches)
+                writer.write(step, last_eval)
+                interval.update(time=time.perf_counter(), wait=0.0, steps=0)
+            if step % c.checkpoint.every == 0 or step == c.train.steps:
+                save(step)
+        if pending is not None:
+            report(*pending)
+        if stop.requested and step < c.train.steps:
+            save(step)
+    if bar is not None:
+        bar.close()
+
+    summary: dict[str, Any] = {"step": step, "stopped_early": step < c.train.steps}
+    if not summary["stopped_early"]:
+        last_eval = evaluate(setup, eval_fn, state.params, eval_batches)
+        writer.write(step, last_eval)
+        summary.update(last_eval)
+        summary["sample"] = sample_text(setup, state.params, c.train.sample_prompt,
+                                        max_new_tokens=c.train.sample_tokens, temperature=c.train.temperature,
+                                        top_k=c.train.top_k, seed=c.seed)
+    checkpointer.close()
+    writer.close()
+    return summary
+
+
+def restore_for_inference(workdir: str | Path, overrides=()) -> tuple[Setup, Any, int]:
+    """The run's own config and the params of its newest checkpoint, for eval and generate."""
+    from llm_jax.config import load_config
+
+    workdir = Path(workdir)
+    config_path = workdir / "config.yaml"
+    if not config_path.is_file():
+        raise ConfigError(f"{workdir} is not a run directory (no config.yaml)")
+    config = load_config(config_path, [f"workdir={workdir}", "parallel.mode=jit", *overrides])
+    setup = build(config)
+    checkpointer = ckpt.Checkpointer(workdir / "checkpoints", config.checkpoint)
+    restored = checkpointer.restore_latest(setup.abstract_state, None)
+    checkpointer.close()
+    if restored is None:
+        raise ConfigError(f"{workdir} has no checkpoint yet (checkpoints/ is empty)")
+    state, metadata = restored
+    return setup, state.params, int(metadata["step"])

@@ -1,0 +1,111 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llm_jax.config import (
+    Config, ConfigError, all_keys, dump_config, load_config, validate_for_devices,
+)
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+CONTRACT_KEYS = [
+    "workdir", "seed", "train.steps", "train.batch_size", "train.seq_len", "train.log_every",
+    "train.eval_every", "checkpoint.every", "checkpoint.keep", "optimizer.name", "optimizer.lr", "model.arch",
+    "model.n_layers", "model.d_model", "model.n_heads", "model.n_kv_heads", "model.d_ff", "model.vocab_size",
+    "model.dtype", "model.param_dtype", "mesh.data", "mesh.fsdp", "mesh.tensor", "parallel.mode", "data.source",
+    "data.path", "data.text_key", "data.tfds_name", "distributed.coordinator", "distributed.num_processes",
+    "distributed.process_id",
+]
+
+
+def test_defaults_are_valid_and_have_every_contract_key():
+    config = load_config()
+    assert config == Config()
+    missing = set(CONTRACT_KEYS) - set(all_keys())
+    assert not missing
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_yaml_parses(path):
+    config = load_config(path)
+    raw = yaml.safe_load(path.read_text())
+    for section, values in raw.items():
+        for key, value in values.items():
+            got = getattr(getattr(config, section), key)
+            assert got == value or (isinstance(got, float) and got == pytest.approx(value)), f"{section}.{key}"
+
+
+def test_shipped_configs_exist():
+    assert len(CONFIGS) >= 3
+
+
+def test_overrides_are_yaml_scalars():
+    config = load_config(None, ["train.steps=7", "optimizer.lr=1e-3", "model.arch=llama", "model.n_kv_heads=2",
+                                "train.progress=false", "workdir=/tmp/x"])
+    assert config.train.steps == 7 and isinstance(config.train.steps, int)
+    assert config.optimizer.lr == 1e-3
+    assert config.model.arch == "llama" and config.model.n_kv_heads == 2
+    assert config.model.resolved_position == "rope" and config.model.resolved_tie_embeddings is False
+    assert config.train.progress is False
+    assert config.workdir == "/tmp/x"
+
+
+def test_override_beats_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  steps: 5\n  seq_len: 32\n")
+    config = load_config(path, ["train.steps=9"])
+    assert (config.train.steps, config.train.seq_len) == (9, 32)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("model.n_layrs=2", "did you mean 'model.n_layers'"),
+    ("trian.steps=2", "did you mean 'train.steps'"),
+    ("train.steps=abc", "'train.steps' must be int"),
+    ("train.steps=1.5", "'train.steps' must be int"),
+    ("model.dropout=yes", "'model.dropout' must be float"),
+    ("model.n_heads=3", "divisible by model.n_heads"),
+    ("model.n_kv_heads=3", "divisible by model.n_kv_heads"),
+    ("optimizer.name=sgd", "one of adamw, lamb"),
+    ("model.arch=bert", "one of gpt2, llama"),
+    ("train.steps=0", "'train.steps' must be positive"),
+    ("optimizer.grad_accum=3", "divisible by optimizer.grad_accum"),
+    ("data.source=text", "needs data.path"),
+    ("model=3", "is a section"),
+    ("train.seq_len=2048", "exceeds model.max_len"),
+    ("mesh.data=-1", None),
+])
+def test_config_errors_are_one_line(override, fragment):
+    if fragment is None:
+        load_config(None, [override])
+        return
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    message = str(info.value)
+    assert fragment in message
+    assert "\n" not in message
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_device_checks():
+    config = load_config(None, ["mesh.fsdp=2", "mesh.tensor=2"])
+    assert validate_for_devices(config, 8) == (2, 2, 2)
+    with pytest.raises(ConfigError, match="must equal the 8 devices"):
+        validate_for_devices(load_config(None, ["mesh.data=3"]), 8)
+    with pytest.raises(ConfigError, match="divisible by mesh.tensor"):
+        validate_for_devices(load_config(None, ["mesh.tensor=8"]), 8)
+    with pytest.raises(ConfigError, match="batch shards"):
+        validate_for_devices(load_config(None, ["train.batch_size=12"]), 8)
+
+
+def test_dump_round_trips(tmp_path):
+    config = load_config(None, ["model.arch=llama", "train.steps=3"])
+    dump_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
