@@ -86,6 +86,9 @@ class DataConfig:
     prepared_dir: str = ""  # where local corpora are prepared as TFDS datasets; empty: a user cache
     eval_fraction: float = 0.02  # share of local documents held out for evaluation
     shuffle: bool = True
+    # Pieces of documents are mixed in a window this large before packing, so that one batch holds
+    # pieces of many documents rather than consecutive pieces of one long file.
+    shuffle_window: int = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +96,8 @@ class OptimizerConfig:
     name: str = "adamw"  # adamw | lamb
     lr: float = 2e-3  # peak learning rate, reached after warmup
     warmup_steps: int = 30
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at train.steps
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at decay_steps
+    decay_steps: int = 0  # length of the schedule; 0: train.steps (set it to extend a run unchanged)
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
@@ -383,6 +387,7 @@ def validate(c: Config) -> None:
     o = c.optimizer
     _require(o.lr > 0, f"config key 'optimizer.lr' must be positive, got {o.lr}")
     _require(o.warmup_steps >= 0, f"config key 'optimizer.warmup_steps' must be >= 0, got {o.warmup_steps}")
+    _require(o.decay_steps >= 0, f"config key 'optimizer.decay_steps' must be >= 0, got {o.decay_steps}")
     _require(o.grad_accum >= 1, f"config key 'optimizer.grad_accum' must be >= 1, got {o.grad_accum}")
     _require(t.batch_size % o.grad_accum == 0,
              f"train.batch_size ({t.batch_size}) must be divisible by optimizer.grad_accum ({o.grad_accum})")
@@ -392,10 +397,14 @@ def validate(c: Config) -> None:
     _require(k.every > 0, f"config key 'checkpoint.every' must be positive, got {k.every}")
     _require(k.keep > 0, f"config key 'checkpoint.keep' must be positive, got {k.keep}")
 
+    _require(c.tokenizer.sample_bytes > 0,
+             f"config key 'tokenizer.sample_bytes' must be positive, got {c.tokenizer.sample_bytes}")
+
     d = c.data
     _require(d.source not in ("text", "jsonl") or bool(d.path),
              f"data.source={d.source} needs data.path (a glob of files)")
     _require(d.source != "tfds" or bool(d.tfds_name), "data.source=tfds needs data.tfds_name")
+    _require(d.shuffle_window >= 1, f"config key 'data.shuffle_window' must be >= 1, got {d.shuffle_window}")
     _require(0.0 < d.eval_fraction < 1.0, f"config key 'data.eval_fraction' must be in (0, 1), got {d.eval_fraction}")
 
     for axis in ("data", "fsdp", "tensor"):

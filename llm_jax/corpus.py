@@ -7,7 +7,8 @@ dataset and an unchanged one is reused.
 
 Each document is assigned to the train or validation split by a stable hash of its key (the file
 path relative to the root, plus the line number for jsonl), not by its position in the list: adding
-or removing one file does not move any other document between splits.
+or removing one file does not move any other document between splits. Only a corpus too small for
+the hash to give both splits a document gets one moved (see `SplitPlan`).
 """
 
 from __future__ import annotations
@@ -164,10 +165,14 @@ def find_corpus(data: DataConfig) -> Corpus:
 # ----------------------------------------------------------------------------- reading documents
 
 
+def key_score(key: str) -> float:
+    """A stable pseudo-random number in [0, 1) for a document key: the first 8 bytes of its sha1."""
+    return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+
 def is_eval_key(key: str, eval_fraction: float) -> bool:
-    """Stable split: the first 8 bytes of sha1(key) as a fraction of 2**64, below eval_fraction."""
-    value = int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big")
-    return value / 2.0**64 < eval_fraction
+    """The split rule: a document is held out when its key's score is below eval_fraction."""
+    return key_score(key) < eval_fraction
 
 
 def _read_text_file(path: Path, stats: CorpusStats) -> str | None:
@@ -230,9 +235,55 @@ def iter_documents(corpus: Corpus, stats: CorpusStats | None = None) -> Iterator
             yield Document(corpus.relative(path), text)
 
 
-def iter_split(corpus: Corpus, split: str, stats: CorpusStats | None = None) -> Iterator[Document]:
-    """The documents of one split ("train" or "validation"); stats count the whole corpus."""
-    want_eval = {"train": False, "validation": True}[split]
+@dataclasses.dataclass(frozen=True)
+class SplitPlan:
+    """The split of every document, decided by one reading pass before anything is written.
+
+    The rule is `is_eval_key`. A small corpus can leave a split empty (20 files at 2% usually give
+    no validation file), which TFDS refuses to write and which would leave the run without eval.
+    So, with at least two documents, an empty validation split takes the train document of lowest
+    score, and an empty train split takes the validation document of highest score. A corpus of a
+    single document has no validation split.
+    """
+
+    eval_fraction: float
+    train: int  # documents per split, after the moves
+    validation: int
+    stats: CorpusStats
+    to_eval: str | None = None  # the key moved into validation, if any
+    to_train: str | None = None
+
+    def split_of(self, key: str) -> str:
+        if key == self.to_eval:
+            return "validation"
+        if key == self.to_train:
+            return "train"
+        return "validation" if is_eval_key(key, self.eval_fraction) else "train"
+
+
+def plan_splits(corpus: Corpus) -> SplitPlan:
+    """Reads the corpus once to count documents per split (and skips), applying SplitPlan's rule."""
+    stats = CorpusStats()
+    n_eval = 0
+    lowest_train: tuple[float, str | None] = (2.0, None)
+    highest_eval: tuple[float, str | None] = (-1.0, None)
     for doc in iter_documents(corpus, stats):
-        if is_eval_key(doc.key, corpus.eval_fraction) == want_eval:
+        score = key_score(doc.key)
+        if score < corpus.eval_fraction:
+            n_eval += 1
+            highest_eval = max(highest_eval, (score, doc.key))
+        else:
+            lowest_train = min(lowest_train, (score, doc.key))
+    n_train = stats.documents - n_eval
+    if n_eval == 0 and n_train >= 2:
+        return SplitPlan(corpus.eval_fraction, n_train - 1, 1, stats, to_eval=lowest_train[1])
+    if n_train == 0 and n_eval >= 1:
+        return SplitPlan(corpus.eval_fraction, 1, n_eval - 1, stats, to_train=highest_eval[1])
+    return SplitPlan(corpus.eval_fraction, n_train, n_eval, stats)
+
+
+def iter_split(corpus: Corpus, split: str, plan: SplitPlan) -> Iterator[Document]:
+    """The documents of one split ("train" or "validation") under `plan`."""
+    for doc in iter_documents(corpus):
+        if plan.split_of(doc.key) == split:
             yield doc

@@ -108,7 +108,8 @@ class Embed(nn.Module):
         )
 
     def __call__(self, ids_BL: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding, ids_BL, axis=0).astype(self.dtype)  # [B, L, E]
+        table_VE = constrain(self.embedding, (self.axes[0], None))
+        return jnp.take(table_VE, ids_BL, axis=0).astype(self.dtype)  # [B, L, E]
 
     def attend(self, x_BLE: jax.Array) -> jax.Array:
         """Logits against the table, accumulated and returned in float32."""

@@ -14,7 +14,11 @@ NO_DECAY_NAMES = ("bias", "scale")
 
 
 def make_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to `lr`, then cosine decay to `lr * min_lr_ratio` at `total_steps`."""
+    """Linear warmup from 0 to `lr`, then cosine decay to `lr * min_lr_ratio` at the schedule's end.
+
+    The end is `optimizer.decay_steps`, or `total_steps` (train.steps) when that is 0.
+    """
+    total_steps = config.decay_steps or total_steps
     warmup = min(config.warmup_steps, max(total_steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,

@@ -18,9 +18,12 @@ import dataclasses
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import tensorflow_datasets as tfds
+from etils import epath
 
 from llm_jax import corpus as corpus_lib
 from llm_jax.config import ConfigError
@@ -41,6 +44,13 @@ class LlmJaxLocalCorpus(tfds.core.GeneratorBasedBuilder):
 
     VERSION = tfds.core.Version("1.0.0")
 
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        # TFDS looks for a checksums file next to the builder's code through importlib.resources,
+        # which fails for an editable install of llm_jax; the plain file path is what it needs.
+        return epath.Path(__file__)
+
     def __init__(self, *, corpus: corpus_lib.Corpus | None = None, **kwargs):
         self._corpus = corpus
         super().__init__(**kwargs)
@@ -58,18 +68,25 @@ class LlmJaxLocalCorpus(tfds.core.GeneratorBasedBuilder):
         del dl_manager  # local files only
         if self._corpus is None:
             raise ValueError("preparing a local corpus needs the corpus (LlmJaxLocalCorpus(corpus=...))")
-        return {TRAIN: self._generate_examples(TRAIN), VALIDATION: self._generate_examples(VALIDATION)}
+        # One counting pass first: an empty corpus is refused before anything is written, and the
+        # plan keeps both splits non-empty (TFDS refuses to write an empty split).
+        plan = corpus_lib.plan_splits(self._corpus)
+        if plan.stats.documents == 0:
+            raise ConfigError(f"{_what(self._corpus)} yields no documents ({len(self._corpus.files)} files, "
+                              f"{plan.stats.skipped} skipped as empty, binary or malformed)")
+        self.info.metadata.update(documents=plan.stats.documents, skipped=plan.stats.skipped,
+                                  skipped_reasons=dict(plan.stats.reasons))
+        counts = {TRAIN: plan.train, VALIDATION: plan.validation}
+        return {split: self._generate_examples(split, plan) for split, n in counts.items() if n > 0}
 
-    def _generate_examples(self, split: str):
-        # Each split reads the whole corpus and keeps its share: reading twice is cheaper than
-        # holding a large corpus in memory. The train pass records the counts for the whole corpus.
-        stats = corpus_lib.CorpusStats()
-        for doc in corpus_lib.iter_split(self._corpus, split, stats):
+    def _generate_examples(self, split: str, plan: corpus_lib.SplitPlan):
+        # Each split reads the corpus again and keeps its share: cheaper than holding it in memory.
+        for doc in corpus_lib.iter_split(self._corpus, split, plan):
             yield doc.key, {"text": doc.text}
-        if split == TRAIN:
-            self.info.metadata.update(
-                documents=stats.documents, skipped=stats.skipped, skipped_reasons=dict(stats.reasons)
-            )
+
+
+def _what(corpus: corpus_lib.Corpus) -> str:
+    return "data.source=default" if corpus.kind == "default" else f"data.path='{corpus.pattern}'"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +99,12 @@ class PreparedCorpus:
 
     def split_sizes(self) -> dict[str, int]:
         return {name: info.num_examples for name, info in self.builder.info.splits.items()}
+
+    def data_source(self, split: str) -> Sequence[Any]:
+        """Random access to one split's records; a split without documents is an empty list."""
+        if split not in self.builder.info.splits:
+            return []
+        return self.builder.as_data_source(split)
 
 
 def default_prepared_dir() -> Path:
@@ -101,7 +124,7 @@ def _open(data_dir: Path, corpus: corpus_lib.Corpus | None) -> LlmJaxLocalCorpus
 def prepare_corpus(corpus: corpus_lib.Corpus, prepared_dir: str | os.PathLike | None = None) -> PreparedCorpus:
     """Prepares `corpus` unless an identical preparation exists; returns the opened dataset.
 
-    Raises ConfigError when the corpus yields no training documents.
+    Raises ConfigError when the corpus yields no documents.
     """
     data_dir = prepared_data_dir(corpus, prepared_dir)
     builder = _open(data_dir, corpus)
@@ -114,6 +137,9 @@ def prepare_corpus(corpus: corpus_lib.Corpus, prepared_dir: str | os.PathLike | 
                 file_format="array_record",
                 download_dir=os.fspath(data_dir / "downloads"),
             )
+        except ConfigError:
+            shutil.rmtree(data_dir, ignore_errors=True)  # no documents: leave nothing to reuse
+            raise
         except OSError:
             # Another process (a second host on a shared disk) may have finished the same
             # preparation first; its rename then wins and ours fails. Use theirs if it is complete.
@@ -134,13 +160,5 @@ def prepare_corpus(corpus: corpus_lib.Corpus, prepared_dir: str | os.PathLike | 
              corpus.kind, data_dir, prepared.documents, prepared.skipped,
              metadata.get("skipped_reasons", {}), sizes.get(TRAIN, 0), sizes.get(VALIDATION, 0),
              " (reused)" if reused else "")
-    if sizes.get(TRAIN, 0) == 0:
-        # Nothing to train on. Remove the (valid but useless) dataset so that fixing the files
-        # and rerunning starts clean rather than finding an empty preparation.
-        shutil.rmtree(data_dir, ignore_errors=True)
-        what = "data.source=default" if corpus.kind == "default" else f"data.path='{corpus.pattern}'"
-        raise ConfigError(
-            f"{what} yields no training documents ({prepared.documents} documents, "
-            f"{prepared.skipped} skipped as empty, binary or malformed)"
-        )
     return prepared
+

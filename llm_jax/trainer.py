@@ -240,29 +240,29 @@ def train(config: Config) -> dict[str, Any]:
         checkpointer.save(step, state, iter_ckpt, metadata)
 
     pending = None  # (step, device metrics) of the last dispatched step that is due for logging
-    interval = {"time": time.perf_counter(), "wait": 0.0, "steps": 0}
+    # Throughput between two reports; time spent in eval and checkpointing is not training time.
+    clock = {"time": time.perf_counter(), "step": start, "wait": 0.0, "paused": 0.0}
 
     def report(step: int, device_metrics) -> None:
+        host = jax.device_get(device_metrics)  # blocks until `step` is done; step + 1 is queued
         now = time.perf_counter()
-        elapsed = max(now - interval["time"], 1e-9)
-        host = jax.device_get(device_metrics)
+        elapsed = max(now - clock["time"] - clock["paused"], 1e-9)
         row = {"loss": float(host["loss"]), "lr": float(host["lr"]), "grad_norm": float(host["grad_norm"]),
-               "tokens_per_sec": interval["steps"] * tokens_per_step / elapsed,
-               "data_wait_frac": interval["wait"] / elapsed}
+               "tokens_per_sec": (step - clock["step"]) * tokens_per_step / elapsed,
+               "data_wait_frac": min(clock["wait"] / elapsed, 1.0)}
         writer.write(step, row)
         if bar is not None:
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:.0f}", refresh=False)
-        interval.update(time=now, wait=0.0, steps=0)
+        clock.update(time=now, step=step, wait=0.0, paused=0.0)
 
     step = start
     with StopSignal() as stop, setup.context():
         while step < c.train.steps and not stop.requested:
             t0 = time.perf_counter()
             local = next(train_iter)
-            interval["wait"] += time.perf_counter() - t0
+            clock["wait"] += time.perf_counter() - t0
             state, metrics = train_fn(state, sharding.global_batch(local, batch_sharding))
             step += 1
-            interval["steps"] += 1
             if pending is not None:
                 report(*pending)
                 pending = None
@@ -270,15 +270,16 @@ def train(config: Config) -> dict[str, Any]:
                 pending = (step, metrics)
             if bar is not None:
                 bar.update(1)
-            if step % c.train.eval_every == 0 and step < c.train.steps:
-                if pending is not None:
-                    report(*pending)
-                    pending = None
-                last_eval = evaluate(setup, eval_fn, state.params, eval_batches)
-                writer.write(step, last_eval)
-                interval.update(time=time.perf_counter(), wait=0.0, steps=0)
-            if step % c.checkpoint.every == 0 or step == c.train.steps:
-                save(step)
+            eval_due = step % c.train.eval_every == 0 and step < c.train.steps
+            save_due = step % c.checkpoint.every == 0 or step == c.train.steps
+            if eval_due or save_due:
+                t0 = time.perf_counter()
+                if eval_due:
+                    last_eval = evaluate(setup, eval_fn, state.params, eval_batches)
+                    writer.write(step, last_eval)
+                if save_due:
+                    save(step)
+                clock["paused"] += time.perf_counter() - t0
         if pending is not None:
             report(*pending)
         if stop.requested and step < c.train.steps:

@@ -1,0 +1,45 @@
+"""The command line as a user meets it: exit codes and one-line errors, in a real subprocess."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from llm_jax.cli import main
+
+
+def _run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "llm_jax.cli", *args], capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+
+
+def test_typo_in_a_key_exits_2_with_one_line():
+    result = _run("train", "model.n_layrs=2")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "model.n_layers" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["train", "no_such.yaml"], "not found"),
+    (["train", "model.d_model=100", "model.n_heads=3"], "divisible"),
+    (["train", "train.batch_size=6", "optimizer.grad_accum=4"], "grad_accum"),
+    (["eval", "/no/such/run"], "not a run directory"),
+])
+def test_bad_input_exits_2(args, fragment, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and len(err.splitlines()) == 1
+
+
+def test_bench_prints_the_contract_json(tmp_path):
+    result = _run("bench", "configs/tiny.yaml", f"workdir={tmp_path}", "--steps", "2", "--warmup", "1")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    for key in ("tokens_per_sec", "step_time_s", "compile_time_s", "flops_per_token", "mfu", "peak_memory_bytes"):
+        assert key in report
+    assert report["tokens_per_sec"] > 0 and report["step_time_s"] > 0
+    assert 0 < report["mfu"] < 1

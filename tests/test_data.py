@@ -1,0 +1,353 @@
+"""Tests of llm_jax.data and llm_jax.tfds_builder: packing, checkpointable iterators, process
+slices, TFDS sources (mocked) and the one-time preparation of local corpora."""
+
+import collections
+import json
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from llm_jax import corpus as corpus_lib
+from llm_jax import data
+from llm_jax import tfds_builder
+from llm_jax.config import ConfigError, load_config
+
+SEQ, BATCH = 8, 4
+
+
+class ToyTokenizer:
+    """Documents are space-separated integers: the ids are visible in every test assertion."""
+
+    pad_id, unk_id, bos_id, eos_id = 0, 1, 2, 3
+    vocab_size = 1_000_000
+
+    def encode(self, text):
+        return [int(t) for t in text.split()]
+
+
+class CharTokenizer(ToyTokenizer):
+    def encode(self, text):
+        return [4 + ord(c) % 250 for c in text]
+
+
+def toy_docs(n, seed=0):
+    """Document d holds ids 1000*d + 10 + k: each id names its document."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, 4 * SEQ, size=n)
+    return [" ".join(str(1000 * d + 10 + k) for k in range(lengths[d])) for d in range(n)]
+
+
+def toy_config(*overrides):
+    return load_config(None, [f"train.seq_len={SEQ}", f"train.batch_size={BATCH}", "seed=7", *overrides])
+
+
+def toy_sources(train_docs, eval_docs=()):
+    return data.DataSources(train=list(train_docs), eval=list(eval_docs), description="toy")
+
+
+def expected_pairs(docs, tok=ToyTokenizer()):
+    pairs = collections.Counter()
+    for doc in docs:
+        tokens = [tok.bos_id, *tok.encode(doc), tok.eos_id]
+        pairs.update(zip(tokens[:-1], tokens[1:]))
+    return pairs
+
+
+def check_batch(batch, rows):
+    """Layout invariants of one batch; returns its (input, target) pairs with weight 1."""
+    assert set(batch) == set(data.BATCH_KEYS)
+    for key in data.BATCH_KEYS:
+        assert batch[key].shape == (rows, SEQ), key
+        assert batch[key].dtype == (np.float32 if key == "weights" else np.int32), key
+    seg, pos = batch["segment_ids"], batch["positions"]
+    np.testing.assert_array_equal(batch["weights"], (seg > 0).astype(np.float32))
+    pad = seg == 0
+    assert not batch["inputs"][pad].any() and not batch["targets"][pad].any() and not pos[pad].any()
+    pairs = collections.Counter()
+    for r in range(rows):
+        ids = [s for s in seg[r] if s > 0]
+        assert ids == sorted(ids) and (not ids or ids[0] == 1)  # pieces numbered 1, 2, ... in order
+        assert (seg[r][:len(ids)] > 0).all()  # padding only at the end of a row
+        for s in set(ids):
+            where = seg[r] == s
+            inputs, targets = batch["inputs"][r][where], batch["targets"][r][where]
+            np.testing.assert_array_equal(pos[r][where], np.arange(where.sum()))
+            np.testing.assert_array_equal(inputs[1:], targets[:-1])  # next tokens of one piece
+            pairs.update(zip(inputs.tolist(), targets.tolist()))
+    return pairs
+
+
+# ----------------------------------------------------------------------------- pieces and packing
+
+
+def test_document_pieces_overlap_by_one_token():
+    pieces = data.document_pieces(list(range(10, 20)), seq_len=4, bos_id=2, eos_id=3)
+    tokens = [2, *range(10, 20), 3]  # 12 tokens -> 11 targets -> pieces of 4, 4, 3
+    assert [len(p["inputs"]) for p in pieces] == [4, 4, 3]
+    assert [p["inputs"][0] for p in pieces] == [2, 13, 17]
+    assert np.concatenate([p["targets"] for p in pieces]).tolist() == tokens[1:]
+    assert np.concatenate([p["inputs"] for p in pieces]).tolist() == tokens[:-1]
+    (empty,) = data.document_pieces([], seq_len=4, bos_id=2, eos_id=3)
+    assert empty["inputs"].tolist() == [2] and empty["targets"].tolist() == [3]
+
+
+def test_packed_eval_batches_keep_every_target_inside_its_document():
+    docs = toy_docs(25)
+    config = toy_config("train.eval_batches=1000")
+    batches = data.make_eval_batches(config, ToyTokenizer(), toy_sources(["1"], docs))
+    pairs = collections.Counter()
+    for batch in batches:
+        pairs += check_batch(batch, BATCH)
+    # Every next-token pair of every document exactly once, and nothing that crosses documents.
+    assert pairs == expected_pairs(docs)
+    assert sum(b["weights"].sum() for b in batches) == sum(expected_pairs(docs).values())
+    assert any(b["segment_ids"].max() > 1 for b in batches)  # several pieces share a row
+    assert (batches[-1]["weights"] == 0).any()  # padding exists and has weight 0
+
+
+def test_eval_batches_are_deterministic_limited_and_split_by_process():
+    docs = toy_docs(40)
+    config = toy_config("train.eval_batches=3")
+    sources = toy_sources(["1"], docs)
+    first = data.make_eval_batches(config, ToyTokenizer(), sources)
+    again = data.make_eval_batches(config, ToyTokenizer(), sources)
+    assert len(first) == 3
+    for a, b in zip(first, again):
+        for key in data.BATCH_KEYS:
+            np.testing.assert_array_equal(a[key], b[key])
+    halves = [data.make_eval_batches(config, ToyTokenizer(), sources, p, 2) for p in (0, 1)]
+    assert len(halves[0]) == len(halves[1]) == 3
+    for whole, h0, h1 in zip(first, *halves):
+        check_batch(h0, BATCH // 2)
+        np.testing.assert_array_equal(np.concatenate([h0["inputs"], h1["inputs"]]), whole["inputs"])
+    assert not data.make_eval_batches(config, ToyTokenizer(), toy_sources(["1"], []))
+
+
+def test_short_eval_split_is_padded_to_the_batch_shape():
+    config = toy_config("train.eval_batches=5")
+    (batch,) = data.make_eval_batches(config, ToyTokenizer(), toy_sources(["1"], ["10 11 12"]))
+    check_batch(batch, BATCH)
+    assert batch["weights"].sum() == 4 and batch["weights"][1:].sum() == 0
+
+
+# ----------------------------------------------------------------------------- training iterator
+
+
+def test_train_batches_have_the_layout_and_real_pairs():
+    docs = toy_docs(30)
+    it = data.make_train_iterator(toy_config(), ToyTokenizer(), toy_sources(docs))
+    allowed = expected_pairs(docs)
+    for _ in range(40):  # more than one epoch
+        pairs = check_batch(next(it), BATCH)
+        assert not set(pairs) - set(allowed), "a target crossed documents"
+
+
+def test_restored_iterator_gives_exactly_the_next_batches():
+    docs = toy_docs(30)
+    config, sources = toy_config(), toy_sources(docs)
+    it = data.make_train_iterator(config, ToyTokenizer(), sources)
+    for _ in range(37):  # past the end of the first epoch (about 25 batches)
+        next(it)
+    state = data.iterator_state(it)
+    state = json.loads(json.dumps(state))  # what a checkpoint stores
+    expected = [next(it) for _ in range(12)]
+
+    restored = data.make_train_iterator(config, ToyTokenizer(), sources)
+    fresh_first = next(restored)
+    data.restore_iterator_state(restored, state)
+    got = [next(restored) for _ in range(12)]
+    for want, have in zip(expected, got):
+        for key in data.BATCH_KEYS:
+            np.testing.assert_array_equal(want[key], have[key])
+    assert not np.array_equal(fresh_first["inputs"], expected[0]["inputs"])  # the test can fail
+
+
+def test_same_seed_same_stream_other_seed_other_stream():
+    docs = toy_docs(30)
+    a = next(data.make_train_iterator(toy_config(), ToyTokenizer(), toy_sources(docs)))
+    b = next(data.make_train_iterator(toy_config(), ToyTokenizer(), toy_sources(docs)))
+    c = next(data.make_train_iterator(toy_config("seed=8"), ToyTokenizer(), toy_sources(docs)))
+    np.testing.assert_array_equal(a["inputs"], b["inputs"])
+    assert not np.array_equal(a["inputs"], c["inputs"])
+
+
+def test_process_slices_are_disjoint_and_cover_each_epoch():
+    n = 20
+    docs = [f"{i}" for i in range(n)]
+    config, sources = toy_config(), toy_sources(docs)
+    streams = [data.train_documents(config, sources, p, 2) for p in (0, 1)]
+    for epoch in range(2):
+        part = [[s[i] for i in range(epoch * n // 2, (epoch + 1) * n // 2)] for s in streams]
+        assert not set(part[0]) & set(part[1])
+        assert sorted(part[0] + part[1], key=int) == docs
+    single = data.train_documents(config, sources)
+    epoch0, epoch1 = [single[i] for i in range(n)], [single[i] for i in range(n, 2 * n)]
+    assert sorted(epoch0, key=int) == docs and sorted(epoch1, key=int) == docs
+    assert epoch0 != docs and epoch1 != epoch0  # shuffled, and reshuffled each epoch
+    assert [single[i] for i in range(n)] == epoch0  # random access is deterministic
+    in_order = data.train_documents(toy_config("data.shuffle=false"), sources)
+    assert [in_order[i] for i in range(n)] == docs
+
+
+def test_two_process_iterators_have_half_batches_of_their_own_documents():
+    docs = toy_docs(40)
+    config, sources = toy_config(), toy_sources(docs)
+    seen = []
+    for p in (0, 1):
+        batch = next(data.make_train_iterator(config, ToyTokenizer(), sources, p, 2))
+        check_batch(batch, BATCH // 2)
+        ids = batch["inputs"][batch["inputs"] >= 10] // 1000
+        seen.append(set(ids.tolist()))
+        stream = data.train_documents(config, sources, p, 2)
+        mine = {int(stream[i].split()[0]) // 1000 for i in range(20) if stream[i]}
+        assert seen[p] <= mine  # the first batch comes from this process's share
+    assert not seen[0] & seen[1]
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        data.make_train_iterator(config, ToyTokenizer(), sources, 0, 3)
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def test_text_source_decodes_bytes_and_str():
+    source = data.TextSource([{"text": b"caf\xc3\xa9"}, {"text": "plain"}, {"text": np.array(b"np")}], "text")
+    assert len(source) == 3 and [source[i] for i in range(3)] == ["café", "plain", "np"]
+
+
+def test_tfds_source_through_mock_data():
+    config = toy_config("data.source=tfds", "data.tfds_name=lm1b", "data.tfds_eval_split=test",
+                        "train.eval_batches=2")
+    with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+        sources = data.open_sources(config)
+        assert len(sources.train) == 12 and len(sources.eval) == 12
+        assert isinstance(sources.train[0], str) and sources.train[0]
+        assert "lm1b" in sources.description
+        batch = next(data.make_train_iterator(config, CharTokenizer(), sources))
+        check_batch(batch, BATCH)
+        assert len(data.make_eval_batches(config, CharTokenizer(), sources)) == 2
+        with pytest.raises(ConfigError, match="data.text_key"):
+            data.open_sources(toy_config("data.source=tfds", "data.tfds_name=lm1b", "data.text_key=body"))
+
+
+def test_unknown_tfds_dataset_is_a_config_error(tmp_path):
+    config = toy_config("data.source=tfds", "data.tfds_name=no_such_dataset_here",
+                        f"data.tfds_data_dir={tmp_path}")
+    with pytest.raises(ConfigError, match="data.tfds_name") as err:
+        data.open_sources(config)
+    assert "\n" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- local preparation
+
+
+def _write_text_corpus(folder, n=12):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (folder / f"doc{i:02d}.txt").write_text(f"document {i}\n" * (i + 1))
+    (folder / "empty.txt").write_text("")
+    return [f"document {i}\n" * (i + 1) for i in range(n)]
+
+
+def _files(folder):
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def test_local_corpus_is_prepared_once_and_reused(tmp_path):
+    texts = _write_text_corpus(tmp_path / "corpus")
+    prep = tmp_path / "prep"
+    config = toy_config("data.source=text", f"data.path={tmp_path / 'corpus' / '*.txt'}",
+                        f"data.prepared_dir={prep}", "data.eval_fraction=0.3")
+    first = data.open_sources(config)
+    assert first.description.endswith("12 documents from 13 files (1 skipped)")
+    got = sorted([first.train[i] for i in range(len(first.train))] + [first.eval[i] for i in range(len(first.eval))])
+    assert got == sorted(texts) and len(first.eval) > 0
+    (folder,) = prep.iterdir()
+    assert (folder / "llm_jax_local_corpus" / "1.0.0" / "dataset_info.json").is_file()
+    files = _files(prep)
+    assert any(".array_record" in p.name for p in files)
+
+    second = data.open_sources(config)
+    assert _files(prep) == files  # nothing written again
+    assert second.description == first.description
+    assert [second.train[i] for i in range(len(second.train))] == [first.train[i] for i in range(len(first.train))]
+    corpus = corpus_lib.find_corpus(config.data)
+    prepared = tfds_builder.prepare_corpus(corpus, prep)
+    assert prepared.reused and (prepared.documents, prepared.skipped) == (12, 1)
+
+    (tmp_path / "corpus" / "new.txt").write_text("a new document\n")
+    third = data.open_sources(config)
+    assert len(list(prep.iterdir())) == 2  # a changed corpus gets its own preparation
+    assert len(third.train) + len(third.eval) == 13
+
+
+def test_interrupted_preparation_does_not_look_complete(tmp_path, monkeypatch):
+    _write_text_corpus(tmp_path / "corpus")
+    config = toy_config("data.source=text", f"data.path={tmp_path / 'corpus' / '*.txt'}")
+    corpus = corpus_lib.find_corpus(config.data)
+    real = corpus_lib.iter_split
+
+    def interrupted(*args, **kwargs):
+        for i, doc in enumerate(real(*args, **kwargs)):
+            if i == 3:
+                raise KeyboardInterrupt  # as if the user pressed ctrl-c mid-write
+            yield doc
+
+    monkeypatch.setattr(corpus_lib, "iter_split", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tfds_builder.prepare_corpus(corpus, tmp_path / "prep")
+    data_dir = tfds_builder.prepared_data_dir(corpus, tmp_path / "prep")
+    assert not tfds_builder._open(data_dir, None).is_prepared()
+    assert not list(data_dir.rglob("dataset_info.json"))
+
+    monkeypatch.setattr(corpus_lib, "iter_split", real)
+    prepared = tfds_builder.prepare_corpus(corpus, tmp_path / "prep")
+    assert not prepared.reused and prepared.documents == 12
+    assert sum(prepared.split_sizes().values()) == 12
+
+
+def test_corpus_without_documents_is_a_config_error(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / "corpus" / name).write_text("   \n")
+    config = toy_config("data.source=text", f"data.path={tmp_path / 'corpus' / '*.txt'}",
+                        f"data.prepared_dir={tmp_path / 'prep'}")
+    with pytest.raises(ConfigError, match="yields no documents") as err:
+        data.open_sources(config)
+    assert "\n" not in str(err.value)
+    assert not list((tmp_path / "prep").iterdir())  # nothing left that a rerun would reuse
+    with pytest.raises(ConfigError, match="data.path"):
+        data.open_sources(toy_config("data.source=jsonl", f"data.path={tmp_path / 'none' / '*.jsonl'}"))
+
+
+def test_default_corpus_opens_and_feeds_batches(tmp_path):
+    config = toy_config(f"data.prepared_dir={tmp_path}")
+    sources = data.open_sources(config)
+    n_docs = len(sources.train) + len(sources.eval)
+    assert sources.description.startswith(f"default corpus: {n_docs} files (")
+    assert len(sources.train) > 500 and len(sources.eval) > 0
+    texts = [sources.eval[i] for i in range(len(sources.eval))]
+    assert all(isinstance(t, str) and t.strip() for t in texts)
+    assert any("import " in t or "def " in t for t in texts)  # Python source, decoded
+    batch = next(data.make_train_iterator(config, CharTokenizer(), sources))
+    check_batch(batch, BATCH)
+
+
+def test_tiny_corpora_prepare_with_the_splits_they_can_have(tmp_path):
+    (tmp_path / "three").mkdir()
+    for i in range(3):
+        (tmp_path / "three" / f"d{i}.txt").write_text(f"{10 + i} {20 + i}\n")
+    config = toy_config("data.source=text", f"data.path={tmp_path / 'three' / '*.txt'}",
+                        f"data.prepared_dir={tmp_path / 'prep'}")
+    sources = data.open_sources(config)  # 2% of 3 files is none: one is held out anyway
+    assert (len(sources.train), len(sources.eval)) == (2, 1)
+    assert len(data.make_eval_batches(config, ToyTokenizer(), sources)) == 1
+
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "only.txt").write_text("10 11 12\n")
+    config = toy_config("data.source=text", f"data.path={tmp_path / 'one' / '*.txt'}",
+                        f"data.prepared_dir={tmp_path / 'prep'}")
+    sources = data.open_sources(config)
+    assert (len(sources.train), len(sources.eval)) == (1, 0)
+    assert data.make_eval_batches(config, ToyTokenizer(), sources) == []
+    check_batch(next(data.make_train_iterator(config, ToyTokenizer(), sources)), BATCH)

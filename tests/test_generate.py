@@ -1,0 +1,116 @@
+"""Sampling with the KV cache against full forward passes."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llm_jax.config import ModelConfig
+from llm_jax.generate import generate, sample_logits
+from llm_jax.transformer import Transformer
+
+PROMPT = [5, 17, 3, 42]
+NEW = 8
+
+
+def tiny(arch: str, **overrides) -> ModelConfig:
+    values = dict(arch=arch, vocab_size=64, n_layers=2, d_model=32, n_heads=4, d_ff=64, max_len=16)
+    if arch == "llama":
+        values.update(n_kv_heads=2, scan_layers=True)
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+@functools.lru_cache(maxsize=None)
+def setup(arch: str):
+    """Model, numpy-drawn params (compiling `init` is slow on CPU) and a jitted full forward pass."""
+    model = Transformer(tiny(arch))
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape) * 0.1, s.dtype),
+                          nn.unbox(abstract["params"]))
+    full = jax.jit(lambda tokens: model.apply({"params": params}, tokens))
+    return model, params, full
+
+
+def reference_logits(arch: str, ids: list[int]) -> np.ndarray:
+    """Next-token logits after `ids` by a full forward pass, no cache. The input is padded to a
+    fixed length (one compile); causality keeps the padding out of the logits we read."""
+    _, _, full = setup(arch)
+    padded = np.zeros((1, len(PROMPT) + NEW), np.int32)
+    padded[0, :len(ids)] = ids
+    return np.asarray(full(jnp.asarray(padded)))[0, len(ids) - 1]
+
+
+@functools.lru_cache(maxsize=None)
+def greedy_reference(arch: str) -> list[int]:
+    ids = list(PROMPT)
+    for _ in range(NEW):
+        ids.append(int(np.argmax(reference_logits(arch, ids))))
+    return ids
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_greedy_generation_matches_full_forward_argmax(arch):
+    model, params, _ = setup(arch)
+    out = generate(model, params, PROMPT, max_new_tokens=NEW, rng=jax.random.key(0), temperature=0.0)
+    expected = greedy_reference(arch)
+    assert len(set(expected[len(PROMPT):])) > 1  # a continuation that could be got wrong
+    assert out == expected
+    # numpy prompts are accepted too.
+    assert generate(model, params, np.asarray(PROMPT), max_new_tokens=NEW, rng=jax.random.key(1),
+                    temperature=0.0) == expected
+
+
+def test_top_k_1_equals_greedy():
+    logits = jnp.asarray(np.random.default_rng(0).standard_normal((16, 64)), jnp.float32)
+    sample = jax.jit(sample_logits, static_argnums=3)
+    greedy = sample(logits, jax.random.key(0), jnp.float32(0.0), 0)
+    np.testing.assert_array_equal(np.asarray(greedy), np.argmax(np.asarray(logits), axis=-1))
+    for seed in range(3):
+        top1 = sample(logits, jax.random.key(seed), jnp.float32(1.0), 1)
+        np.testing.assert_array_equal(np.asarray(top1), np.asarray(greedy))
+    # Without top_k, temperature 1 draws other ids too.
+    assert not np.array_equal(np.asarray(sample(logits, jax.random.key(0), jnp.float32(1.0), 0)), np.asarray(greedy))
+
+
+def test_generation_stops_at_eos_and_includes_it():
+    model, params, _ = setup("gpt2")
+    expected = greedy_reference("gpt2")
+    continuation = expected[len(PROMPT):]
+    eos = continuation[2]
+    stop = continuation.index(eos)  # its first occurrence
+    out = generate(model, params, PROMPT, max_new_tokens=NEW, rng=jax.random.key(0), temperature=0.0, eos_id=eos)
+    assert out == PROMPT + continuation[:stop + 1]
+    assert len(out) < len(expected)
+
+
+def test_top_k_sampling_stays_in_the_top_k_and_depends_on_the_rng():
+    model, params, _ = setup("llama")
+    samples = [generate(model, params, PROMPT, max_new_tokens=NEW, rng=jax.random.key(seed), temperature=2.0,
+                        top_k=3) for seed in (0, 1)]
+    assert samples[0] != samples[1]
+    for ids in samples:
+        assert ids[:len(PROMPT)] == PROMPT and len(ids) == len(PROMPT) + NEW
+        for t in range(len(PROMPT), len(ids)):
+            top3 = np.argsort(reference_logits("llama", ids[:t]))[-3:]
+            assert ids[t] in top3
+
+
+def test_sample_logits_modes():
+    logits = jnp.asarray([[0.0, 3.0, 1.0, 2.0]])
+    assert int(sample_logits(logits, jax.random.key(0), jnp.float32(0.0), 0)[0]) == 1
+    draws = {int(sample_logits(logits, jax.random.key(s), jnp.float32(5.0), 2)[0]) for s in range(20)}
+    assert draws == {1, 3}
+
+
+def test_rejects_what_the_model_cannot_do():
+    model, params, _ = setup("gpt2")
+    with pytest.raises(ValueError, match="max_len"):
+        generate(model, params, PROMPT, max_new_tokens=20, rng=jax.random.key(0))
+    with pytest.raises(ValueError, match="prompt"):
+        generate(model, params, [], max_new_tokens=2, rng=jax.random.key(0))
+    assert generate(model, params, PROMPT, max_new_tokens=0, rng=jax.random.key(0)) == PROMPT

@@ -1,0 +1,156 @@
+"""Tests of llm_jax.tokenizer: training on a tiny corpus, special ids, round trips, reuse, errors."""
+
+import random
+import shutil
+
+import numpy as np
+import pytest
+
+from llm_jax import tokenizer as tok_lib
+from llm_jax.config import ConfigError, load_config
+
+VOCAB = 320
+
+
+def _tiny_corpus(n_docs=60, seed=0):
+    """Small Python-like documents; enough distinct text for a few hundred pieces."""
+    rng = random.Random(seed)
+    words = ["value", "index", "total", "result", "count", "items", "name", "data", "line", "parts"]
+    docs = []
+    for d in range(n_docs):
+        lines = [f"def function_{d}({rng.choice(words)}, {rng.choice(words)}):"]
+        for _ in range(rng.randint(3, 8)):
+            a, b = rng.choice(words), rng.choice(words)
+            lines.append(f"    {a} = {b} + {rng.randint(0, 999)}  # update {a}")
+        lines.append(f"    return {rng.choice(words)}\n")
+        docs.append("\n".join(lines))
+    return docs
+
+
+class _Sources:
+    def __init__(self, train):
+        self.train = train
+        self.eval = []
+
+
+class _Forbidden:
+    """A source that fails when read: proves that a reload does not touch the corpus."""
+
+    def __len__(self):
+        raise AssertionError("the corpus was read although the tokenizer exists")
+
+    def __getitem__(self, index):
+        raise AssertionError("the corpus was read although the tokenizer exists")
+
+
+def _config(*overrides):
+    return load_config(None, [f"model.vocab_size={VOCAB}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    return tok_lib.load_or_train_tokenizer(_config(), workdir, _Sources(_tiny_corpus())), workdir
+
+
+def test_trains_with_the_special_ids(trained):
+    tok, workdir = trained
+    assert tok.path == workdir / "tokenizer" / "spm.model"
+    assert tok.path.is_file() and tok.path.with_suffix(".vocab").is_file()
+    assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2, 3)
+    assert tok.vocab_size == VOCAB
+    assert not [p for p in tok.path.parent.iterdir() if p.name.startswith(".spm-")]  # no temp left
+
+
+def test_round_trip_keeps_code_whitespace(trained):
+    tok, _ = trained
+    text = "def function_7(value, data):\n    total = count + 12  # update total\n\n\treturn  items\n"
+    ids = tok.encode(text)
+    assert all(isinstance(i, int) for i in ids)
+    assert tok.unk_id not in ids and tok.bos_id not in ids and tok.eos_id not in ids
+    assert len(ids) < len(text)  # it learned merges, not only characters
+    assert tok.decode(ids) == text
+    assert tok.decode(np.asarray(ids, np.int32)) == text
+    assert tok.decode([tok.bos_id, *ids, tok.eos_id, tok.pad_id]) == text
+
+
+def test_byte_fallback_for_unseen_characters(trained):
+    tok, _ = trained
+    text = "snowman ☃ and 日本語 and é"
+    ids = tok.encode(text)
+    assert tok.unk_id not in ids
+    pieces = [tok._sp.id_to_piece(i) for i in ids]
+    assert "<0xE2>" in pieces  # first UTF-8 byte of the snowman
+    assert tok.decode(ids) == text
+
+
+def test_reloads_from_workdir_instead_of_retraining(trained):
+    tok, workdir = trained
+    before = tok.path.stat().st_mtime_ns
+    again = tok_lib.load_or_train_tokenizer(_config(), workdir, _Sources(_Forbidden()))
+    assert again.path == tok.path and tok.path.stat().st_mtime_ns == before
+    text = "return result + 5\n"
+    assert again.encode(text) == tok.encode(text)
+
+
+def test_too_small_corpus_is_a_one_line_config_error(tmp_path):
+    sources = _Sources(["tiny text, tiny text.\n"] * 3)
+    with pytest.raises(ConfigError, match=r"model\.vocab_size=2048 is too large") as err:
+        tok_lib.load_or_train_tokenizer(_config("model.vocab_size=2048"), tmp_path, sources)
+    assert "\n" not in str(err.value) and "at most" in str(err.value)
+    assert not (tmp_path / "tokenizer" / "spm.model").exists()
+
+
+def test_loaded_vocab_larger_than_model_is_a_config_error(trained, tmp_path):
+    tok, _ = trained
+    given = tmp_path / "given.model"
+    shutil.copyfile(tok.path, given)
+    small = _config("model.vocab_size=300", f"tokenizer.path={given}")
+    with pytest.raises(ConfigError, match=r"model\.vocab_size \(300\)"):
+        tok_lib.load_or_train_tokenizer(small, tmp_path / "run", _Sources(_Forbidden()))
+    # An existing workdir tokenizer is checked the same way.
+    with pytest.raises(ConfigError, match=r"model\.vocab_size \(300\)"):
+        tok_lib.load_or_train_tokenizer(small, tok.path.parent.parent, _Sources(_Forbidden()))
+
+
+def test_given_tokenizer_path_is_copied_into_workdir(trained, tmp_path):
+    tok, _ = trained
+    given = tmp_path / "given.model"
+    shutil.copyfile(tok.path, given)
+    config = _config("model.vocab_size=512", f"tokenizer.path={given}")
+    loaded = tok_lib.load_or_train_tokenizer(config, tmp_path / "run", _Sources(_Forbidden()))
+    assert loaded.path == tmp_path / "run" / "tokenizer" / "spm.model"
+    assert loaded.path.read_bytes() == given.read_bytes()
+    with pytest.raises(ConfigError, match="tokenizer.path"):
+        tok_lib.load_or_train_tokenizer(_config(f"tokenizer.path={tmp_path / 'missing.model'}"),
+                                        tmp_path / "run2", _Sources(_Forbidden()))
+
+
+def test_sample_spans_the_corpus_and_respects_the_size():
+    docs = [f"document number {i}\n" * 50 for i in range(200)]  # ~1 KB each
+    sample = tok_lib.sample_documents(docs, sample_bytes=20_000, seed=0)
+    total = sum(len(t.encode()) for t in sample)
+    assert 20_000 <= total < 22_000
+    numbers = sorted(int(t.split()[2]) for t in sample)
+    assert numbers[0] < 50 and numbers[-1] > 150  # drawn across the corpus, not its first files
+    assert tok_lib.sample_documents(docs, 20_000, seed=0) == sample
+    huge = ["line of text\n" * 100_000]
+    (cut,) = tok_lib.sample_documents(huge, sample_bytes=100_000)
+    assert 0 < len(cut.encode()) <= tok_lib._SENTENCE_BYTES  # one document is a small share
+    assert cut.endswith("\n")
+
+
+def test_sentences_keep_all_text_and_fit_the_limit():
+    text = "".join(f"line {i} " + "x" * (i % 50) + "\n" for i in range(500)) + "y" * 5000
+    parts = list(tok_lib._sentences([text]))
+    assert "".join(parts) == text
+    assert max(len(p.encode()) for p in parts) <= tok_lib._SENTENCE_BYTES
+
+
+def test_unigram_model_type_trains(tmp_path):
+    config = _config("tokenizer.model_type=unigram")
+    tok = tok_lib.load_or_train_tokenizer(config, tmp_path, _Sources(_tiny_corpus(30)))
+    text = "result = data + 3\n"
+    assert tok.decode(tok.encode(text)) == text and tok.bos_id == 2
+    assert isinstance(tok_lib.Tokenizer(tok.path), tok_lib.Tokenizer)
+
