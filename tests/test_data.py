@@ -192,7 +192,8 @@ def test_process_slices_are_disjoint_and_cover_each_epoch():
 
 def test_two_process_iterators_have_half_batches_of_their_own_documents():
     docs = toy_docs(40)
-    config, sources = toy_config(), toy_sources(docs)
+    # No piece window: the first batch then comes from the first documents of the stream.
+    config, sources = toy_config("data.shuffle_window=1"), toy_sources(docs)
     seen = []
     for p in (0, 1):
         batch = next(data.make_train_iterator(config, ToyTokenizer(), sources, p, 2))
@@ -205,6 +206,19 @@ def test_two_process_iterators_have_half_batches_of_their_own_documents():
     assert not seen[0] & seen[1]
     with pytest.raises(ConfigError, match="train.batch_size"):
         data.make_train_iterator(config, ToyTokenizer(), sources, 0, 3)
+
+
+def test_piece_window_mixes_long_documents_within_a_batch():
+    """Long documents are cut into many pieces; without the window a batch is one document."""
+    docs = [" ".join(str(1000 * d + 10 + k) for k in range(40 * SEQ)) for d in range(20)]
+
+    def documents_per_batch(window):
+        config = toy_config("train.batch_size=8", f"data.shuffle_window={window}")
+        batch = next(data.make_train_iterator(config, ToyTokenizer(), toy_sources(docs)))
+        return len(set((batch["inputs"][batch["inputs"] >= 10] // 1000).tolist()))
+
+    assert documents_per_batch(1) <= 2
+    assert documents_per_batch(256) >= 5
 
 
 # ----------------------------------------------------------------------------- sources
