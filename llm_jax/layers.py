@@ -108,6 +108,9 @@ class Embed(nn.Module):
         )
 
     def __call__(self, ids_BL: jax.Array) -> jax.Array:
+        # Gather the embed axis first (what FSDP does for every weight): XLA cannot partition a
+        # lookup from a table sharded on embed into batch-sharded activations, and would
+        # otherwise replicate the whole table and the lookup's gradient.
         table_VE = constrain(self.embedding, (self.axes[0], None))
         return jnp.take(table_VE, ids_BL, axis=0).astype(self.dtype)  # [B, L, E]
 
@@ -248,7 +251,7 @@ def fused_attention(q_BLHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array,
     if segment_ids_BL is not None:
         mask_B1LL = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
     return jax.nn.dot_product_attention(
-        q_BLHD, k_BSKD, v_BSKD, mask=mask_B1LL, is_causal=True, implementation=implementation
+        q_BLHD, k_BSKD, v_BSKD, mask=None, is_causal=True, implementation=implementation
     )
 
 
@@ -258,15 +261,19 @@ class Attention(nn.Module):
     Decoding follows the Flax convention: `init(..., decode=True)` with the full length creates
     zeroed "cache" variables; each later `apply(..., decode=True, mutable=["cache"])` writes its
     keys/values at the cache index and attends to everything written so far. A decode call may
-    carry several tokens (a prompt prefill) or one. In decode mode segment ids are ignored: the
-    cache holds a single document per row.
+    carry several tokens (a prompt prefill) or one. In decode mode segment ids are ignored (the
+    cache holds a single document per row) and the einsum attention is used whatever
+    `config.attention` says: a cached step is bound by reading the cache, not by the kernel.
+
+    Dropout is applied to the block's residual branches, not to attention probabilities, so
+    both attention implementations compute the same function.
     """
 
     config: ModelConfig
 
     @nn.compact
     def __call__(self, x_BLE: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array | None,
-                 deterministic: bool, decode: bool) -> jax.Array:
+                 decode: bool) -> jax.Array:
         cfg = self.config
         dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
         use_bias = cfg.arch == "gpt2"
@@ -286,48 +293,44 @@ class Attention(nn.Module):
         k_BLKD = constrain(k_BLKD, ("batch", "length", "kv_heads", "head_dim"))
         v_BLKD = constrain(v_BLKD, ("batch", "length", "kv_heads", "head_dim"))
 
-        length = x_BLE.shape[1]
         if decode and self.has_variable("cache", "cached_key"):
-            k_BSKD, v_BSKD, mask_11LS = self._update_cache(k_BLKD, v_BLKD)
-            out_BLHD = xla_attention(q_BLHD, k_BSKD, v_BSKD, mask_11LS)
+            out_BLHD = self._cached_attention(q_BLHD, k_BLKD, v_BLKD)
         else:
-            if decode:  # the init call: size the cache from the full-length input
-                self._update_cache(k_BLKD, v_BLKD)
+            if decode:  # the init call: create the cache, sized by this full-length input
+                self._cache_variables(k_BLKD.shape, k_BLKD.dtype)
             if cfg.attention == "cudnn":
                 out_BLHD = fused_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
             else:
-                out_BLHD = xla_attention(q_BLHD, k_BLKD, v_BLKD, causal_segment_mask(segment_ids_BL, length))
+                mask_B1LL = causal_segment_mask(segment_ids_BL, x_BLE.shape[1])
+                out_BLHD = xla_attention(q_BLHD, k_BLKD, v_BLKD, mask_B1LL)
         out_BLHD = constrain(out_BLHD, ("batch", "length", "heads", "head_dim"))
 
-        out_BLE = Dense(features=(cfg.d_model,), kernel_axes=("heads", "head_dim", "embed"), n_in=2,
-                        use_bias=use_bias, init_std=output_init_std(cfg), dtype=dtype,
-                        param_dtype=param_dtype, name="out")(out_BLHD)
-        return out_BLE
+        return Dense(features=(cfg.d_model,), kernel_axes=("heads", "head_dim", "embed"), n_in=2,
+                     use_bias=use_bias, init_std=output_init_std(cfg), dtype=dtype,
+                     param_dtype=param_dtype, name="out")(out_BLHD)
 
-    def _update_cache(self, k_BLKD: jax.Array, v_BLKD: jax.Array):
-        """Writes this call's keys/values at the cache index and advances it.
-
-        Returns the whole cache and the mask of written, causally visible slots. On the init call
-        the variables are only created (zeros, index 0), sized by the input.
-        """
-        initialized = self.has_variable("cache", "cached_key")
-        cached_key = self.variable("cache", "cached_key", jnp.zeros, k_BLKD.shape, k_BLKD.dtype)
-        cached_value = self.variable("cache", "cached_value", jnp.zeros, v_BLKD.shape, v_BLKD.dtype)
+    def _cache_variables(self, shape_BSKD: tuple[int, ...], dtype: jnp.dtype):
+        """The cache: keys and values [B, S, K, D] and the next slot to write (zeros at creation)."""
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, shape_BSKD, dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, shape_BSKD, dtype)
         cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
-        if not initialized:
-            return None
-        length = k_BLKD.shape[1]
-        max_length = cached_key.value.shape[1]
+        return cached_key, cached_value, cache_index
+
+    def _cached_attention(self, q_BLHD: jax.Array, k_BLKD: jax.Array, v_BLKD: jax.Array) -> jax.Array:
+        """Writes this call's keys/values at the cache index, advances it, and attends to every
+        slot written so far (unwritten slots lie in the causal future, so the mask hides them)."""
+        cached_key, cached_value, cache_index = self._cache_variables(k_BLKD.shape, k_BLKD.dtype)
         index = cache_index.value
         k_BSKD = jax.lax.dynamic_update_slice(cached_key.value, k_BLKD.astype(cached_key.value.dtype),
                                               (0, index, 0, 0))
         v_BSKD = jax.lax.dynamic_update_slice(cached_value.value, v_BLKD.astype(cached_value.value.dtype),
                                               (0, index, 0, 0))
+        length, max_length = k_BLKD.shape[1], k_BSKD.shape[1]
         cached_key.value, cached_value.value = k_BSKD, v_BSKD
         cache_index.value = index + length
         query_index_L = index + jnp.arange(length)
         mask_11LS = (jnp.arange(max_length)[None, :] <= query_index_L[:, None])[None, None, :, :]
-        return k_BSKD, v_BSKD, mask_11LS
+        return xla_attention(q_BLHD, k_BSKD, v_BSKD, mask_11LS)
 
 
 # ----------------------------------------------------------------------------- MLP and block
@@ -373,7 +376,7 @@ class DecoderBlock(nn.Module):
                  deterministic: bool, decode: bool):
         cfg = self.config
         h_BLE = make_norm(cfg, "attn_norm")(x_BLE)
-        h_BLE = Attention(cfg, name="attn")(h_BLE, positions_BL, segment_ids_BL, deterministic, decode)
+        h_BLE = Attention(cfg, name="attn")(h_BLE, positions_BL, segment_ids_BL, decode)
         x_BLE = x_BLE + nn.Dropout(cfg.dropout)(h_BLE, deterministic=deterministic)
         h_BLE = make_norm(cfg, "mlp_norm")(x_BLE)
         h_BLE = Mlp(cfg, name="mlp")(h_BLE)

@@ -263,6 +263,9 @@ def train(config: Config) -> dict[str, Any]:
             clock["wait"] += time.perf_counter() - t0
             state, metrics = train_fn(state, sharding.global_batch(local, batch_sharding))
             step += 1
+            if step == start + 1:  # the first step compiles: start the throughput clock after it
+                jax.block_until_ready(metrics)
+                clock.update(time=time.perf_counter(), step=step, wait=0.0)
             if pending is not None:
                 report(*pending)
                 pending = None
@@ -273,6 +276,10 @@ def train(config: Config) -> dict[str, Any]:
             eval_due = step % c.train.eval_every == 0 and step < c.train.steps
             save_due = step % c.checkpoint.every == 0 or step == c.train.steps
             if eval_due or save_due:
+                if pending is not None:  # the device must finish training before the pause is timed
+                    report(*pending)
+                    pending = None
+                jax.block_until_ready(metrics)
                 t0 = time.perf_counter()
                 if eval_due:
                     last_eval = evaluate(setup, eval_fn, state.params, eval_batches)

@@ -166,27 +166,31 @@ def test_runs_under_a_mesh_with_the_default_axis_rules():
     np.testing.assert_allclose(np.asarray(logits), np.asarray(forward(config)(params, tokens)), rtol=1e-6, atol=1e-6)
 
 
-def _loss_grads(config, params, tokens):
-    def loss(p):
-        logits = Transformer(config).apply({"params": p}, tokens[:, :-1])
+def _loss(config, tokens):
+    def loss(params):
+        logits = Transformer(config).apply({"params": params}, tokens[:, :-1])
         return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
-    return jax.jit(jax.grad(loss))(params)
+    return loss
 
 
 @functools.lru_cache(maxsize=None)
 def _reference_grads():
     config = tiny("llama", n_layers=1)  # one layer: gradient compiles are the slowest in this file
     params = random_params(config)
-    return params, _loss_grads(config, params, tokens_of(6, (2, 9)))
+    return params, jax.jit(jax.grad(_loss(config, tokens_of(6, (2, 9)))))(params)
 
 
-@pytest.mark.parametrize("remat,scan", [("full", False), ("dots", True)])
-def test_remat_gives_the_same_gradients(remat, scan):
+@pytest.mark.parametrize("remat,scan,policy", [("full", False, "policy=None"), ("dots", True, "DotsSaveable")])
+def test_remat_gives_the_same_gradients(remat, scan, policy):
     params, expected = _reference_grads()
     if scan:
         params, expected = restack(params), restack(expected)
-    grads = _loss_grads(tiny("llama", n_layers=1, scan_layers=scan, remat=remat), params, tokens_of(6, (2, 9)))
+    grad_fn = jax.grad(_loss(tiny("llama", n_layers=1, scan_layers=scan, remat=remat), tokens_of(6, (2, 9))))
+    # Equal gradients alone cannot tell whether remat happened; the jaxpr can.
+    jaxpr = str(jax.make_jaxpr(grad_fn)(params))
+    assert "remat" in jaxpr and policy in jaxpr
+    grads = jax.jit(grad_fn)(params)
     assert jax.tree.structure(grads) == jax.tree.structure(expected)
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
