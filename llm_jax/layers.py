@@ -251,7 +251,7 @@ def fused_attention(q_BLHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array,
     if segment_ids_BL is not None:
         mask_B1LL = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
     return jax.nn.dot_product_attention(
-        q_BLHD, k_BSKD, v_BSKD, mask=None, is_causal=True, implementation=implementation
+        q_BLHD, k_BSKD, v_BSKD, mask=mask_B1LL, is_causal=True, implementation=implementation
     )
 
 
