@@ -151,13 +151,19 @@ def train_tokenizer(texts: list[str], model_prefix: Path, vocab_size: int, model
             minloglevel=2,
         )
     except RuntimeError as e:
-        match = re.search(r"Vocabulary size too high \((\d+)\).*<= (\d+)", str(e))
-        if match is None:
-            raise
-        raise ConfigError(
-            f"model.vocab_size={vocab_size} is too large for this corpus: its tokenizer sample supports "
-            f"at most {match.group(2)} pieces; lower model.vocab_size or give more text"
-        ) from None
+        too_high = re.search(r"Vocabulary size too high \((\d+)\).*<= (\d+)", str(e))
+        if too_high is not None:
+            raise ConfigError(
+                f"model.vocab_size={vocab_size} is too large for this corpus: its tokenizer sample supports "
+                f"at most {too_high.group(2)} pieces; lower model.vocab_size or give more text"
+            ) from None
+        too_low = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(e))
+        if too_low is not None:
+            raise ConfigError(
+                f"model.vocab_size={vocab_size} is too small for this corpus: its special tokens, bytes and "
+                f"characters need at least {too_low.group(2)} pieces; raise model.vocab_size"
+            ) from None
+        raise
 
 
 def _check_loaded(tokenizer: Tokenizer, config: Config) -> Tokenizer:

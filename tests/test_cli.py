@@ -1,8 +1,11 @@
 """The command line as a user meets it: exit codes and one-line errors, in a real subprocess."""
 
 import json
+import random
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -43,3 +46,28 @@ def test_bench_prints_the_contract_json(tmp_path):
         assert key in report
     assert report["tokens_per_sec"] > 0 and report["step_time_s"] > 0
     assert 0 < report["mfu"] < 1
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 6))) for _ in range(300)]
+    for i in range(12):
+        (corpus / f"{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(2000)))
+    workdir = tmp_path / "run"
+    args = [sys.executable, "-m", "llm_jax.cli", "train", "configs/tiny.yaml", f"workdir={workdir}",
+            "data.source=text", f"data.path={corpus}/*.txt", f"data.prepared_dir={tmp_path / 'prepared'}",
+            "model.vocab_size=300", "train.steps=100000", "train.log_every=1", "checkpoint.every=100000",
+            "train.progress=false"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(steps) == 1 and steps[0] >= 3
+    assert "SIGTERM" in err

@@ -101,6 +101,14 @@ def test_too_small_corpus_is_a_one_line_config_error(tmp_path):
     assert not (tmp_path / "tokenizer" / "spm.model").exists()
 
 
+def test_vocab_below_the_characters_of_the_corpus_is_a_one_line_config_error(tmp_path):
+    # 40 distinct non-ASCII characters: with 256 byte pieces and 4 specials they need 300 pieces.
+    sources = _Sources(["".join(chr(0x400 + i) for i in range(40)) * 20 + "\n"] * 5)
+    with pytest.raises(ConfigError, match=r"model\.vocab_size=270 is too small") as err:
+        tok_lib.load_or_train_tokenizer(_config("model.vocab_size=270"), tmp_path, sources)
+    assert "\n" not in str(err.value)
+
+
 def test_loaded_vocab_larger_than_model_is_a_config_error(trained, tmp_path):
     tok, _ = trained
     given = tmp_path / "given.model"
