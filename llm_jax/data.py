@@ -173,7 +173,8 @@ def _pack(pieces: grain.IterDataset, seq_len: int, num_bins: int, seed: int, shu
     )
 
 
-def _tokenized_pieces(docs: grain.MapDataset, tokenizer: Tokenizer, seq_len: int, num_threads: int) -> grain.IterDataset:
+def _tokenized_pieces(docs: grain.MapDataset, tokenizer: Tokenizer, seq_len: int,
+                      num_threads: int) -> grain.IterDataset:
     """Tokenize and cut in grain's reader threads (order preserved), then flatten to pieces."""
 
     def cut(text: str) -> list[dict[str, np.ndarray]]:

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import optax
 
 
-def cross_entropy_sum(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
+def cross_entropy_sum(logits_BLV: jax.Array, targets_BL: jax.Array,
+                      weights_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Summed next-token cross entropy over real targets, and how many there were.
 
     Logits are upcast to float32 so the log-softmax is accurate for bf16 models too.

@@ -4,7 +4,12 @@ import pytest
 import yaml
 
 from llm_jax.config import (
-    Config, ConfigError, all_keys, dump_config, load_config, validate_for_devices,
+    Config,
+    ConfigError,
+    all_keys,
+    dump_config,
+    load_config,
+    validate_for_devices,
 )
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))

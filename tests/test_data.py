@@ -9,8 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from llm_jax import corpus as corpus_lib
-from llm_jax import data
-from llm_jax import tfds_builder
+from llm_jax import data, tfds_builder
 from llm_jax.config import ConfigError, load_config
 
 SEQ, BATCH = 8, 4

@@ -24,7 +24,7 @@ def tiny(arch: str, **overrides) -> ModelConfig:
     return ModelConfig(**values)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def setup(arch: str):
     """Model, numpy-drawn params (compiling `init` is slow on CPU) and a jitted full forward pass."""
     model = Transformer(tiny(arch))
@@ -45,7 +45,7 @@ def reference_logits(arch: str, ids: list[int]) -> np.ndarray:
     return np.asarray(full(jnp.asarray(padded)))[0, len(ids) - 1]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def greedy_reference(arch: str) -> list[int]:
     ids = list(PROMPT)
     for _ in range(NEW):

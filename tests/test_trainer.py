@@ -1,6 +1,5 @@
 """End-to-end runs of the trainer on a tiny corpus: loss falls, outputs exist, resume continues."""
 
-import json
 
 import pytest
 

@@ -55,7 +55,7 @@ def empty_cache(config: ModelConfig, batch: int, length: int):
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def forward(config: ModelConfig):
     """Jitted apply, one per config, so tests that share a config and shapes share a compile."""
     return jax.jit(lambda params, tokens, positions=None, segment_ids=None:
@@ -174,7 +174,7 @@ def _loss(config, tokens):
     return loss
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference_grads():
     config = tiny("llama", n_layers=1)  # one layer: gradient compiles are the slowest in this file
     params = random_params(config)
