@@ -127,34 +127,11 @@ class Embed(nn.Module):
 # ----------------------------------------------------------------------------- norms
 
 
-class LayerNorm(nn.Module):
-    """GPT-2 norm. Statistics in float32 whatever the compute dtype."""
+class Norm(nn.Module):
+    """LayerNorm (gpt2: centred, with a bias) or RMSNorm (llama: neither). Statistics in float32
+    whatever the compute dtype."""
 
-    eps: float = 1e-5
-    use_bias: bool = True
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        features = x.shape[-1]
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-                           (features,), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y * scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (features,))
-        if self.use_bias:
-            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-                              (features,), self.param_dtype)
-            y = y + bias.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (features,))
-        return y.astype(self.dtype)
-
-
-class RMSNorm(nn.Module):
-    """Llama norm: no centering, no bias. Statistics in float32."""
-
+    rms: bool = False
     eps: float = 1e-5
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -162,19 +139,25 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         features = x.shape[-1]
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-                           (features,), self.param_dtype)
+        broadcast = (1,) * (x.ndim - 1) + (features,)
+
+        def vector(name, init):  # [E], broadcast over the leading axes in float32
+            param = self.param(name, nn.with_logical_partitioning(init, ("embed",)), (features,), self.param_dtype)
+            return param.astype(jnp.float32).reshape(broadcast)
+
         x32 = x.astype(jnp.float32)
+        if not self.rms:
+            x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        y = y * scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (features,))
+        y = y * vector("scale", nn.initializers.ones)
+        if not self.rms:
+            y = y + vector("bias", nn.initializers.zeros)
         return y.astype(self.dtype)
 
 
 def make_norm(config: ModelConfig, name: str) -> nn.Module:
-    dtype, param_dtype = to_dtype(config.dtype), to_dtype(config.param_dtype)
-    if config.arch == "llama":
-        return RMSNorm(eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype, name=name)
-    return LayerNorm(eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype, name=name)
+    return Norm(rms=config.arch == "llama", eps=config.norm_eps, dtype=to_dtype(config.dtype),
+                param_dtype=to_dtype(config.param_dtype), name=name)
 
 
 # ----------------------------------------------------------------------------- positions

@@ -204,7 +204,6 @@ def train(config: Config) -> dict[str, Any]:
     c = config
     if is_main:
         dump_config(c, workdir / "config.yaml")
-    log.info("data: %s", setup.sources.description)
     log.info("model: %s, %.2fM parameters; mesh %s over %d devices", c.model.arch,
              count_params(setup.abstract_state.params) / 1e6, dict(setup.mesh.shape), setup.mesh.size)
 

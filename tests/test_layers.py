@@ -9,9 +9,8 @@ import pytest
 from llm_jax.config import ModelConfig
 from llm_jax.layers import (
     Dense,
-    LayerNorm,
     Mlp,
-    RMSNorm,
+    Norm,
     apply_rope,
     causal_segment_mask,
     fused_attention,
@@ -34,7 +33,7 @@ def test_to_dtype_maps_config_strings():
 
 def test_layer_norm_matches_formula_and_keeps_dtype():
     x = _normal(0, (2, 3, 8)) * 3.0 + 1.0
-    module = LayerNorm(eps=1e-5, dtype=jnp.bfloat16)
+    module = Norm(eps=1e-5, dtype=jnp.bfloat16)
     variables = module.init(jax.random.key(0), x)
     params = nn.unbox(variables["params"])
     np.testing.assert_array_equal(params["scale"], np.ones(8))
@@ -49,7 +48,7 @@ def test_layer_norm_matches_formula_and_keeps_dtype():
 
 def test_rms_norm_matches_formula_and_has_no_bias():
     x = _normal(1, (2, 3, 8)) * 3.0 + 1.0
-    module = RMSNorm(eps=1e-6)
+    module = Norm(rms=True, eps=1e-6)
     params = nn.unbox(module.init(jax.random.key(0), x)["params"])
     assert set(params) == {"scale"}
     y = module.apply({"params": {"scale": jnp.full((8,), 2.0)}}, x)
