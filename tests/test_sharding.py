@@ -1,0 +1,36 @@
+"""Every parallelism layout follows the single-device float32 loss trajectory (8 fake CPU devices)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def trajectories():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "sharding_modes.py")], capture_output=True,
+                            text=True, env=env, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("mode", ["data8", "fsdp8", "mixed222", "tensor8"])
+def test_mode_matches_single_device(trajectories, mode):
+    single, sharded = trajectories["single"]["losses"], trajectories[mode]["losses"]
+    assert len(sharded) == len(single) == 12
+    assert single[-1] < single[0] - 0.5  # the run learns, so the comparison means something
+    for step, (a, b) in enumerate(zip(single, sharded)):
+        assert b == pytest.approx(a, rel=1e-5), f"{mode} step {step + 1}"
+
+
+def test_fsdp_holds_an_eighth_of_the_state(trajectories):
+    single, fsdp = trajectories["single"], trajectories["fsdp8"]
+    for key in ("param_bytes", "opt_bytes"):
+        assert fsdp[key] <= single[key] / 8 * 1.1, key
+    assert trajectories["data8"]["param_bytes"] == single["param_bytes"]  # replicated
