@@ -413,6 +413,11 @@ def validate(c: Config) -> None:
     _require([c.mesh.data, c.mesh.fsdp, c.mesh.tensor].count(-1) <= 1,
              "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
 
+    # The pmap path (replicated state, pmean of gradients) is not built yet; refuse rather than
+    # silently running the jit path under the pmap name. mesh.data=-1 is the same data parallelism.
+    _require(c.parallel.mode == "jit",
+             "parallel.mode=pmap is not available yet; use parallel.mode=jit (mesh.data=-1 is data parallel)")
+
     dist = c.distributed
     _require(dist.num_processes is None or dist.num_processes > 0,
              f"config key 'distributed.num_processes' must be positive, got {dist.num_processes}")

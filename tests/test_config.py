@@ -77,6 +77,7 @@ def test_override_beats_file(tmp_path):
     ("data.source=text", "needs data.path"),
     ("model=3", "is a section"),
     ("train.seq_len=2048", "exceeds model.max_len"),
+    ("parallel.mode=pmap", "not available yet"),
     ("mesh.data=-1", None),
 ])
 def test_config_errors_are_one_line(override, fragment):
