@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from llm_jax.config import CheckpointConfig
 
@@ -104,11 +107,24 @@ class Checkpointer:
             try:
                 return self.restore(step, abstract_state, data)
             except CheckpointError as e:
-                log.warning("%s; trying an older one", e)
+                moved_to = self._set_aside(step)
+                log.warning("%s; moved it to %s and trying an older one", e, moved_to)
                 failures.append(str(e))
         if failures:
             raise CheckpointError(failures[0])
         return None
+
+    def _set_aside(self, step: int) -> Path:
+        """Moves a checkpoint that cannot be restored out of Orbax's sight (it would block a new
+        save of the same step) into `damaged_checkpoints/` beside it: kept, never deleted."""
+        target = self.directory.parent / "damaged_checkpoints" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), str(target))
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"llm_jax_set_aside_{step}")
+        self.manager.reload()
+        return target
 
     def wait(self) -> None:
         """Blocks until async saves are on disk."""
