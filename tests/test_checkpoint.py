@@ -2,9 +2,10 @@
 
 from pathlib import Path
 
+from test_trainer import _config, corpus  # noqa: F401 - the corpus fixture
+
 from llm_jax.metrics import read_metrics
 from llm_jax.trainer import train
-from test_trainer import _config, corpus  # noqa: F401 - the corpus fixture
 
 
 def _truncate_state_files(step_dir: Path) -> int:
