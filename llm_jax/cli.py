@@ -53,13 +53,8 @@ def _cmd_eval(args) -> int:
     from llm_jax import trainer
 
     setup, params, step = trainer.restore_for_inference(args.workdir, args.overrides)
-    import jax
-
     _, eval_fn = trainer.compile_steps(setup)
-    c = setup.config
-    eval_batches = trainer.data_lib.make_eval_batches(c, setup.tokenizer, setup.sources,
-                                                      jax.process_index(), jax.process_count())
-    result = {"step": step, **trainer.evaluate(setup, eval_fn, params, eval_batches)}
+    result = {"step": step, **trainer.evaluate(setup, eval_fn, params, trainer.held_out_batches(setup))}
     print(json.dumps(result))
     return 0
 

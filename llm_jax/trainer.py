@@ -131,6 +131,12 @@ def compile_steps(setup: Setup):
     return train_fn, eval_fn
 
 
+def held_out_batches(setup: Setup) -> list[dict[str, np.ndarray]]:
+    """This process's rows of the fixed eval batches, built once per run."""
+    return data_lib.make_eval_batches(setup.config, setup.tokenizer, setup.sources,
+                                      jax.process_index(), jax.process_count())
+
+
 def evaluate(setup: Setup, eval_fn, params, eval_batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
     """Mean loss and perplexity over the held-out batches (sums first, one division)."""
     batch_sharding = sharding.batch_sharding(setup.mesh)
@@ -211,8 +217,7 @@ def train(config: Config) -> dict[str, Any]:
                                               jax.process_index(), jax.process_count())
     iter_ckpt = ckpt.IteratorCheckpoint(lambda: data_lib.iterator_state(train_iter),
                                         lambda s: data_lib.restore_iterator_state(train_iter, s))
-    eval_batches = data_lib.make_eval_batches(c, setup.tokenizer, setup.sources,
-                                              jax.process_index(), jax.process_count())
+    eval_batches = held_out_batches(setup)
     checkpointer = ckpt.Checkpointer(workdir / "checkpoints", c.checkpoint)
     restored = checkpointer.restore_latest(setup.abstract_state, iter_ckpt)
     if restored is None:
