@@ -20,13 +20,14 @@ import hashlib
 import json
 import os
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from llm_jax.config import ConfigError, DataConfig
 
 # Bumped when the way documents are read or split changes, so old prepared datasets are not reused.
-FORMAT_VERSION = 1
+# 2: binary (NUL) before UTF-8 check, documents with over-long lines skipped, bytes counted.
+FORMAT_VERSION = 2
 
 # Folders of the standard library that are not the standard library: third-party installs live in
 # site-packages/dist-packages and would change the corpus with every `pip install`; caches are
@@ -47,6 +48,7 @@ class CorpusStats:
     """What reading the corpus found; skipped documents are counted by reason for the log."""
 
     documents: int = 0
+    bytes: int = 0  # UTF-8 bytes of the documents kept
     skipped: int = 0
     reasons: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
@@ -65,6 +67,8 @@ class Corpus:
     pattern: str  # what the user asked for (for messages)
     text_key: str = "text"
     eval_fraction: float = 0.02
+    text_unit: str = "file"  # file | line: one document per text file, or per non-blank line
+    max_line_bytes: int = 0  # documents with a longer line are skipped; 0: no limit
 
     def relative(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
@@ -82,6 +86,8 @@ class Corpus:
             "root": str(self.root),
             "text_key": self.text_key if self.kind == "jsonl" else None,
             "eval_fraction": self.eval_fraction,
+            "text_unit": self.text_unit if self.kind == "text" else None,
+            "max_line_bytes": self.max_line_bytes,
         }
         h.update(json.dumps(head, sort_keys=True).encode())
         for path in self.files:
@@ -93,7 +99,7 @@ class Corpus:
         """One line for logs and `DataSources.description`."""
         if self.kind == "default":
             return f"default corpus: {stats.documents} files ({stats.skipped} skipped) at {self.root}"
-        unit = "records" if self.kind == "jsonl" else "documents"
+        unit = {"jsonl": "records", "text": "lines" if self.text_unit == "line" else "documents"}[self.kind]
         return (f"{self.kind} corpus {self.pattern}: {stats.documents} {unit} from {len(self.files)} files "
                 f"({stats.skipped} skipped)")
 
@@ -152,13 +158,15 @@ def find_corpus(data: DataConfig) -> Corpus:
         files = list_default_files(root)
         if not files:
             raise ConfigError(f"data.source=default found no .py files under {root}")
-        return Corpus("default", root, tuple(files), str(root), eval_fraction=data.eval_fraction)
+        return Corpus("default", root, tuple(files), str(root), eval_fraction=data.eval_fraction,
+                      max_line_bytes=data.max_line_bytes)
     if data.source in ("text", "jsonl"):
         if not data.path:
             raise ConfigError(f"data.source={data.source} needs data.path (a glob of files)")
         root, files = list_glob_files(data.path)
         return Corpus(data.source, root, tuple(files), data.path, text_key=data.text_key,
-                      eval_fraction=data.eval_fraction)
+                      eval_fraction=data.eval_fraction, text_unit=data.text_unit,
+                      max_line_bytes=data.max_line_bytes)
     raise ConfigError(f"data.source={data.source} is not a local corpus (default, text or jsonl)")
 
 
@@ -175,24 +183,61 @@ def is_eval_key(key: str, eval_fraction: float) -> bool:
     return key_score(key) < eval_fraction
 
 
+def has_long_line(text: str, max_line_bytes: int) -> bool:
+    """Whether a line of `text` is longer than `max_line_bytes` in UTF-8 (0: no limit)."""
+    if max_line_bytes <= 0 or len(text) * 4 <= max_line_bytes:  # at most 4 bytes per character
+        return False
+    return any(len(line) > max_line_bytes // 4 and len(line.encode("utf-8")) > max_line_bytes
+               for line in text.split("\n"))
+
+
+def _usable(text: str, corpus: Corpus, stats: CorpusStats) -> bool:
+    """The checks every document passes, whatever its format; a failure is counted by reason."""
+    if "\x00" in text:  # NUL never appears in text: binary data (also inside valid UTF-8 or JSON)
+        stats.skip("binary")
+    elif not text.strip():
+        stats.skip("empty")
+    elif has_long_line(text, corpus.max_line_bytes):
+        stats.skip("line too long")
+    else:
+        stats.documents += 1
+        stats.bytes += len(text.encode("utf-8"))
+        return True
+    return False
+
+
 def _read_text_file(path: Path, stats: CorpusStats) -> str | None:
+    """The file's text, or None (counted) when it cannot be text: unreadable, binary, not UTF-8."""
     try:
         data = path.read_bytes()
     except OSError:
         stats.skip("unreadable")
         return None
+    if b"\x00" in data:  # checked on the bytes: most binary files are not valid UTF-8 either
+        stats.skip("binary")
+        return None
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError:
         stats.skip("not utf-8")
         return None
-    if "\x00" in text:  # valid UTF-8 but binary (NUL bytes never appear in text)
-        stats.skip("binary")
-        return None
+
+
+def _iter_text_file(corpus: Corpus, path: Path, stats: CorpusStats) -> Iterator[Document]:
+    text = _read_text_file(path, stats)
+    if text is None:
+        return
+    rel = corpus.relative(path)
+    if corpus.text_unit == "file":
+        if _usable(text, corpus, stats):
+            yield Document(rel, text)
+        return
     if not text.strip():
         stats.skip("empty")
-        return None
-    return text
+        return
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if line.strip() and _usable(line, corpus, stats):  # blank lines separate documents
+            yield Document(f"{rel}:{lineno}", line)
 
 
 def _iter_jsonl_file(corpus: Corpus, path: Path, stats: CorpusStats) -> Iterator[Document]:
@@ -215,24 +260,22 @@ def _iter_jsonl_file(corpus: Corpus, path: Path, stats: CorpusStats) -> Iterator
             if not isinstance(text, str):
                 stats.skip(f"no string '{corpus.text_key}'")
                 continue
-            if not text.strip():
-                stats.skip("empty")
-                continue
-            stats.documents += 1
-            yield Document(f"{rel}:{lineno}", text)
+            if _usable(text, corpus, stats):
+                yield Document(f"{rel}:{lineno}", text)
 
 
-def iter_documents(corpus: Corpus, stats: CorpusStats | None = None) -> Iterator[Document]:
-    """Every usable document of the corpus in file order; skips are counted in `stats`."""
+def iter_documents(corpus: Corpus, stats: CorpusStats | None = None,
+                   on_file: Callable[[], None] | None = None) -> Iterator[Document]:
+    """Every usable document of the corpus in file order; skips are counted in `stats`.
+
+    `on_file` is called after each file (a progress bar's update).
+    """
     stats = CorpusStats() if stats is None else stats
+    read = _iter_jsonl_file if corpus.kind == "jsonl" else _iter_text_file
     for path in corpus.files:
-        if corpus.kind == "jsonl":
-            yield from _iter_jsonl_file(corpus, path, stats)
-            continue
-        text = _read_text_file(path, stats)
-        if text is not None:
-            stats.documents += 1
-            yield Document(corpus.relative(path), text)
+        yield from read(corpus, path, stats)
+        if on_file is not None:
+            on_file()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,13 +304,13 @@ class SplitPlan:
         return "validation" if is_eval_key(key, self.eval_fraction) else "train"
 
 
-def plan_splits(corpus: Corpus) -> SplitPlan:
+def plan_splits(corpus: Corpus, on_file: Callable[[], None] | None = None) -> SplitPlan:
     """Reads the corpus once to count documents per split (and skips), applying SplitPlan's rule."""
     stats = CorpusStats()
     n_eval = 0
     lowest_train: tuple[float, str | None] = (2.0, None)
     highest_eval: tuple[float, str | None] = (-1.0, None)
-    for doc in iter_documents(corpus, stats):
+    for doc in iter_documents(corpus, stats, on_file):
         score = key_score(doc.key)
         if score < corpus.eval_fraction:
             n_eval += 1

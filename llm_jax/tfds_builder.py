@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import tensorflow_datasets as tfds
+import tqdm
 from etils import epath
 
 from llm_jax import corpus as corpus_lib
@@ -51,9 +52,19 @@ class LlmJaxLocalCorpus(tfds.core.GeneratorBasedBuilder):
         # which fails for an editable install of llm_jax; the plain file path is what it needs.
         return epath.Path(__file__)
 
-    def __init__(self, *, corpus: corpus_lib.Corpus | None = None, **kwargs):
+    def __init__(self, *, corpus: corpus_lib.Corpus | None = None, plan: corpus_lib.SplitPlan | None = None,
+                 **kwargs):
         self._corpus = corpus
+        self._plan = plan
         super().__init__(**kwargs)
+
+    # TFDS prints "Downloading and preparing..." and "...downloaded and prepared" to stdout, which
+    # would mix into the JSON that `llm-jax data prepare` prints; prepare_corpus logs the same facts.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -68,14 +79,9 @@ class LlmJaxLocalCorpus(tfds.core.GeneratorBasedBuilder):
         del dl_manager  # local files only
         if self._corpus is None:
             raise ValueError("preparing a local corpus needs the corpus (LlmJaxLocalCorpus(corpus=...))")
-        # One counting pass first: an empty corpus is refused before anything is written, and the
-        # plan keeps both splits non-empty (TFDS refuses to write an empty split).
-        plan = corpus_lib.plan_splits(self._corpus)
-        if plan.stats.documents == 0:
-            raise ConfigError(f"{_what(self._corpus)} yields no documents ({len(self._corpus.files)} files, "
-                              f"{plan.stats.skipped} skipped as empty, binary or malformed)")
-        self.info.metadata.update(documents=plan.stats.documents, skipped=plan.stats.skipped,
-                                  skipped_reasons=dict(plan.stats.reasons))
+        plan = self._plan if self._plan is not None else plan_corpus(self._corpus)
+        self.info.metadata.update(documents=plan.stats.documents, bytes=plan.stats.bytes,
+                                  skipped=plan.stats.skipped, skipped_reasons=dict(plan.stats.reasons))
         counts = {TRAIN: plan.train, VALIDATION: plan.validation}
         return {split: self._generate_examples(split, plan) for split, n in counts.items() if n > 0}
 
@@ -83,6 +89,18 @@ class LlmJaxLocalCorpus(tfds.core.GeneratorBasedBuilder):
         # Each split reads the corpus again and keeps its share: cheaper than holding it in memory.
         for doc in corpus_lib.iter_split(self._corpus, split, plan):
             yield doc.key, {"text": doc.text}
+
+
+def plan_corpus(corpus: corpus_lib.Corpus, progress: bool = False) -> corpus_lib.SplitPlan:
+    """The counting pass before writing: an empty corpus is refused before anything is written, and
+    the plan keeps both splits non-empty (TFDS refuses to write an empty split)."""
+    with tqdm.tqdm(total=len(corpus.files), desc=f"reading {corpus.kind} corpus", unit="file",
+                   disable=not progress, dynamic_ncols=True, mininterval=1.0) as bar:
+        plan = corpus_lib.plan_splits(corpus, on_file=bar.update)
+    if plan.stats.documents == 0:
+        reasons = ", ".join(f"{n} {why}" for why, n in plan.stats.reasons.most_common()) or "none readable"
+        raise ConfigError(f"{_what(corpus)} yields no documents ({len(corpus.files)} files; skipped: {reasons})")
+    return plan
 
 
 def _what(corpus: corpus_lib.Corpus) -> str:
@@ -94,11 +112,17 @@ class PreparedCorpus:
     builder: LlmJaxLocalCorpus
     data_dir: Path
     documents: int
+    bytes: int  # UTF-8 bytes of the documents
     skipped: int
+    skipped_reasons: dict[str, int]  # e.g. {"empty": 1, "binary": 2}
     reused: bool  # True when an earlier run's preparation was found and nothing was written
 
     def split_sizes(self) -> dict[str, int]:
         return {name: info.num_examples for name, info in self.builder.info.splits.items()}
+
+    def split_shards(self) -> dict[str, int]:
+        """ArrayRecord files per split."""
+        return {name: info.num_shards for name, info in self.builder.info.splits.items()}
 
     def data_source(self, split: str) -> Sequence[Any]:
         """Random access to one split's records; a split without documents is an empty list."""
@@ -117,13 +141,18 @@ def prepared_data_dir(corpus: corpus_lib.Corpus, prepared_dir: str | os.PathLike
     return base / f"{corpus.kind}-{corpus.fingerprint()[:20]}"
 
 
-def _open(data_dir: Path, corpus: corpus_lib.Corpus | None) -> LlmJaxLocalCorpus:
-    return LlmJaxLocalCorpus(corpus=corpus, data_dir=os.fspath(data_dir), file_format="array_record")
+def _open(data_dir: Path, corpus: corpus_lib.Corpus | None,
+          plan: corpus_lib.SplitPlan | None = None) -> LlmJaxLocalCorpus:
+    return LlmJaxLocalCorpus(corpus=corpus, plan=plan, data_dir=os.fspath(data_dir), file_format="array_record")
 
 
-def prepare_corpus(corpus: corpus_lib.Corpus, prepared_dir: str | os.PathLike | None = None) -> PreparedCorpus:
+def prepare_corpus(corpus: corpus_lib.Corpus, prepared_dir: str | os.PathLike | None = None, *,
+                   num_shards: int = 0, progress: bool = False) -> PreparedCorpus:
     """Prepares `corpus` unless an identical preparation exists; returns the opened dataset.
 
+    `num_shards`: ArrayRecord files per split (0: TFDS decides by size, 64 MB to 1 GiB a file), at
+    most the documents of the smaller split (TFDS gives every split the same count). A dataset
+    prepared earlier with another shard count is reused: sharding does not change its records.
     Raises ConfigError when the corpus yields no documents.
     """
     data_dir = prepared_data_dir(corpus, prepared_dir)
@@ -133,9 +162,12 @@ def prepare_corpus(corpus: corpus_lib.Corpus, prepared_dir: str | os.PathLike | 
         log.info("preparing %s corpus (%d files) as a TFDS dataset in %s", corpus.kind, len(corpus.files), data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         try:
-            builder.download_and_prepare(
+            plan = plan_corpus(corpus, progress)
+            shards = min([num_shards] + [n for n in (plan.train, plan.validation) if n > 0]) if num_shards else None
+            _open(data_dir, corpus, plan).download_and_prepare(
                 file_format="array_record",
                 download_dir=os.fspath(data_dir / "downloads"),
+                download_config=tfds.download.DownloadConfig(num_shards=shards),
             )
         except ConfigError:
             shutil.rmtree(data_dir, ignore_errors=True)  # no documents: leave nothing to reuse
@@ -152,13 +184,24 @@ def prepare_corpus(corpus: corpus_lib.Corpus, prepared_dir: str | os.PathLike | 
         builder=builder,
         data_dir=data_dir,
         documents=int(metadata.get("documents", 0)),
+        bytes=int(metadata.get("bytes", 0)),
         skipped=int(metadata.get("skipped", 0)),
+        skipped_reasons={str(k): int(v) for k, v in dict(metadata.get("skipped_reasons", {})).items()},
         reused=reused,
     )
     sizes = prepared.split_sizes()
-    log.info("%s corpus in %s: %d documents (%d skipped: %s), train %d, validation %d%s",
-             corpus.kind, data_dir, prepared.documents, prepared.skipped,
-             metadata.get("skipped_reasons", {}), sizes.get(TRAIN, 0), sizes.get(VALIDATION, 0),
+    log.info("%s corpus in %s: %d documents, %.1f MB (%s), train %d, validation %d%s",
+             corpus.kind, data_dir, prepared.documents, prepared.bytes / 1e6,
+             describe_skips(prepared.skipped_reasons), sizes.get(TRAIN, 0), sizes.get(VALIDATION, 0),
              " (reused)" if reused else "")
     return prepared
+
+
+def describe_skips(reasons: dict[str, int]) -> str:
+    """'3 skipped: 2 empty, 1 binary' or 'nothing skipped', for logs."""
+    total = sum(reasons.values())
+    if not total:
+        return "nothing skipped"
+    parts = ", ".join(f"{n} {why}" for why, n in sorted(reasons.items(), key=lambda item: (-item[1], item[0])))
+    return f"{total} skipped: {parts}"
 

@@ -12,6 +12,7 @@ allowed, and byte fallback so that any text, even characters never seen, encodes
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -61,6 +62,22 @@ class Tokenizer:
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Text of `ids`; control ids (pad, bos, eos) decode to nothing."""
         return self._sp.decode([int(i) for i in np.asarray(ids).reshape(-1)])
+
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        """`encode` of each text, on all CPU cores (SentencePiece's own threads)."""
+        return self._sp.encode(texts, num_threads=max(1, os.cpu_count() or 1))
+
+    # Grain worker processes receive the tokenizer pickled: the model travels as bytes, so a worker
+    # needs no access to the file (another host, a temporary folder already gone).
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "model": self._sp.serialized_model_proto()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path = state["path"]
+        self._sp = spm.SentencePieceProcessor(model_proto=state["model"])
+        self.vocab_size = self._sp.get_piece_size()
+        self.pad_id, self.unk_id = self._sp.pad_id(), self._sp.unk_id()
+        self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.path}, vocab_size={self.vocab_size})"
@@ -123,7 +140,7 @@ def _sentences(texts: list[str]) -> Iterator[str]:
 
 
 def train_tokenizer(texts: list[str], model_prefix: Path, vocab_size: int, model_type: str = "bpe",
-                    byte_fallback: bool = True) -> None:
+                    byte_fallback: bool = True, user_defined_symbols: Sequence[str] = ()) -> None:
     """Trains a SentencePiece model into `model_prefix`.model/.vocab.
 
     Raises ConfigError (one line naming model.vocab_size) when the text cannot support that many
@@ -138,6 +155,7 @@ def train_tokenizer(texts: list[str], model_prefix: Path, vocab_size: int, model
             vocab_size=vocab_size,
             model_type=model_type,
             byte_fallback=byte_fallback,
+            user_defined_symbols=list(user_defined_symbols),
             pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
             character_coverage=0.9995 if byte_fallback else 1.0,
             normalization_rule_name="identity",
@@ -155,7 +173,8 @@ def train_tokenizer(texts: list[str], model_prefix: Path, vocab_size: int, model
         if too_high is not None:
             raise ConfigError(
                 f"model.vocab_size={vocab_size} is too large for this corpus: its tokenizer sample supports "
-                f"at most {too_high.group(2)} pieces; lower model.vocab_size or give more text"
+                f"at most {too_high.group(2)} pieces; lower model.vocab_size, raise tokenizer.sample_bytes "
+                "or give more text"
             ) from None
         too_low = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(e))
         if too_low is not None:
@@ -175,6 +194,79 @@ def _check_loaded(tokenizer: Tokenizer, config: Config) -> Tokenizer:
     if tokenizer.bos_id < 0 or tokenizer.eos_id < 0:
         raise ConfigError(f"tokenizer.path: {tokenizer.path} has no bos/eos pieces; documents need both")
     return tokenizer
+
+
+def _train_into(config: Config, sources: Any, model_dir: Path) -> dict[str, Any]:
+    """Trains the configured tokenizer on a sample of `sources.train` into `model_dir`/spm.*.
+
+    Returns what was done, for logs and the `tokenizer train` summary.
+    """
+    t = config.tokenizer
+    start = time.perf_counter()
+    if t.model_type == "unigram" and t.sample_bytes > _UNIGRAM_FAST_BYTES:
+        log.warning("unigram training takes about 10 s per MB of sample on 2 CPU cores; "
+                    "tokenizer.sample_bytes=%d (bpe takes about 1 s for 4 MB)", t.sample_bytes)
+    texts = sample_documents(sources.train, t.sample_bytes, seed=config.seed)
+    nbytes = sum(len(text.encode("utf-8")) for text in texts)
+    train_tokenizer(texts, model_dir / "spm", config.model.vocab_size, t.model_type, t.byte_fallback,
+                    t.user_defined_symbols)
+    seconds = time.perf_counter() - start
+    log.info("trained a %s tokenizer of %d pieces on %d documents (%.1f MB) in %.1fs",
+             t.model_type, config.model.vocab_size, len(texts), nbytes / 1e6, seconds)
+    return {"sample_documents": len(texts), "sample_bytes": nbytes, "train_seconds": round(seconds, 2)}
+
+
+def _move_into_place(tmp_dir: Path, out_dir: Path) -> None:
+    """spm.vocab first: the .model file is what marks a tokenizer as present."""
+    for name in ("spm.vocab", "summary.json", MODEL_NAME):
+        if (tmp_dir / name).is_file():
+            os.replace(tmp_dir / name, out_dir / name)
+
+
+def bytes_per_token(tokenizer: Tokenizer, texts: list[str]) -> float | None:
+    """UTF-8 bytes per token over `texts` (higher: the tokenizer compresses better); None without text."""
+    tokens = sum(len(ids) for ids in tokenizer.encode_many(texts))
+    return sum(len(t.encode("utf-8")) for t in texts) / tokens if tokens else None
+
+
+# Held-out text measured by `train_tokenizer_into`: enough for a stable ratio, seconds to encode.
+_HELD_OUT_BYTES = 1_000_000
+
+
+def train_tokenizer_into(config: Config, sources: Any, out_dir: str | os.PathLike) -> dict[str, Any]:
+    """`llm-jax tokenizer train`: trains into `out_dir` (spm.model, spm.vocab, summary.json).
+
+    The summary holds the vocabulary size and the bytes per token on a sample of the held-out split
+    (`sources.eval`), which the tokenizer never saw. An existing model in `out_dir` is never
+    replaced: a run's checkpoints depend on its ids. Raises ConfigError.
+    """
+    out_dir = Path(out_dir).expanduser()
+    if (out_dir / MODEL_NAME).exists():
+        raise ConfigError(f"{out_dir / MODEL_NAME} exists; a trained tokenizer is never replaced "
+                          "(choose another --out or workdir)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".spm-", dir=out_dir))
+    try:
+        done = _train_into(config, sources, tmp_dir)
+        tokenizer = Tokenizer(tmp_dir / MODEL_NAME)
+        held_out = sample_documents(sources.eval, _HELD_OUT_BYTES, seed=config.seed)
+        ratio = bytes_per_token(tokenizer, held_out)
+        summary = {
+            "model": os.fspath(out_dir / MODEL_NAME),
+            "vocab_size": tokenizer.vocab_size,
+            "model_type": config.tokenizer.model_type,
+            "byte_fallback": config.tokenizer.byte_fallback,
+            "user_defined_symbols": list(config.tokenizer.user_defined_symbols),
+            **done,
+            "held_out_documents": len(held_out),
+            "held_out_bytes": sum(len(t.encode("utf-8")) for t in held_out),
+            "held_out_bytes_per_token": None if ratio is None else round(ratio, 4),
+        }
+        (tmp_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _move_into_place(tmp_dir, out_dir)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return summary
 
 
 def load_or_train_tokenizer(config: Config, workdir: str | os.PathLike, sources: Any) -> Tokenizer:
@@ -208,21 +300,8 @@ def load_or_train_tokenizer(config: Config, workdir: str | os.PathLike, sources:
                 raise ConfigError(f"tokenizer.path: {given} is not a SentencePiece model ({e})") from None
             log.info("using tokenizer %s", given)
         else:
-            start = time.perf_counter()
-            if config.tokenizer.model_type == "unigram" and config.tokenizer.sample_bytes > _UNIGRAM_FAST_BYTES:
-                log.warning("unigram training takes about 10 s per MB of sample on 2 CPU cores; "
-                            "tokenizer.sample_bytes=%d (bpe takes about 1 s for 4 MB)", config.tokenizer.sample_bytes)
-            texts = sample_documents(sources.train, config.tokenizer.sample_bytes, seed=config.seed)
-            nbytes = sum(len(t.encode("utf-8")) for t in texts)
-            train_tokenizer(texts, tmp_dir / "spm", config.model.vocab_size, config.tokenizer.model_type,
-                            config.tokenizer.byte_fallback)
-            log.info("trained a %s tokenizer of %d pieces on %d documents (%.1f MB) in %.1fs",
-                     config.tokenizer.model_type, config.model.vocab_size, len(texts), nbytes / 1e6,
-                     time.perf_counter() - start)
-        # .vocab first: the .model file is what marks the tokenizer as present.
-        if tmp_model.with_suffix(".vocab").is_file():
-            os.replace(tmp_model.with_suffix(".vocab"), model_path.with_suffix(".vocab"))
-        os.replace(tmp_model, model_path)
+            _train_into(config, sources, tmp_dir)
+        _move_into_place(tmp_dir, out_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return _check_loaded(Tokenizer(model_path), config)

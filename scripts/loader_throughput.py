@@ -1,6 +1,7 @@
 """Tokens/s of the input pipeline alone (read, tokenize, shuffle, pack, batch), no model.
 
 Compare with the trainer's tokens_per_sec in metrics.jsonl: the loader should be far ahead.
+`data.workers=N` and `data.prefetch=N` are measured like any other key.
 
     python scripts/loader_throughput.py [CONFIG.yaml] [key=value ...] [--batches N]
 """
@@ -39,6 +40,7 @@ def main() -> None:
             batch = next(iterator)
             real_tokens += float(batch["weights"].sum())
         elapsed = time.perf_counter() - t0
+        iterator.close()
     tokens = args.batches * first["inputs"].size
     print(json.dumps({
         "loader_tokens_per_sec": tokens / elapsed,
@@ -46,6 +48,8 @@ def main() -> None:
         "padding_frac": 1.0 - real_tokens / tokens,
         "batches": args.batches,
         "batch_shape": list(first["inputs"].shape),
+        "workers": config.data.workers,
+        "prefetch": config.data.prefetch,
     }))
 
 

@@ -153,3 +153,47 @@ def test_jsonl_text_key(tmp_path):
     corpus = corpus_lib.find_corpus(DataConfig(source="jsonl", path=str(tmp_path / "d.jsonl"), text_key="body"))
     texts, stats = _texts(corpus)
     assert texts == {"d.jsonl:1": "hello"} and stats.skipped == 1
+
+
+# ----------------------------------------------------------------------------- limits and units
+
+
+def test_documents_with_a_line_over_the_limit_are_skipped_and_counted(tmp_path):
+    (tmp_path / "ok.txt").write_text("short line\n" * 50)  # long file, short lines: kept
+    (tmp_path / "minified.txt").write_text("x = 1\n" + "y" * 300 + "\n")
+    (tmp_path / "wide.txt").write_text("é" * 60 + "\n")  # 120 bytes in UTF-8, 60 characters
+    records = [{"text": "fine\nlines\n"}, {"text": "z" * 500}]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = corpus_lib.find_corpus(DataConfig(source="text", path=str(tmp_path / "*.txt"), max_line_bytes=100))
+    texts, stats = _texts(text)
+    assert set(texts) == {"ok.txt"}
+    assert stats.reasons == {"line too long": 2} and stats.bytes == len(b"short line\n") * 50
+    jsonl = corpus_lib.find_corpus(DataConfig(source="jsonl", path=str(tmp_path / "*.jsonl"), max_line_bytes=100))
+    texts, stats = _texts(jsonl)
+    assert list(texts) == ["r.jsonl:1"] and stats.reasons == {"line too long": 1}
+    unlimited = corpus_lib.find_corpus(DataConfig(source="text", path=str(tmp_path / "*.txt"), max_line_bytes=0))
+    assert len(_texts(unlimited)[0]) == 3
+    assert unlimited.fingerprint() != text.fingerprint()  # the limit decides the content: not reused
+
+
+def test_binary_is_recognised_before_utf8_and_inside_json(tmp_path):
+    (tmp_path / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xd8")  # NUL and not UTF-8
+    (tmp_path / "fine.txt").write_text("text\n")
+    texts, stats = _texts(corpus_lib.find_corpus(DataConfig(source="text", path=str(tmp_path / "*.txt"))))
+    assert list(texts) == ["fine.txt"] and stats.reasons == {"binary": 1}
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "a\u0000b"}) + "\n" + json.dumps({"text": "ok"}) + "\n")
+    texts, stats = _texts(corpus_lib.find_corpus(DataConfig(source="jsonl", path=str(tmp_path / "d.jsonl"))))
+    assert list(texts) == ["d.jsonl:2"] and stats.reasons == {"binary": 1}
+
+
+def test_one_document_per_line(tmp_path):
+    (tmp_path / "a.txt").write_text("first line\n\n  \nsecond line\n" + "w" * 200 + "\n")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    cfg = DataConfig(source="text", path=str(tmp_path / "*.txt"), text_unit="line", max_line_bytes=100)
+    corpus = corpus_lib.find_corpus(cfg)
+    texts, stats = _texts(corpus)
+    assert texts == {"a.txt:1": "first line", "a.txt:4": "second line"}
+    assert stats.reasons == {"line too long": 1, "empty": 1} and stats.documents == 2
+    assert "2 lines from 2 files" in corpus.describe(stats)
+    per_file = corpus_lib.find_corpus(DataConfig(source="text", path=cfg.path, max_line_bytes=100))
+    assert per_file.fingerprint() != corpus.fingerprint()

@@ -364,3 +364,193 @@ def test_tiny_corpora_prepare_with_the_splits_they_can_have(tmp_path):
     assert (len(sources.train), len(sources.eval)) == (1, 0)
     assert data.make_eval_batches(config, ToyTokenizer(), sources) == []
     check_batch(next(data.make_train_iterator(config, ToyTokenizer(), sources)), BATCH)
+
+
+# ----------------------------------------------------------------------------- every process, every layout
+
+
+@pytest.mark.parametrize("count", [1, 2, 4])
+def test_process_slices_are_disjoint_and_complete(count):
+    n = 24
+    docs = [f"{i}" for i in range(n)]
+    config = toy_config()
+    for sources in (toy_sources(docs), data.mix_sources([toy_sources(docs[:16]), toy_sources(docs[16:])], [2, 1])):
+        stream = data.global_documents(config, sources)
+        slices = [data.train_documents(config, sources, p, count) for p in range(count)]
+        per_process = 3 * n // count  # three epochs of the single-source stream
+        taken = [[s[i] for i in range(per_process)] for s in slices]
+        for p in range(count):  # process p holds positions p, p + P, ... of the shared stream
+            assert taken[p] == [stream[p + count * i] for i in range(per_process)]
+        together = collections.Counter(doc for part in taken for doc in part)
+        assert together == collections.Counter(stream[i] for i in range(3 * n))  # disjoint and complete
+        if not sources.parts:
+            assert together == collections.Counter({d: 3 for d in docs})
+
+
+def long_docs(n, seed=0):
+    """Like toy_docs but never empty: a document's last pair (last id, eos) names it."""
+    rng = np.random.default_rng(seed)
+    return [" ".join(str(1000 * d + 10 + k) for k in range(rng.integers(1, 3 * SEQ))) for d in range(n)]
+
+
+def fully_fed(batches, docs):
+    """Indices of the documents all of whose (input, target) pairs are in `batches`."""
+    seen = collections.Counter()
+    for batch in batches:
+        seen += check_batch(batch, batch["inputs"].shape[0])
+    return {d for d, doc in enumerate(docs) if not expected_pairs([doc]) - seen}
+
+
+def docs_in(batches):
+    return {int(i) // 1000 for b in batches for i in b["inputs"][b["inputs"] >= 10]}
+
+
+def check_restart(config, sources, docs, old_batches, new_iterator, start):
+    """The new layout restarts the shared stream at `start`: every document before it was fully fed
+    by the old readers (none skipped), and the new readers read nothing before it."""
+    stream = data.global_documents(config, sources)
+    position_of = {int(stream[i].split()[0]) // 1000: i for i in range(len(docs))}  # first epoch
+    before = {d for d, i in position_of.items() if i < start}
+    assert before <= fully_fed(old_batches, docs)
+    new = [next(new_iterator) for _ in range(6)]
+    assert all(position_of[d] >= start for d in docs_in(new))
+    fed_twice = docs_in(old_batches) & docs_in(new)
+    return before, fed_twice
+
+
+@pytest.mark.parametrize("old_count, new_count", [(2, 1), (1, 2), (2, 4)])
+def test_changed_process_count_restarts_the_shared_stream_without_skipping(old_count, new_count):
+    docs = long_docs(300)
+    config, sources = toy_config("data.shuffle_window=8"), toy_sources(docs)
+    old_iterators = [data.make_train_iterator(config, ToyTokenizer(), sources, p, old_count)
+                     for p in range(old_count)]
+    old_batches = []
+    for p, it in enumerate(old_iterators):  # the processes got unequally far: p reads 9 + 4p batches
+        old_batches += [next(it) for _ in range(9 + 4 * p)]
+    states = {(p, old_count): data.iterator_state(it) for p, it in enumerate(old_iterators)}
+
+    news = [data.make_train_iterator(config, ToyTokenizer(), sources, p, new_count) for p in range(new_count)]
+    for it in news:
+        it.restore_from_saved(states)
+    start = news[0].layout.global_start
+    assert all(it.layout.global_start == start for it in news)
+    before, fed_twice = check_restart(config, sources, docs, old_batches, news[0], start)
+    assert len(before) >= 10  # the restart is not from the beginning
+    assert len(fed_twice) <= 30  # only the documents in flight when the state was saved
+
+    with pytest.raises(ConfigError, match="incomplete") as err:
+        news[0].restore_from_saved({(1, old_count + 2): states[(0, old_count)]})
+    assert "\n" not in str(err.value)
+
+
+def test_workers_resume_exactly_and_a_changed_worker_count_skips_nothing():
+    docs = long_docs(300)
+    config, sources = toy_config("data.shuffle_window=8", "data.workers=2"), toy_sources(docs)
+    it = data.make_train_iterator(config, ToyTokenizer(), sources)
+    allowed = expected_pairs(docs)
+    old_batches = [next(it) for _ in range(24)]
+    for batch in old_batches:
+        assert not set(check_batch(batch, BATCH)) - set(allowed)
+        assert type(batch["inputs"]) is np.ndarray  # copied out of the workers' shared memory
+    state = json.loads(json.dumps(data.iterator_state(it)))
+    assert state["workers"] == 2
+    expected = [next(it) for _ in range(6)]
+    it.close()
+
+    restored = data.make_train_iterator(config, ToyTokenizer(), sources)
+    data.restore_iterator_state(restored, state)
+    got = [next(restored) for _ in range(6)]
+    restored.close()
+    for want, have in zip(expected, got):
+        for key in data.BATCH_KEYS:
+            np.testing.assert_array_equal(want[key], have[key])
+
+    # In-process now: the process restarts its stream at its slowest old worker, skipping nothing.
+    in_process = data.make_train_iterator(toy_config("data.shuffle_window=8"), ToyTokenizer(), sources)
+    data.restore_iterator_state(in_process, state)
+    assert in_process.layout.workers == 0 and in_process.layout.global_start == 0
+    start = in_process.layout.local_start  # one process: its stream is the shared stream
+    before, fed_twice = check_restart(config, sources, docs, old_batches, in_process, start)
+    assert len(before) >= 10 and len(fed_twice) <= 30
+
+
+# ----------------------------------------------------------------------------- mixtures
+
+
+def one_row_docs(source, n):
+    """Documents of exactly one packed row each; ids 100000 * (source + 1) + 100 * doc + k."""
+    return [" ".join(str(100_000 * (source + 1) + 100 * d + k) for k in range(SEQ - 1)) for d in range(n)]
+
+
+def test_mixture_weights_hold_over_many_batches():
+    weights = [5, 3, 2]
+    parts = [toy_sources(one_row_docs(s, n), one_row_docs(s, 4)) for s, n in enumerate([300, 700, 110])]
+    sources = data.mix_sources(parts, weights)
+    config = toy_config("data.shuffle_window=64")
+    it = data.make_train_iterator(config, ToyTokenizer(), sources)
+    rows = collections.Counter()
+    for _ in range(250):  # 1000 documents
+        batch = next(it)
+        assert batch["weights"].all()  # one document per row, no padding
+        rows.update((batch["inputs"][:, 1] // 100_000 - 1).tolist())
+    shares = [rows[s] / sum(rows.values()) for s in range(3)]
+    assert shares == pytest.approx([w / sum(weights) for w in weights], abs=0.03)
+    assert len(sources.eval) == 12 and {sources.eval[i].split()[0][0] for i in range(12)} == {"1", "2", "3"}
+
+
+def test_mixture_resumes_exactly():
+    # Sources of some hundred documents: grain's index shuffle is slow (ms) on a handful.
+    parts = [toy_sources(toy_docs(200, seed=1)), toy_sources(one_row_docs(1, 300))]
+    sources, config = data.mix_sources(parts, [1, 3]), toy_config("data.shuffle_window=64")
+    it = data.make_train_iterator(config, ToyTokenizer(), sources)
+    for _ in range(23):
+        next(it)
+    state = json.loads(json.dumps(data.iterator_state(it)))
+    expected = [next(it) for _ in range(8)]
+    restored = data.make_train_iterator(config, ToyTokenizer(), sources)
+    data.restore_iterator_state(restored, state)
+    for want in expected:
+        np.testing.assert_array_equal(want["inputs"], next(restored)["inputs"])
+
+
+def test_mixture_of_local_corpora_through_the_config(tmp_path):
+    _write_text_corpus(tmp_path / "text")  # 12 documents and an empty file
+    lines = [json.dumps({"text": f"record {i}"}) for i in range(8)] + ["{broken"]
+    (tmp_path / "r.jsonl").write_text("\n".join(lines) + "\n")
+    config = toy_config("data.source=mixture", f"data.prepared_dir={tmp_path / 'prep'}", "data.eval_fraction=0.3",
+                        f"data.mixture=[{{source: text, path: '{tmp_path}/text/*.txt', weight: 3}}, "
+                        f"{{source: jsonl, path: '{tmp_path}/r.jsonl'}}]")
+    sources = data.open_sources(config)
+    assert sources.description.startswith("mixture of 2 sources: 75% text corpus")
+    assert (sources.documents, sources.skipped) == (20, {"empty": 1, "malformed json": 1})
+    assert data.skip_summary(sources) == "20 documents kept, 2 skipped: 1 empty, 1 malformed json"
+    check_batch(next(data.make_train_iterator(config, CharTokenizer(), sources)), BATCH)
+    assert data.make_eval_batches(config, CharTokenizer(), sources)
+    bad = toy_config("data.source=mixture", f"data.mixture.0.path={tmp_path}/none/*.txt")
+    with pytest.raises(ConfigError, match=r"^data.mixture.0: data.path=.* matches no files$"):
+        data.open_sources(bad)
+
+
+# ----------------------------------------------------------------------------- preparation details
+
+
+def test_prepared_splits_have_the_asked_number_of_shards(tmp_path):
+    _write_text_corpus(tmp_path / "corpus", n=30)
+    config = toy_config("data.source=text", f"data.path={tmp_path / 'corpus' / '*.txt'}", "data.eval_fraction=0.3")
+    prepared = tfds_builder.prepare_corpus(corpus_lib.find_corpus(config.data), tmp_path / "prep", num_shards=3)
+    assert prepared.split_shards() == {"train": 3, "validation": 3}
+    assert len(list(prepared.data_dir.rglob("*train.array_record-*-of-00003"))) == 3
+    assert prepared.bytes == sum(len(f"document {i}\n".encode()) * (i + 1) for i in range(30))
+    assert prepared.skipped_reasons == {"empty": 1}
+    # Every split gets the same count, so it is at most the documents of the smaller split.
+    small_eval = corpus_lib.find_corpus(toy_config("data.source=text", f"data.path={config.data.path}").data)
+    prepared = tfds_builder.prepare_corpus(small_eval, tmp_path / "prep", num_shards=3)
+    assert prepared.split_sizes()["validation"] == 1 and prepared.split_shards()["train"] == 1
+
+
+def test_tfds_dataset_missing_from_its_data_dir_is_one_line(tmp_path):
+    config = toy_config("data.source=tfds", "data.tfds_name=lm1b", f"data.tfds_data_dir={tmp_path / 'nowhere'}")
+    with pytest.raises(ConfigError, match="not prepared in") as err:
+        data.open_sources(config)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "nowhere").exists() or not any((tmp_path / "nowhere").rglob("*.array_record*"))

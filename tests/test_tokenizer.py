@@ -1,5 +1,7 @@
 """Tests of llm_jax.tokenizer: training on a tiny corpus, special ids, round trips, reuse, errors."""
 
+import json
+import pickle
 import random
 import shutil
 
@@ -162,3 +164,46 @@ def test_unigram_model_type_trains(tmp_path):
     assert tok.decode(tok.encode(text)) == text and tok.bos_id == 2
     assert isinstance(tok_lib.Tokenizer(tok.path), tok_lib.Tokenizer)
 
+
+
+def test_user_defined_symbols_are_single_tokens_after_the_specials(tmp_path):
+    config = _config('tokenizer.user_defined_symbols=["<|user|>", "<|end|>"]')
+    tok = tok_lib.load_or_train_tokenizer(config, tmp_path, _Sources(_tiny_corpus(30)))
+    assert [tok._sp.id_to_piece(i) for i in (4, 5)] == ["<|user|>", "<|end|>"]
+    text = "<|user|>return value<|end|>"
+    ids = tok.encode(text)
+    assert ids[0] == 4 and ids[-1] == 5 and ids.count(4) == ids.count(5) == 1
+    assert tok.decode(ids) == text
+    assert tok.vocab_size == VOCAB
+
+
+def test_train_into_a_folder_writes_the_model_and_a_summary(tmp_path):
+    sources = _Sources(_tiny_corpus(60))
+    sources.eval = _tiny_corpus(10, seed=1)  # held out: never in the training sample
+    summary = tok_lib.train_tokenizer_into(_config(), sources, tmp_path / "tok")
+    files = sorted(p.name for p in (tmp_path / "tok").iterdir())
+    assert files == ["spm.model", "spm.vocab", "summary.json"]
+    assert json.loads((tmp_path / "tok" / "summary.json").read_text()) == summary
+    assert summary["vocab_size"] == VOCAB and summary["model_type"] == "bpe"
+    assert summary["held_out_documents"] == 10
+    held_out = "".join(sources.eval)
+    tok = tok_lib.Tokenizer(tmp_path / "tok" / "spm.model")
+    assert summary["held_out_bytes_per_token"] == pytest.approx(
+        len(held_out.encode()) / sum(len(tok.encode(t)) for t in sources.eval), rel=1e-3)
+    assert summary["held_out_bytes_per_token"] > 1.5  # merges learned: well above one byte a token
+    before = (tmp_path / "tok" / "spm.model").read_bytes()
+    with pytest.raises(ConfigError, match="never replaced"):
+        tok_lib.train_tokenizer_into(_config("model.vocab_size=300"), sources, tmp_path / "tok")
+    assert (tmp_path / "tok" / "spm.model").read_bytes() == before
+
+
+def test_tokenizer_pickles_without_its_file(trained, tmp_path):
+    tok, _ = trained
+    copy = shutil.copyfile(tok.path, tmp_path / "moved.model")
+    original = tok_lib.Tokenizer(copy)
+    blob = pickle.dumps(original)
+    copy.unlink()  # a worker process may not see the file
+    clone = pickle.loads(blob)
+    text = "def f(value):\n    return value + 1\n"
+    assert clone.encode(text) == tok.encode(text)
+    assert (clone.bos_id, clone.eos_id, clone.vocab_size) == (tok.bos_id, tok.eos_id, tok.vocab_size)
