@@ -1,14 +1,22 @@
-"""Orbax checkpoints of a run: train state, data iterator position and metadata, saved together.
+"""Orbax checkpoints of a run: train state, data iterator position and metadata, saved together;
+and exported parameters (`llm-jax export`), the start of a new run with `init_from`.
 
 Layout: `workdir/checkpoints/<step>/{state,data,metadata}`. Orbax writes each checkpoint under a
-temporary name and renames it when complete, so a save cut short is never taken for a checkpoint.
+temporary name (`<step>.orbax-checkpoint-tmp-<time>`) and renames it when complete, so a save cut
+short (even by SIGKILL) is never taken for a checkpoint; a training run removes such leftovers
+when it opens the directory, and saving that step again works.
+
+Export layout: `OUT/{params/, config.yaml, tokenizer/, export.json}`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,8 +26,9 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from llm_jax.config import CheckpointConfig
+from llm_jax.config import CheckpointConfig, Config, ConfigError, ModelConfig, dump_config, load_config
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +58,36 @@ class IteratorCheckpoint:
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, config: CheckpointConfig):
+    """The checkpoints of one run directory.
+
+    Kept: the newest `checkpoint.keep`, plus with `checkpoint.keep_best` the one of the lowest eval
+    loss. `read_only` (eval, generate, export) never deletes, moves or cleans up anything, so it is
+    safe beside a training run writing to the same directory.
+    """
+
+    def __init__(self, directory: str | Path, config: CheckpointConfig, read_only: bool = False):
         self.directory = Path(directory).absolute()
+        self.read_only = read_only
+        self.keep_best = config.keep_best
+        keep = {"max_to_keep": config.keep}
+        if config.keep_best:
+            # Orbax's `best_fn` alone would keep only the best `max_to_keep`; both policies together
+            # keep the newest K (what resume needs) and the best one. A checkpoint counts for "best"
+            # only if it was saved with an eval loss.
+            keep = {
+                "preservation_policy": pp.AnyPreservationPolicy([
+                    pp.LatestN(n=config.keep),
+                    pp.BestN(get_metric_fn=_eval_loss, reverse=True, n=1, keep_checkpoints_without_metrics=False),
+                ]),
+                "best_fn": _eval_loss,  # makes Orbax write the metrics and answer best_step()
+                "best_mode": "min",
+            }
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=config.keep,
+            **keep,
             enable_async_checkpointing=config.async_save,
-            create=True,
+            create=not read_only,
+            read_only=read_only,
+            cleanup_tmp_directories=not read_only,  # leftovers of saves cut short by a crash
         )
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -72,15 +105,27 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, data: IteratorCheckpoint | None, metadata: dict) -> None:
-        """Starts a save (async by default); the state arrays are copied before this returns."""
+    def best_step(self) -> int | None:
+        """The step of the lowest eval loss among the kept checkpoints (needs checkpoint.keep_best)."""
+        if not self.keep_best:
+            return None
+        best = self.manager.best_step()
+        return best if best is not None and self.manager.metrics(best) is not None else None
+
+    def save(self, step: int, state: Any, data: IteratorCheckpoint | None, metadata: dict,
+             eval_loss: float | None = None) -> None:
+        """Starts a save (async by default); the state arrays are copied before this returns.
+
+        `eval_loss` (of this very state) ranks the checkpoint for `checkpoint.keep_best`.
+        """
         items = {
             "state": ocp.args.StandardSave(state),
             "metadata": ocp.args.JsonSave(metadata),
         }
         if data is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data)
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        metrics = {"eval_loss": eval_loss} if eval_loss is not None and math.isfinite(eval_loss) else None
+        self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
     def restore(self, step: int, abstract_state: Any, data: IteratorCheckpoint | None) -> tuple[Any, dict]:
         """Restores onto the shardings of `abstract_state` (a tree of ShapeDtypeStructs)."""
@@ -107,8 +152,11 @@ class Checkpointer:
             try:
                 return self.restore(step, abstract_state, data)
             except CheckpointError as e:
-                moved_to = self._set_aside(step)
-                log.warning("%s; moved it to %s and trying an older one", e, moved_to)
+                if self.read_only:
+                    log.warning("%s; trying an older one", e)
+                else:
+                    moved_to = self._set_aside(step)
+                    log.warning("%s; moved it to %s and trying an older one", e, moved_to)
                 failures.append(str(e))
         if failures:
             raise CheckpointError(failures[0])
@@ -138,3 +186,92 @@ class Checkpointer:
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs carrying the target shardings, for restoring onto any mesh."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _eval_loss(metrics: dict) -> float:
+    return float(metrics["eval_loss"])
+
+
+# ----------------------------------------------------------------------------- exported parameters
+
+EXPORT_PARAMS = "params"
+EXPORT_CONFIG = "config.yaml"
+EXPORT_TOKENIZER = "tokenizer"
+# Model keys that change how the model runs, not what its parameters are: a run started from
+# exported parameters may set them differently (e.g. dropout for fine-tuning).
+RUNTIME_MODEL_KEYS = ("dropout", "dtype", "remat", "attention", "init_std")
+
+
+def export_params(out: str | Path, params: Any, config: Config, tokenizer_dir: Path, info: dict) -> Path:
+    """Writes the parameters alone, the run's config and its tokenizer to `out` (a new directory).
+
+    Everything is written beside `out` first and renamed into place, so an interrupted export
+    leaves no directory that looks complete.
+    """
+    out = Path(out).absolute()
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} already exists and is not empty; export to a new directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(tmp / EXPORT_PARAMS, params)
+            checkpointer.wait_until_finished()
+        dump_config(config, tmp / EXPORT_CONFIG)
+        (tmp / EXPORT_TOKENIZER).mkdir()
+        for path in tokenizer_dir.glob("spm.*"):
+            shutil.copyfile(path, tmp / EXPORT_TOKENIZER / path.name)
+        (tmp / "export.json").write_text(json.dumps(info, indent=1) + "\n")
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _export_dir(path: str | Path) -> Path:
+    path = Path(path).expanduser().absolute()
+    if not (path / EXPORT_PARAMS).is_dir() or not (path / EXPORT_CONFIG).is_file():
+        raise ConfigError(f"init_from: {path} is not an `llm-jax export` directory (no {EXPORT_PARAMS}/ "
+                          f"and {EXPORT_CONFIG})")
+    return path
+
+
+def check_init_from(config: Config) -> Config:
+    """Checks `init_from` before any work (ConfigError) and returns the config to run.
+
+    With no `tokenizer.path`, the run uses the exported model's tokenizer: the parameters only
+    mean something with the token ids they were trained on.
+    """
+    path = _export_dir(config.init_from)
+    _check_same_model(path, config.model)
+    model_file = path / EXPORT_TOKENIZER / "spm.model"
+    if config.tokenizer.path or not model_file.is_file():
+        return config
+    return dataclasses.replace(config, tokenizer=dataclasses.replace(config.tokenizer, path=str(model_file)))
+
+
+def _check_same_model(path: Path, model: ModelConfig) -> None:
+    saved = load_config(path / EXPORT_CONFIG).model
+    for field in dataclasses.fields(ModelConfig):
+        ours, theirs = getattr(model, field.name), getattr(saved, field.name)
+        if field.name not in RUNTIME_MODEL_KEYS and ours != theirs:
+            raise ConfigError(f"init_from: {path} holds a model with model.{field.name}={theirs!r}, not {ours!r}; "
+                              "use the same model settings")
+
+
+def load_exported_params(path: str | Path, model: ModelConfig, abstract_params: Any) -> Any:
+    """The exported parameters at `path`, placed with the shardings of `abstract_params`.
+
+    The model config must match the export's (apart from RUNTIME_MODEL_KEYS): one-line ConfigError.
+    """
+    path = _export_dir(path)
+    _check_same_model(path, model)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore(path / EXPORT_PARAMS, abstract_params)
+    except Exception as e:  # orbax raises many types for damaged or incompatible files
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"init_from: {path / EXPORT_PARAMS} cannot be restored: {first_line}") from e

@@ -1,0 +1,46 @@
+"""`llm-jax export WORKDIR OUT`: the parameters of a run alone, for inference and fine-tuning.
+
+A new run starts from them with `init_from=OUT` (fresh optimizer, step 0). The checkpoint is
+restored onto whatever devices this process has, so a run trained on a pod exports on a laptop.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from llm_jax import checkpoint as ckpt
+from llm_jax import trainer
+from llm_jax.config import ConfigError, load_config
+from llm_jax.transformer import count_params
+
+
+def export_run(workdir: str | Path, out: str | Path, best: bool = False) -> dict[str, Any]:
+    """Writes the newest checkpoint's parameters (or, with `best`, those of the lowest eval loss)."""
+    workdir = Path(workdir)
+    config_path = workdir / "config.yaml"
+    if not config_path.is_file():
+        raise ConfigError(f"{workdir} is not a run directory (no config.yaml)")
+    # The run's own model; the mesh of this machine (all devices data parallel), whatever the run used.
+    config = load_config(config_path, [f"workdir={workdir}", "parallel.mode=jit", "mesh.data=-1", "mesh.fsdp=1",
+                                       "mesh.tensor=1"])
+    setup = trainer.build(config, with_data=False)
+    checkpointer = ckpt.Checkpointer(workdir / "checkpoints", config.checkpoint, read_only=True)
+    try:
+        if best:
+            step = checkpointer.best_step()
+            if step is None:
+                raise ConfigError(f"{workdir} has no checkpoint with an eval loss; --best needs a run trained "
+                                  "with checkpoint.keep_best=true")
+            state, _ = checkpointer.restore(step, setup.abstract_state, None)
+        else:
+            restored = checkpointer.restore_latest(setup.abstract_state, None)
+            if restored is None:
+                raise ConfigError(f"{workdir} has no checkpoint yet (checkpoints/ is empty)")
+            state, metadata = restored
+            step = int(metadata["step"])
+    finally:
+        checkpointer.close()
+    info = {"step": step, "workdir": str(workdir.absolute()), "params": count_params(state.params)}
+    path = ckpt.export_params(out, state.params, config, workdir / "tokenizer", info)
+    return {**info, "out": str(path)}
