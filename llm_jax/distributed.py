@@ -49,7 +49,23 @@ def initialize(config: DistributedConfig) -> None:
     cluster = _detected_cluster()
     if cluster is not None:
         log.info("joining a %s run (auto-detected)", cluster)
-        jax.distributed.initialize()
+        jax.distributed.initialize(local_device_ids=slurm_local_device_ids(os.environ))
+
+
+def slurm_local_device_ids(environ) -> list[int] | None:
+    """All GPUs of the node when SLURM runs one process per node, else None (JAX's default).
+
+    JAX's SLURM detection assumes one process per GPU and gives each process only the GPU of its
+    local rank; with one process per node that would leave all but one GPU idle.
+    """
+    try:
+        tasks, nodes = int(environ["SLURM_NTASKS"]), int(environ["SLURM_JOB_NUM_NODES"])
+        gpus = int(environ["SLURM_GPUS_ON_NODE"])
+    except (KeyError, ValueError):
+        return None
+    if tasks == nodes and gpus > 1:
+        return list(range(gpus))
+    return None
 
 
 def _env_int(name: str) -> int | None:

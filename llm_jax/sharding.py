@@ -27,7 +27,10 @@ def make_mesh(config: Config, devices: list | None = None) -> Mesh:
     """
     devices = list(jax.devices() if devices is None else devices)
     shape = validate_for_devices(config, len(devices), jax.process_count())
-    device_grid = _device_grid(devices, shape)
+    if config.parallel.mode == "pmap":  # pmap maps over devices in their plain order
+        device_grid = np.asarray(devices, dtype=object).reshape(shape)
+    else:
+        device_grid = _device_grid(devices, shape)
     return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
@@ -44,6 +47,9 @@ def _device_grid(devices: list, shape: tuple[int, int, int]) -> np.ndarray:
 
 
 def axis_rules(config: Config) -> tuple[tuple[str, Any], ...]:
+    """The config's logical -> mesh axis rules; under pmap every logical axis is replicated."""
+    if config.parallel.mode == "pmap":
+        return tuple((name, None) for name, _ in config.mesh.axis_rules)
     return tuple(config.mesh.axis_rules)
 
 

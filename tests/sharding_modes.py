@@ -18,27 +18,32 @@ MODES = {
     "fsdp8": dict(data=1, fsdp=8, tensor=1),
     "mixed222": dict(data=2, fsdp=2, tensor=2),
     "tensor8": dict(data=1, fsdp=1, tensor=8),
+    "pmap8": dict(data=8, fsdp=1, tensor=1),
 }
+PMAP_MODES = {"pmap8"}
 STEPS = 12
 
 
-def run(mode: dict) -> dict:
-    config = load_config("configs/tiny.yaml", [
+def run(name: str, mode: dict) -> dict:
+    parallel = "pmap" if name in PMAP_MODES else "jit"
+    config = load_config("configs/tiny.yaml", [f"parallel.mode={parallel}",
         "model.n_heads=8", "model.d_model=64", "train.batch_size=8", "train.seq_len=32", "optimizer.lr=1e-2",
         "optimizer.warmup_steps=2", f"train.steps={STEPS}", *[f"mesh.{k}={v}" for k, v in mode.items()]])
     devices = jax.devices()[:1] if mode == MODES["single"] else jax.devices()
     setup = trainer.build(config, mesh=sharding.make_mesh(config, devices), with_data=False)
     state = trainer.create_state(setup)
-    train_fn, _ = trainer.compile_steps(setup)
+    steps = trainer.compile_steps(setup)
+    state = steps.to_loop(state)
     losses = []
     with setup.context():
         for step in range(STEPS):
             batch = bench.synthetic_batch(config, seed=step % 2)  # two batches, learnable in 12 steps
-            state, metrics = train_fn(state, sharding.global_batch(batch, sharding.batch_sharding(setup.mesh)))
+            state, metrics = steps.train(state, steps.put_batch(batch))
             losses.append(float(metrics["loss"]))
+    state = steps.to_global(state)
     return {"losses": losses, "param_bytes": sharding.bytes_per_device(state.params),
             "opt_bytes": sharding.bytes_per_device(state.opt_state), "finite": bool(np.isfinite(losses).all())}
 
 
 if __name__ == "__main__":
-    print(json.dumps({name: run(mode) for name, mode in MODES.items()}))
+    print(json.dumps({name: run(name, mode) for name, mode in MODES.items()}))

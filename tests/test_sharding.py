@@ -20,7 +20,7 @@ def trajectories():
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("mode", ["data8", "fsdp8", "mixed222", "tensor8"])
+@pytest.mark.parametrize("mode", ["data8", "fsdp8", "mixed222", "tensor8", "pmap8"])
 def test_mode_matches_single_device(trajectories, mode):
     single, sharded = trajectories["single"]["losses"], trajectories[mode]["losses"]
     assert len(sharded) == len(single) == 12
@@ -34,3 +34,4 @@ def test_fsdp_holds_an_eighth_of_the_state(trajectories):
     for key in ("param_bytes", "opt_bytes"):
         assert fsdp[key] <= single[key] / 8 * 1.1, key
     assert trajectories["data8"]["param_bytes"] == single["param_bytes"]  # replicated
+    assert trajectories["pmap8"]["param_bytes"] == single["param_bytes"]

@@ -1,0 +1,61 @@
+"""`llm-jax plan`: the per-device memory of a sharded train step, compiled ahead of time."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+from multiprocess import REPO
+
+from llm_jax import cli
+
+TINY = ["configs/tiny.yaml"]
+
+
+def _plan_json(capsys, *args) -> dict:
+    assert cli.main(["plan", *TINY, *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_single_device_plan_counts_every_byte(capsys):
+    plan = _plan_json(capsys, "mesh.data=1", "--devices", "1", "--device-memory", "1GiB")
+    assert plan["param_bytes"] == 4 * plan["params"]  # float32, nothing sharded
+    assert plan["optimizer_bytes"] >= 2 * plan["param_bytes"]  # AdamW's two moments
+    assert plan["total_bytes"] > plan["param_bytes"] + plan["optimizer_bytes"]
+    assert plan["fits"] is True
+
+    small = _plan_json(capsys, "mesh.data=1", "--devices", "1", "--device-memory", "1MiB")
+    assert small["fits"] is False
+
+
+def test_fsdp_over_eight_fake_devices_holds_an_eighth():
+    # A fresh process: this one already started JAX with a single CPU device.
+    result = subprocess.run(
+        [sys.executable, "-m", "llm_jax.cli", "plan", *TINY, "mesh.data=1", "mesh.fsdp=-1", "--devices", "8",
+         "--json"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    plan = json.loads(result.stdout.strip().splitlines()[-1])
+    assert plan["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert plan["devices"] == "8x cpu"
+    whole = 4 * plan["params"]
+    assert whole / 8 <= plan["param_bytes"] <= whole / 8 * 1.1
+    assert plan["fits"] is None  # no device memory given, no verdict
+
+
+@pytest.mark.parametrize("args, fragment", [
+    ([], "needs the device count"),
+    (["--devices", "1", "--device-memory", "lots"], "is not a size"),
+    (["mesh.data=1", "parallel.mode=pmap", "--devices", "1"], "compiles the sharded step"),
+    (["mesh.data=2", "--devices", "1"], "must equal the 1 devices"),
+])
+def test_plan_errors_are_one_line(capsys, args, fragment):
+    assert cli.main(["plan", *TINY, *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and "\n" not in err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None, reason="libtpu installed: the topology exists")
+def test_tpu_topology_without_libtpu_is_a_clear_error(capsys):
+    assert cli.main(["plan", *TINY, "--topology", "v5p:2x2x1"]) == 2
+    assert "install the TPU extra" in capsys.readouterr().err
