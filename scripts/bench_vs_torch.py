@@ -1,0 +1,99 @@
+"""llm_jax against PyTorch (eager and torch.compile) on the baby GPT, side by side on this machine.
+
+Runs `llm-jax bench configs/baby_gpt.yaml` and scripts/torch_baby_gpt.py in both modes, interleaved
+round by round (jax, eager, compile, jax, eager, compile, ...) so that a change in machine load hits
+all three alike, each in a fresh process. Prints every run, then a table of median tokens/s per
+implementation and the ratios jax/eager and jax/compile (the median of the per-round ratios), and a
+final JSON line with the same numbers. Uses only the standard library, so any Python runs it:
+
+    python scripts/bench_vs_torch.py --rounds 3 --steps 20
+
+Interpreters: JAX_PY (default: this Python) must have llm_jax installed;
+TORCH_PY (default /tmp/torchvenv/bin/python) must have torch. Extra `key=value` arguments go to
+`llm-jax bench` (e.g. model.attention=cudnn); XLA_FLAGS and the like pass through the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _default_python(env_var: str, candidate: str) -> str:
+    if os.environ.get(env_var):
+        return os.environ[env_var]
+    return candidate if Path(candidate).exists() else sys.executable
+
+
+def _last_json_line(stdout: str) -> dict:
+    for line in reversed(stdout.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise ValueError("no JSON line in the output")
+
+
+def run_one(name: str, command: list[str]) -> dict:
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"{name} failed (exit {result.returncode}): {' '.join(command)}\n{result.stderr[-3000:]}")
+    report = _last_json_line(result.stdout)
+    print(f"  {name:14s} {report['tokens_per_sec']:9.0f} tok/s  step {report['step_time_s']:.3f} s", flush=True)
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per run (median taken)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first/compiling one")
+    parser.add_argument("--skip-compile", action="store_true", help="leave out torch.compile (slow to compile)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="extra overrides for llm-jax bench")
+    args = parser.parse_args()
+    jax_py = _default_python("JAX_PY", sys.executable)
+    torch_py = _default_python("TORCH_PY", "/tmp/torchvenv/bin/python")
+    timing = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+    workdir = tempfile.mkdtemp(prefix="bench_vs_torch_")  # bench writes nothing there; keeps runs/ clean
+    commands = {
+        "jax": [jax_py, "-m", "llm_jax.cli", "bench", "configs/baby_gpt.yaml", f"workdir={workdir}",
+                *args.overrides, *timing],
+        "torch-eager": [torch_py, "scripts/torch_baby_gpt.py", "--mode", "eager", *timing],
+    }
+    if not args.skip_compile:
+        commands["torch-compile"] = [torch_py, "scripts/torch_baby_gpt.py", "--mode", "compile", *timing]
+    for name, command in commands.items():
+        print(f"{name}: {' '.join(command)}")
+
+    reports: dict[str, list[dict]] = {name: [] for name in commands}
+    for round_index in range(args.rounds):
+        print(f"round {round_index + 1}/{args.rounds}", flush=True)
+        for name, command in commands.items():
+            reports[name].append(run_one(name, command))
+
+    params = {"jax": reports["jax"][0].get("params"), "torch": reports["torch-eager"][0]["params"]}
+    print(f"\nparameters: llm_jax {params['jax']:,}, torch {params['torch']:,}"
+          + ("" if params["jax"] == params["torch"] else "  <-- NOT THE SAME MODEL"))
+    summary = {"rounds": args.rounds, "steps": args.steps, "params": params,
+               "jax_device": reports["jax"][0].get("device"), "jax_mfu": [r["mfu"] for r in reports["jax"]]}
+    print(f"\n{'implementation':16s} {'median tok/s':>12s} {'per round':>30s}")
+    for name, runs in reports.items():
+        rates = [r["tokens_per_sec"] for r in runs]
+        summary[f"{name}_tokens_per_sec"] = statistics.median(rates)
+        print(f"{name:16s} {statistics.median(rates):12.0f} {', '.join(f'{x:.0f}' for x in rates):>30s}")
+    for other in [name for name in commands if name != "jax"]:
+        ratios = [j["tokens_per_sec"] / o["tokens_per_sec"] for j, o in zip(reports["jax"], reports[other])]
+        key = f"ratio_jax_over_{other.removeprefix('torch-')}"
+        summary[key] = statistics.median(ratios)
+        print(f"{key:28s} {statistics.median(ratios):6.2f}   per round: {', '.join(f'{r:.2f}' for r in ratios)}")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

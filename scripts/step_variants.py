@@ -1,0 +1,130 @@
+"""A/B of the baby-GPT train step under code variants, interleaved step by step in one process.
+
+Keeps the earlier implementations of the parts that were tuned for speed, and swaps them in:
+- `full_square_attention`: `model.attention=xla` as it was, `layers.xla_attention` over the whole
+  [L, L] score matrix with JAX's own backward (now: `blocked_attention.causal_attention`);
+- `3d_matmuls`: projections and logits as 3-D dot_generals over [B, L, ...] (now: tokens flattened
+  to 2-D first);
+- `before`: both of the above, i.e. the step before tuning; `after`: the code as it is.
+Every variant is compiled once, then the variants take turns step by step, so machine load hits
+all alike. Reports the minimum and median wall time, the CPU time, and the speed-ups over the
+first variant.
+
+    python scripts/step_variants.py --rounds 10                        # before vs after
+    python scripts/step_variants.py --variants before 3d_matmuls full_square_attention after
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llm_jax import bench, layers, trainer
+from llm_jax.config import load_config
+
+
+class Dense3D(layers.Dense):
+    """layers.Dense before tuning: one dot_general over all of x's leading dims."""
+
+    @nn.compact
+    def __call__(self, x):
+        in_shape = x.shape[x.ndim - self.n_in:]
+        kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(self.init_std),
+                                                                   self.kernel_axes),
+                            (*in_shape, *self.features), self.param_dtype)
+        x_dims = tuple(range(x.ndim - self.n_in, x.ndim))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                                ((x_dims, tuple(range(self.n_in))), ((), ())),
+                                preferred_element_type=self.out_dtype or self.dtype)
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[self.n_in:]),
+                              self.features, self.param_dtype)
+            y = y + bias.astype(y.dtype).reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
+        return y
+
+
+def attend_3d(self, x_BLE):
+    """layers.Embed.attend before tuning."""
+    return jnp.einsum("ble,ve->blv", x_BLE.astype(self.dtype), self.embedding.astype(self.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def full_square_attention(q_BLHD, k_BLKD, v_BLKD, mask_B1LL):
+    return layers.xla_attention(q_BLHD, k_BLKD, v_BLKD, mask_B1LL)
+
+
+@contextlib.contextmanager
+def variant(name: str):
+    """Swaps the earlier implementations into `layers` while the variant's step is traced."""
+    saved = (layers.Dense, layers.Embed.attend, layers.causal_attention)
+    if name in ("before", "3d_matmuls"):
+        layers.Dense, layers.Embed.attend = Dense3D, attend_3d
+    if name in ("before", "full_square_attention"):
+        layers.causal_attention = full_square_attention
+    try:
+        yield
+    finally:
+        layers.Dense, layers.Embed.attend, layers.causal_attention = saved
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", nargs="+", default=["before", "after"],
+                        choices=["before", "3d_matmuls", "full_square_attention", "after"])
+    parser.add_argument("--rounds", type=int, default=10, help="timed steps per variant")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of configs/baby_gpt.yaml")
+    args = parser.parse_args()
+    config = load_config("configs/baby_gpt.yaml", ["workdir=/tmp/llm_jax_step_variants", *args.overrides])
+
+    compiled = {}
+    for name in args.variants:
+        with variant(name):
+            setup = trainer.build(config, with_data=False)
+            state = trainer.create_state(setup)
+            run_steps = trainer.compile_steps(setup)
+            batch = run_steps.put_batch(bench.synthetic_batch(config, config.seed))
+            with setup.context():
+                step_fn = run_steps.train.lower(state, batch).compile()
+        for _ in range(2):  # warm-up
+            state, metrics = step_fn(state, batch)
+        print(f"{name}: loss after 2 steps {float(metrics['loss']):.6f}", flush=True)
+        compiled[name] = [step_fn, state, batch]
+
+    wall = {name: [] for name in args.variants}
+    cpu = {name: [] for name in args.variants}
+    for _ in range(args.rounds):
+        for name in args.variants:
+            step_fn, state, batch = compiled[name]
+            t0, c0 = time.perf_counter(), time.process_time()
+            state, metrics = step_fn(state, batch)
+            jax.block_until_ready(metrics)
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+            compiled[name][1] = state
+
+    base = args.variants[0]
+    tokens = config.train.batch_size * config.train.seq_len
+    print(f"\n{'variant':22s} {'min s':>7s} {'median s':>9s} {'tokens/s':>9s} {'cpu s':>7s} {'speed-up':>9s} "
+          f"{'cpu speed-up':>12s}")
+    summary = {}
+    for name in args.variants:
+        speedup = min(wall[base]) / min(wall[name])
+        cpu_speedup = statistics.median(cpu[base]) / statistics.median(cpu[name])
+        summary[name] = {"min_step_s": min(wall[name]), "median_step_s": statistics.median(wall[name]),
+                         "tokens_per_sec": tokens / statistics.median(wall[name]), "speedup": speedup,
+                         "cpu_speedup": cpu_speedup}
+        print(f"{name:22s} {min(wall[name]):7.3f} {statistics.median(wall[name]):9.3f} "
+              f"{summary[name]['tokens_per_sec']:9.0f} {statistics.median(cpu[name]):7.3f} {speedup:9.3f} "
+              f"{cpu_speedup:12.3f}")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""FLOPs accounting and MFU (flops.py) and the bench report's extra fields. `bench` itself runs in test_cli."""
+
+import jax
+import pytest
+
+from llm_jax import bench, flops, trainer
+from llm_jax.config import load_config
+from llm_jax.transformer import count_params
+
+
+def test_flops_per_token_of_the_baby_gpt_by_hand():
+    config = load_config("configs/baby_gpt.yaml", [])
+    d, f, vocab, layers, seq = 384, 1536, 8192, 6, 256
+    matmul_weights = layers * (4 * d * d + 2 * d * f) + d * vocab  # q, k, v, out; fc, proj; tied output
+    assert flops.matmul_param_count(config) == matmul_weights
+    assert flops.flops_per_token(config) == 6 * matmul_weights + 12 * layers * d * seq
+
+
+def test_matmul_weights_are_all_parameters_but_embeddings_and_norms():
+    # llama: untied embeddings, no biases, grouped-query attention; RMSNorm scales are the only vectors.
+    config = load_config(None, ["model.arch=llama", "model.n_layers=2", "model.d_model=64", "model.n_heads=4",
+                                "model.n_kv_heads=2", "model.d_ff=96", "model.vocab_size=300"])
+    setup = trainer.build(config, with_data=False)
+    m = config.model
+    input_embedding = m.vocab_size * m.d_model
+    norm_scales = (2 * m.n_layers + 1) * m.d_model
+    assert flops.matmul_param_count(config) == count_params(setup.abstract_state.params) - input_embedding - norm_scales
+
+
+def test_mfu_is_model_flops_over_peak_and_none_without_a_peak():
+    config = load_config("configs/baby_gpt.yaml", [])
+    assert flops.mfu(1000.0, config, None) is None
+    assert flops.mfu(1000.0, config, 2e11) == pytest.approx(1000.0 * flops.flops_per_token(config) / 2e11)
+
+
+def test_known_accelerators_use_the_table_and_the_cpu_is_measured_once():
+    class FakeDevice:
+        platform = "gpu"
+        device_kind = "NVIDIA H100 80GB HBM3"
+
+    assert flops.device_peak_flops(FakeDevice()) == 989e12
+    FakeDevice.device_kind, FakeDevice.platform = "TPU v5 lite", "tpu"
+    assert flops.device_peak_flops(FakeDevice()) == 197e12
+    FakeDevice.device_kind = "Some future chip"
+    assert flops.device_peak_flops(FakeDevice()) is None
+
+    first = flops.measure_cpu_matmul_flops(128, 2)
+    assert first > 1e8  # any CPU does a 128^3 matmul at well over 0.1 GFLOP/s
+    assert flops.measure_cpu_matmul_flops(128, 2) == first  # cached: measured once per process
+    cpu = jax.devices("cpu")[0]
+    assert flops.device_peak_flops(cpu) == flops.measure_cpu_matmul_flops()
+
+
+def test_bench_reports_parameters_memory_and_cpu_time(tmp_path):
+    config = load_config("configs/tiny.yaml", [f"workdir={tmp_path}"])
+    report = bench.run_bench(config, steps=2, warmup=0)
+    assert report["params"] == count_params(trainer.build(config, with_data=False).abstract_state.params)
+    assert 0 < report["temp_memory_bytes"] <= report["peak_memory_bytes"]
+    assert report["step_cpu_time_s"] > 0
+    assert report["mfu"] == pytest.approx(report["tokens_per_sec"] * report["flops_per_token"] / report["peak_flops"])
