@@ -14,6 +14,7 @@ import sys
 from llm_jax.config import ConfigError
 
 EXIT_USAGE = 2
+EXIT_DIVERGED = 3  # the run stopped on too many non-finite steps in a row; its last good checkpoint is kept
 
 
 def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
@@ -37,9 +38,11 @@ def _cmd_train(args) -> int:
     from llm_jax import distributed, trainer
 
     distributed.initialize(config.distributed)
-    summary = trainer.train(config)
     import jax
 
+    if jax.process_index() != 0:  # one log for the run: the others speak only of trouble
+        logging.getLogger().setLevel(logging.WARNING)
+    summary = trainer.train(config)
     if jax.process_index() == 0:
         if summary["stopped_early"]:
             print(f"stopped at step {summary['step']}; the checkpoint is saved, run the same command to resume")
@@ -53,8 +56,8 @@ def _cmd_eval(args) -> int:
     from llm_jax import trainer
 
     setup, params, step = trainer.restore_for_inference(args.workdir, args.overrides)
-    _, eval_fn = trainer.compile_steps(setup)
-    result = {"step": step, **trainer.evaluate(setup, eval_fn, params, trainer.held_out_batches(setup))}
+    steps = trainer.compile_steps(setup)
+    result = {"step": step, **trainer.evaluate(setup, steps.eval, params, trainer.held_out_batches(setup))}
     print(json.dumps(result))
     return 0
 
@@ -71,6 +74,13 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from llm_jax.export import export_run
+
+    print(json.dumps(export_run(args.workdir, args.out, best=args.best)))
+    return 0
+
+
 def _cmd_bench(args) -> int:
     from llm_jax.config import load_config
 
@@ -80,6 +90,72 @@ def _cmd_bench(args) -> int:
 
     print(json.dumps(bench.run_bench(config, steps=args.steps, warmup=args.warmup)))
     return 0
+
+
+def _tokenizer_options(args) -> list[str]:
+    """The `tokenizer train` options as the config overrides they stand for (they win over key=value)."""
+    overrides = []
+    if args.vocab_size is not None:
+        overrides.append(f"model.vocab_size={args.vocab_size}")
+    if args.model_type is not None:
+        overrides.append(f"tokenizer.model_type={args.model_type}")
+    if args.sample_bytes is not None:
+        overrides.append(f"tokenizer.sample_bytes={args.sample_bytes}")
+    if args.special_tokens is not None:
+        symbols = [s for s in args.special_tokens.split(",") if s]
+        overrides.append(f"tokenizer.user_defined_symbols={json.dumps(symbols)}")
+    if args.byte_fallback is not None:
+        overrides.append(f"tokenizer.byte_fallback={str(args.byte_fallback).lower()}")
+    return overrides
+
+
+def _cmd_tokenizer_train(args) -> int:
+    from llm_jax.config import load_config
+
+    config_path, overrides = _split_config_args(args.rest)
+    config = load_config(config_path, [*overrides, *_tokenizer_options(args)])
+    from llm_jax import prepare
+
+    print(json.dumps(prepare.tokenizer_train(config, args.out), indent=1))
+    return 0
+
+
+def _cmd_data_prepare(args) -> int:
+    from llm_jax.config import load_config
+
+    config_path, overrides = _split_config_args(args.rest)
+    config = load_config(config_path, overrides)
+    from llm_jax import prepare
+
+    print(json.dumps(prepare.data_prepare(config), indent=1))
+    return 0
+
+
+def _cmd_plan(args) -> int:
+    from llm_jax.config import load_config
+
+    config_path, overrides = _split_config_args(args.rest)
+    config = load_config(config_path, overrides)
+    from llm_jax import plan
+
+    device_memory = plan.parse_bytes(args.device_memory) if args.device_memory else None
+    if args.topology:
+        devices = plan.topology_devices(args.topology)
+    else:
+        devices = plan.cpu_devices(_plan_device_count(config, args.devices))
+    result = plan.run_plan(config, devices, device_memory)
+    print(json.dumps(result) if args.json else plan.format_plan(result))
+    return 0
+
+
+def _plan_device_count(config, requested: int | None) -> int:
+    if requested is not None:
+        return requested
+    sizes = (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    if -1 in sizes:
+        raise ConfigError("llm-jax plan needs the device count: pass --devices N or --topology NAME "
+                          "(or set every mesh axis)")
+    return sizes[0] * sizes[1] * sizes[2]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,11 +180,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_generate)
 
+    p = sub.add_parser("export", help="write the parameters of a run alone, for inference or init_from=OUT")
+    p.add_argument("workdir")
+    p.add_argument("out", help="a new directory")
+    p.add_argument("--best", action="store_true", help="the checkpoint of the lowest eval loss (checkpoint.keep_best)")
+    p.set_defaults(func=_cmd_export)
+
     p = sub.add_parser("bench", help="time the train step; prints one JSON object")
     p.add_argument("rest", nargs="*", metavar="[CONFIG] key=value")
     p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools: llm-jax tokenizer train [CONFIG] [key=value ...]")
+    p = p.add_subparsers(dest="action", required=True).add_parser(
+        "train", help="train the run's SentencePiece tokenizer; prints a summary (bytes per held-out token)")
+    p.add_argument("rest", nargs="*", metavar="[CONFIG] key=value")
+    p.add_argument("--out", default=None, help="folder for spm.model/spm.vocab/summary.json (default: "
+                   "WORKDIR/tokenizer, where llm-jax train looks; else train with tokenizer.path=OUT/spm.model)")
+    p.add_argument("--vocab-size", type=int, default=None, help="model.vocab_size")
+    p.add_argument("--model-type", choices=["bpe", "unigram"], default=None, help="tokenizer.model_type")
+    p.add_argument("--sample-bytes", type=int, default=None, help="tokenizer.sample_bytes: training text size")
+    p.add_argument("--special-tokens", default=None, metavar="A,B,...",
+                   help="tokenizer.user_defined_symbols: pieces never split, comma-separated")
+    p.add_argument("--byte-fallback", action=argparse.BooleanOptionalAction, default=None,
+                   help="tokenizer.byte_fallback: unknown characters as bytes rather than <unk>")
+    p.set_defaults(func=_cmd_tokenizer_train)
+
+    p = sub.add_parser("data", help="data tools: llm-jax data prepare [CONFIG] [key=value ...]")
+    p = p.add_subparsers(dest="action", required=True).add_parser(
+        "prepare", help="local files -> TFDS ArrayRecord datasets and the run's tokenizer; prints the stats")
+    p.add_argument("rest", nargs="*", metavar="[CONFIG] key=value")
+    p.set_defaults(func=_cmd_data_prepare)
+
+    p = sub.add_parser("plan", help="compile the train step for a target mesh ahead of time; per-device memory")
+    p.add_argument("rest", nargs="*", metavar="[CONFIG] key=value")
+    p.add_argument("--devices", type=int, default=None, help="plan on this many fake CPU devices")
+    p.add_argument("--topology", default=None, help="a TPU topology, e.g. v5p:4x4x4 (needs libtpu)")
+    p.add_argument("--device-memory", default=None, help="memory per device for the verdict, e.g. 80GiB")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_plan)
     return parser
 
 
@@ -117,12 +228,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging()
     from llm_jax.checkpoint import CheckpointError
+    from llm_jax.fault_tolerance import NonFiniteError
 
     try:
         return args.func(args)
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"llm-jax {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except NonFiniteError as e:
+        print(f"llm-jax {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
 
 
 if __name__ == "__main__":

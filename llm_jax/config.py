@@ -71,7 +71,24 @@ class TokenizerConfig:
     path: str = ""  # an existing SentencePiece .model; empty: train one on the corpus
     model_type: str = "bpe"  # bpe | unigram
     sample_bytes: int = 4_000_000  # training input is a sample of the corpus of about this size
-    byte_fallback: bool = True
+    byte_fallback: bool = True  # characters outside the vocabulary become byte pieces, never <unk>
+    # Pieces that are always one token and never split (e.g. ["<|user|>", "<|end|>"]); their ids follow
+    # pad/unk/bos/eos in the order given.
+    user_defined_symbols: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureSource:
+    """One source of a `data.source=mixture` run. The other data.* settings apply to all sources."""
+
+    source: str = "text"  # default | text | jsonl | tfds
+    path: str = ""  # a glob of local files (text, jsonl)
+    text_key: str = "text"  # the JSON field (jsonl) or the TFDS feature (tfds) holding the text
+    tfds_name: str = ""
+    tfds_data_dir: str = ""
+    tfds_train_split: str = "train"
+    tfds_eval_split: str = "validation"
+    weight: float = 1.0  # share of the documents drawn from this source, relative to the others
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +106,14 @@ class DataConfig:
     # Pieces of documents are mixed in a window this large before packing, so that one batch holds
     # pieces of many documents rather than consecutive pieces of one long file.
     shuffle_window: int = 2048
+    text_unit: str = "file"  # file | line: what one document is in a text corpus
+    # A local document with a line longer than this many bytes (minified code, base64 blobs) is skipped
+    # and counted; 0: no limit.
+    max_line_bytes: int = 100_000
+    num_shards: int = 0  # ArrayRecord files per prepared split; 0: by size (64 MB to 1 GiB each)
+    mixture: tuple[MixtureSource, ...] = ()  # the sources of data.source=mixture, with their weights
+    workers: int = 0  # grain worker processes that read, tokenize and pack; 0: in this process
+    prefetch: int = 2  # batches made ahead: per worker, or in a background thread without workers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,13 +144,18 @@ class TrainConfig:
     temperature: float = 0.8
     top_k: int = 40
     progress: bool = True  # console progress bar
+    # A step whose loss or gradient is NaN/Inf is skipped (params unchanged); this many in a row
+    # stop the run without saving them. 0: never stop.
+    max_nonfinite_steps: int = 10
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 100
-    keep: int = 3
+    keep: int = 3  # the newest checkpoints kept
     async_save: bool = True
+    every_minutes: float = 0.0  # also save when this much time has passed since the last save; 0: off
+    keep_best: bool = False  # also keep the checkpoint of the lowest eval loss (every eval step is saved)
 
 
 # Logical axis name -> mesh axis (or axes). Data, not code: a new layout is a config change.
@@ -166,6 +196,7 @@ class DistributedConfig:
 class Config:
     workdir: str = "runs/default"
     seed: int = 0
+    init_from: str = ""  # an `llm-jax export` directory: start from its parameters (fresh optimizer, step 0)
     model: ModelConfig = ModelConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     data: DataConfig = DataConfig()
@@ -185,7 +216,8 @@ CHOICES = {
     "model.remat": ("none", "full", "dots"),
     "model.attention": ("xla", "cudnn"),
     "tokenizer.model_type": ("bpe", "unigram"),
-    "data.source": ("default", "text", "jsonl", "tfds"),
+    "data.source": ("default", "text", "jsonl", "tfds", "mixture"),
+    "data.text_unit": ("file", "line"),
     "optimizer.name": ("adamw", "lamb"),
     "parallel.mode": ("jit", "pmap"),
 }
@@ -210,8 +242,9 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _unknown_key(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+def _unknown_key(key: str, siblings: typing.Sequence[str] = ()) -> ConfigError:
+    """`siblings`: the valid keys beside `key`, for keys inside list entries (e.g. data.mixture.0.path)."""
+    close = difflib.get_close_matches(key, [*all_keys(), *siblings], n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else "; run with a valid dotted key such as 'train.steps'"
     return ConfigError(f"unknown config key '{key}'{hint}")
 
@@ -232,6 +265,12 @@ def _coerce(key: str, value: Any, ftype: Any) -> Any:
                 pass
         allowed = " or ".join("null" if a is type(None) else a.__name__ for a in args)
         raise ConfigError(f"config key '{key}' must be {allowed}, got {value!r}")
+    if origin is tuple and dataclasses.is_dataclass(typing.get_args(ftype)[0]):
+        return _coerce_entries(key, value, typing.get_args(ftype)[0])
+    if origin is tuple and typing.get_args(ftype)[0] is str:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"config key '{key}' must be a list of strings, e.g. '[\"<a>\", \"<b>\"]', got {value!r}")
+        return tuple(value)
     if origin is tuple:  # the axis rules: a list of [logical_name, mesh_axis or list or null]
         if not isinstance(value, (list, tuple)) or not all(
             isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[0], str) for r in value
@@ -260,6 +299,19 @@ def _coerce(key: str, value: Any, ftype: Any) -> Any:
     raise ConfigError(f"config key '{key}' must be {ftype.__name__}, got {value!r}")
 
 
+def _coerce_entries(key: str, value: Any, entry_type: type) -> tuple[Any, ...]:
+    """A list of mappings (YAML), or {0: ..., 1: ...} from dotted overrides, as a tuple of `entry_type`."""
+    if isinstance(value, dict) and all(str(k).isdigit() for k in value):
+        indices = sorted(int(k) for k in value)
+        if indices != list(range(len(indices))):
+            raise ConfigError(f"config key '{key}': entries must be numbered 0, 1, 2, ... without gaps, got {indices}")
+        value = [value[k] for k in sorted(value, key=lambda k: int(k))]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, dict) for v in value):
+        raise ConfigError(f"config key '{key}' must be a list of mappings such as "
+                          f"[{{source: text, path: 'a/*.txt', weight: 1}}], got {value!r}")
+    return tuple(_build(entry_type, entry, f"{key}.{i}.") for i, entry in enumerate(value))
+
+
 def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     types_ = _field_types(cls)
     kwargs = {}
@@ -269,7 +321,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
             while isinstance(value, dict) and len(value) == 1:  # name the whole dotted key in the error
                 (name, value), = value.items()
                 key += "." + str(name)
-            raise _unknown_key(key)
+            raise _unknown_key(key, [prefix + n for n in types_])
         ftype = types_[name]
         if dataclasses.is_dataclass(ftype):
             if not isinstance(value, dict):
@@ -282,13 +334,32 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
-    node = tree
+    node: Any = tree
     for part in parts[:-1]:
+        if isinstance(node, list):  # an entry of a list from the YAML file, e.g. data.mixture.1.weight
+            index = _list_index(node, part, key)
+            if index == len(node):
+                node.append({})
+            node = node[index]
+            continue
         child = node.setdefault(part, {})
-        if not isinstance(child, dict):
+        if not isinstance(child, (dict, list)):
             raise _unknown_key(key)
         node = child
-    node[parts[-1]] = value
+    if isinstance(node, list):
+        index = _list_index(node, parts[-1], key)
+        node[index:index + 1] = [value]
+    elif isinstance(node, dict):
+        node[parts[-1]] = value
+    else:
+        raise _unknown_key(key)
+
+
+def _list_index(entries: list, part: str, key: str) -> int:
+    """The list position named by one part of a dotted key; one past the end appends an entry."""
+    if not part.isdigit() or int(part) > len(entries):
+        raise ConfigError(f"config key '{key}': '{part}' must be an entry number from 0 to {len(entries)}")
+    return int(part)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -373,8 +444,15 @@ def validate(c: Config) -> None:
     _require(m.resolved_position != "rope" or m.head_dim % 2 == 0,
              f"RoPE needs an even head dimension; model.d_model/model.n_heads = {m.head_dim}")
     _require(0.0 <= m.dropout < 1.0, f"config key 'model.dropout' must be in [0, 1), got {m.dropout}")
-    _require(m.vocab_size >= 260 or bool(c.tokenizer.path),
-             f"model.vocab_size ({m.vocab_size}) must be at least 260 to train a byte-fallback tokenizer")
+    tk = c.tokenizer
+    # pad, unk, bos, eos, then the user's symbols, then 256 byte pieces with byte fallback.
+    needed = 4 + len(tk.user_defined_symbols) + (256 if tk.byte_fallback else 0)
+    _require(m.vocab_size >= needed or bool(tk.path),
+             f"model.vocab_size ({m.vocab_size}) must be at least {needed} to train a tokenizer with "
+             f"{len(tk.user_defined_symbols)} user-defined symbols"
+             + (" and byte fallback" if tk.byte_fallback else ""))
+    _require(all(tk.user_defined_symbols) and len(set(tk.user_defined_symbols)) == len(tk.user_defined_symbols),
+             "config key 'tokenizer.user_defined_symbols' must list distinct, non-empty strings")
 
     t = c.train
     for key in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches"):
@@ -396,6 +474,9 @@ def validate(c: Config) -> None:
     k = c.checkpoint
     _require(k.every > 0, f"config key 'checkpoint.every' must be positive, got {k.every}")
     _require(k.keep > 0, f"config key 'checkpoint.keep' must be positive, got {k.keep}")
+    _require(k.every_minutes >= 0, f"config key 'checkpoint.every_minutes' must be >= 0, got {k.every_minutes}")
+    _require(t.max_nonfinite_steps >= 0,
+             f"config key 'train.max_nonfinite_steps' must be >= 0, got {t.max_nonfinite_steps}")
 
     _require(c.tokenizer.sample_bytes > 0,
              f"config key 'tokenizer.sample_bytes' must be positive, got {c.tokenizer.sample_bytes}")
@@ -406,6 +487,20 @@ def validate(c: Config) -> None:
     _require(d.source != "tfds" or bool(d.tfds_name), "data.source=tfds needs data.tfds_name")
     _require(d.shuffle_window >= 1, f"config key 'data.shuffle_window' must be >= 1, got {d.shuffle_window}")
     _require(0.0 < d.eval_fraction < 1.0, f"config key 'data.eval_fraction' must be in (0, 1), got {d.eval_fraction}")
+    for key in ("max_line_bytes", "num_shards", "workers", "prefetch"):
+        _require(getattr(d, key) >= 0, f"config key 'data.{key}' must be >= 0, got {getattr(d, key)}")
+    _require(d.source == "mixture" or not d.mixture,
+             f"data.mixture is set but data.source={d.source}; use data.source=mixture to train on the mixture")
+    _require(d.source != "mixture" or bool(d.mixture),
+             "data.source=mixture needs data.mixture, a list of {source, path, weight, ...} entries")
+    for i, entry in enumerate(d.mixture):
+        key = f"data.mixture.{i}"
+        _require(entry.source in ("default", "text", "jsonl", "tfds"),
+                 f"config key '{key}.source' must be one of default, text, jsonl, tfds, got {entry.source!r}")
+        _require(entry.source not in ("text", "jsonl") or bool(entry.path),
+                 f"{key}.source={entry.source} needs {key}.path (a glob of files)")
+        _require(entry.source != "tfds" or bool(entry.tfds_name), f"{key}.source=tfds needs {key}.tfds_name")
+        _require(entry.weight > 0, f"config key '{key}.weight' must be positive, got {entry.weight}")
 
     for axis in ("data", "fsdp", "tensor"):
         size = getattr(c.mesh, axis)
@@ -413,10 +508,10 @@ def validate(c: Config) -> None:
     _require([c.mesh.data, c.mesh.fsdp, c.mesh.tensor].count(-1) <= 1,
              "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
 
-    # The pmap path (replicated state, pmean of gradients) is not built yet; refuse rather than
-    # silently running the jit path under the pmap name. mesh.data=-1 is the same data parallelism.
-    _require(c.parallel.mode == "jit",
-             "parallel.mode=pmap is not available yet; use parallel.mode=jit (mesh.data=-1 is data parallel)")
+    # pmap replicates the whole state on every device: there is nothing to shard over fsdp or tensor.
+    _require(c.parallel.mode == "jit" or (c.mesh.fsdp == 1 and c.mesh.tensor == 1),
+             f"parallel.mode=pmap replicates the state over all devices: mesh.fsdp and mesh.tensor must be 1, "
+             f"got {c.mesh.fsdp} and {c.mesh.tensor}")
 
     dist = c.distributed
     _require(dist.num_processes is None or dist.num_processes > 0,

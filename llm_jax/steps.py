@@ -18,7 +18,7 @@ from llm_jax.losses import cross_entropy_sum, mean_loss
 class TrainState(struct.PyTreeNode):
     """Everything that must survive a restart for the run to continue exactly."""
 
-    step: jax.Array  # int32 scalar: updates applied so far
+    step: jax.Array  # int32 scalar: steps taken so far (updates applied or skipped as non-finite)
     params: Any
     opt_state: Any
     rng: jax.Array  # uint32[2] base key; each step folds in its step number
@@ -57,14 +57,28 @@ def _split_micro(batch: dict[str, jax.Array], n_micro: int) -> dict[str, jax.Arr
     return jax.tree.map(split, batch)
 
 
+def _keep_unless_finite(finite: jax.Array, new: Any, old: Any) -> Any:
+    """`new` where the step was finite, else `old`; integer leaves (optimizer step counters) take
+    `new` always, so that optax's own schedule stays a function of the step like `state.step`."""
+    def pick(n, o):
+        return n if jnp.issubdtype(n.dtype, jnp.integer) else jnp.where(finite, n, o)
+
+    return jax.tree.map(pick, new, old)
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, grad_accum: int = 1, use_dropout: bool = False):
+               schedule: optax.Schedule, grad_accum: int = 1, use_dropout: bool = False,
+               axis_name: str | None = None):
     """One optimizer update over the whole batch, accumulated over `grad_accum` micro-batches.
 
     Gradients of loss *sums* are accumulated and divided once by the total target count, so the
-    update equals that of one big batch however the batch is split or padded.
+    update equals that of one big batch however the batch is split or padded. Under `jax.pmap`,
+    `axis_name` names the device axis: sums are added over devices before that one division, so
+    replicated data parallelism makes the same update as the global batch on one device.
     """
     rng = jax.random.fold_in(state.rng, state.step) if use_dropout else None
+    if rng is not None and axis_name is not None:
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))  # each replica its own dropout
     grad_fn = jax.value_and_grad(_loss_sums, has_aux=True)
 
     if grad_accum == 1:
@@ -83,21 +97,31 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx: opt
 
         init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
         (grads, loss_sum, weight_sum), _ = jax.lax.scan(accumulate, init, (jnp.arange(grad_accum), micro))
+    if axis_name is not None:
+        grads, loss_sum, weight_sum = jax.lax.psum((grads, loss_sum, weight_sum), axis_name)
 
     scale = 1.0 / jnp.maximum(weight_sum, 1.0)
     grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads, state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    # Non-finite guard, on the device so it costs no host sync: a NaN/Inf loss or gradient, or an
+    # update that overflows, leaves the parameters and the optimizer's moments as they were.
+    finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
+    params, opt_state = _keep_unless_finite(finite, (params, opt_state), (state.params, state.opt_state))
     metrics = {
         "loss": mean_loss(loss_sum, weight_sum),
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": grad_norm,
         "lr": schedule(state.step),
         "tokens": weight_sum,
+        "nonfinite": 1.0 - finite.astype(jnp.float32),  # 1.0: this step's update was skipped
     }
+    # The step counter advances either way, so the data order and the schedule stay aligned.
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
 
-def eval_step(params, batch: dict[str, jax.Array], *, model) -> tuple[jax.Array, jax.Array]:
+def eval_step(params, batch: dict[str, jax.Array], *, model, axis_name: str | None = None):
     """(loss sum, target count) of one batch; the caller sums over batches and divides once."""
-    return _loss_sums(params, batch, model, None)
+    sums = _loss_sums(params, batch, model, None)
+    return sums if axis_name is None else jax.lax.psum(sums, axis_name)

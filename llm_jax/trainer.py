@@ -25,8 +25,9 @@ from flax import linen as nn
 
 from llm_jax import checkpoint as ckpt
 from llm_jax import data as data_lib
-from llm_jax import sharding
+from llm_jax import flops, pmap_mode, sharding
 from llm_jax.config import Config, ConfigError, dump_config, to_dict
+from llm_jax.fault_tolerance import NonFiniteError, NonFiniteGuard, ProcessAgreement, SaveClock
 from llm_jax.generate import generate
 from llm_jax.metrics import MetricsWriter
 from llm_jax.optim import make_optimizer
@@ -56,11 +57,18 @@ class Setup:
     def rules(self):
         return sharding.axis_rules(self.config)
 
-    def context(self):
-        """Mesh and logical-axis rules, active while tracing so activation constraints apply."""
+    def context(self, split_batch: bool = True):
+        """Mesh and logical-axis rules, active while tracing so activation constraints apply.
+
+        pmap brings its own device axis and refuses a context mesh; its state is replicated, so
+        there is nothing for activation constraints to do. `split_batch=False` keeps the batch whole
+        on every device: sampling decodes one sequence, which cannot be split.
+        """
         stack = contextlib.ExitStack()
-        stack.enter_context(jax.set_mesh(self.mesh))
-        stack.enter_context(nn.logical_axis_rules(self.rules))
+        if self.config.parallel.mode != "pmap":
+            stack.enter_context(jax.set_mesh(self.mesh))
+        rules = self.rules if split_batch else tuple((k, None if k == "batch" else v) for k, v in self.rules)
+        stack.enter_context(nn.logical_axis_rules(rules))
         return stack
 
 
@@ -97,8 +105,9 @@ def build(config: Config, mesh: jax.sharding.Mesh | None = None, with_data: bool
     rules = sharding.axis_rules(config)
     init_fn = functools.partial(init_state, model=model, tx=tx, seq_len=config.train.seq_len)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(init_fn, jax.random.key_data(jax.random.key(0)))
-    state_shardings = sharding.logical_shardings(boxed, mesh, rules)
+        # An abstract key: nothing runs here, so planning for devices this host lacks works too.
+        boxed = jax.eval_shape(init_fn, jax.ShapeDtypeStruct((2,), jnp.uint32))
+    state_shardings = sharding.logical_shardings(boxed, mesh, rules)  # pmap: all replicated
     abstract_state = ckpt.abstract_with_shardings(nn.unbox(boxed), state_shardings)
     return Setup(config, workdir, mesh, model, tx, schedule, abstract_state, state_shardings, tokenizer, sources)
 
@@ -111,11 +120,37 @@ def create_state(setup: Setup) -> TrainState:
         return jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=setup.state_shardings)(rng)
 
 
-def compile_steps(setup: Setup):
-    """Jitted train and eval steps with explicit shardings; the train state is donated."""
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """The compiled steps of the run's parallel mode, and how batches and state enter them.
+
+    `train` works on the state in its loop layout (`to_loop`); checkpoints, `eval` and sampling use
+    the global layout (`to_global`). For the sharded path both layouts are the same arrays.
+    """
+
+    train: Any  # (loop-layout state, device batch) -> (state, metrics)
+    eval: Any  # (global params, device batch) -> (loss sum, target count)
+    put_batch: Any  # this process's numpy rows -> device batch
+    to_loop: Any
+    to_global: Any
+
+
+def compile_steps(setup: Setup) -> Steps:
+    """Train and eval steps with explicit shardings; the train state is donated."""
     c = setup.config
-    batch_sharding = sharding.batch_sharding(setup.mesh)
-    replicated = sharding.replicated(setup.mesh)
+    mesh = setup.mesh
+    batch_sharding = sharding.batch_sharding(mesh)
+    replicated = sharding.replicated(mesh)
+    eval_fn = jax.jit(
+        functools.partial(eval_step, model=setup.model),
+        in_shardings=(setup.state_shardings.params, batch_sharding),
+        out_shardings=replicated,
+    )
+    if c.parallel.mode == "pmap":
+        train_fn = pmap_mode.compile_train_step(setup.model, setup.tx, setup.schedule, mesh=mesh,
+                                                grad_accum=c.optimizer.grad_accum, use_dropout=c.model.dropout > 0)
+        return Steps(train=train_fn, eval=eval_fn, put_batch=lambda b: pmap_mode.put_batch(b, mesh),
+                     to_loop=lambda s: pmap_mode.to_stacked(s, mesh), to_global=lambda s: pmap_mode.to_global(s, mesh))
     train_fn = jax.jit(
         functools.partial(train_step, model=setup.model, tx=setup.tx, schedule=setup.schedule,
                           grad_accum=c.optimizer.grad_accum, use_dropout=c.model.dropout > 0),
@@ -123,12 +158,8 @@ def compile_steps(setup: Setup):
         out_shardings=(setup.state_shardings, replicated),
         donate_argnums=0,
     )
-    eval_fn = jax.jit(
-        functools.partial(eval_step, model=setup.model),
-        in_shardings=(setup.state_shardings.params, batch_sharding),
-        out_shardings=replicated,
-    )
-    return train_fn, eval_fn
+    return Steps(train=train_fn, eval=eval_fn, put_batch=lambda b: sharding.global_batch(b, batch_sharding),
+                 to_loop=lambda s: s, to_global=lambda s: s)
 
 
 def held_out_batches(setup: Setup) -> list[dict[str, np.ndarray]]:
@@ -156,7 +187,7 @@ def sample_text(setup: Setup, params, prompt: str, *, max_new_tokens: int, tempe
     tok = setup.tokenizer
     prompt_ids = [tok.bos_id] + tok.encode(prompt)
     max_new_tokens = min(max_new_tokens, _max_decode_len(setup.config) - len(prompt_ids))
-    with setup.context():
+    with setup.context(split_batch=False):
         ids = generate(setup.model, params, prompt_ids, max_new_tokens=max(max_new_tokens, 0),
                        rng=jax.random.key(seed), temperature=temperature, top_k=top_k, eos_id=tok.eos_id)
     return tok.decode(ids[1:])
@@ -205,6 +236,8 @@ def train(config: Config) -> dict[str, Any]:
     """Runs (or resumes) the training job of `config`; returns the final summary."""
     is_main = jax.process_index() == 0
     workdir = Path(config.workdir)
+    if config.init_from:
+        config = ckpt.check_init_from(config)  # before any work; brings the exported tokenizer
     check_workdir_matches(config, workdir)
     setup = build(config)
     c = config
@@ -212,6 +245,7 @@ def train(config: Config) -> dict[str, Any]:
         dump_config(c, workdir / "config.yaml")
     log.info("model: %s, %.2fM parameters; mesh %s over %d devices", c.model.arch,
              count_params(setup.abstract_state.params) / 1e6, dict(setup.mesh.shape), setup.mesh.size)
+    log.info("data: %s", data_lib.skip_summary(setup.sources))
 
     train_iter = data_lib.make_train_iterator(c, setup.tokenizer, setup.sources,
                                               jax.process_index(), jax.process_count())
@@ -219,29 +253,52 @@ def train(config: Config) -> dict[str, Any]:
                                         lambda s: data_lib.restore_iterator_state(train_iter, s))
     eval_batches = held_out_batches(setup)
     checkpointer = ckpt.Checkpointer(workdir / "checkpoints", c.checkpoint)
-    restored = checkpointer.restore_latest(setup.abstract_state, iter_ckpt)
+    # A checkpoint saved by another number of processes holds no data state for this process: the
+    # train state is restored alone, then the data restarts from every old process's position.
+    latest = checkpointer.latest_step()
+    own_data = latest is None or data_lib.has_own_saved_state(
+        checkpointer.directory / str(latest) / "data", jax.process_index(), jax.process_count())
+    restored = checkpointer.restore_latest(setup.abstract_state, iter_ckpt if own_data else None)
     if restored is None:
         state = create_state(setup)
+        if c.init_from:  # exported parameters, a fresh optimizer and step 0
+            state = state.replace(params=ckpt.load_exported_params(c.init_from, c.model, setup.abstract_state.params))
+            log.info("starting from the parameters exported in %s", c.init_from)
         start = 0
+        metadata = {}
     else:
         state, metadata = restored
         start = int(metadata["step"])
         log.info("resumed from step %d (%s)", start, checkpointer.directory / str(start))
+        if not own_data:
+            data_lib.restore_from_checkpoint_dir(train_iter, checkpointer.directory / str(start) / "data")
     log.info("per-device bytes: params %d, optimizer state %d",
              sharding.bytes_per_device(state.params), sharding.bytes_per_device(state.opt_state))
 
-    train_fn, eval_fn = compile_steps(setup)
+    steps = compile_steps(setup)
+    state = steps.to_loop(state)
     writer = MetricsWriter(workdir, enabled=is_main)
     tokens_per_step = c.train.batch_size * c.train.seq_len
-    batch_sharding = sharding.batch_sharding(setup.mesh)
+    # Measured once (on CPU a ~0.1 s matmul), before the clock starts; only process 0 logs.
+    peak_flops = flops.total_peak_flops() if is_main else None
     bar = _progress_bar(c, start, enabled=is_main and c.train.progress)
     wall_start = time.time()
     last_eval: dict[str, float] = {}
+    last_eval_step = -1
+    guard = NonFiniteGuard(c.train.max_nonfinite_steps, total=int(metadata.get("nonfinite_steps", 0)))
+    save_clock = SaveClock(c.checkpoint.every_minutes)  # process 0's clock decides, for all processes
+    agreement = ProcessAgreement(setup.mesh)
 
     def save(step: int) -> None:
+        guard.read_through(step)
+        if guard.streak:  # the newest update was skipped as non-finite: keep the last good checkpoint as is
+            log.warning("not saving step %d: its loss or gradient was non-finite", step)
+            return
         metadata = {"step": step, "tokens_seen": step * tokens_per_step, "wall_time_s": time.time() - wall_start,
-                    "config": to_dict(c)}
-        checkpointer.save(step, state, iter_ckpt, metadata)
+                    "config": to_dict(c), "nonfinite_steps": guard.total}
+        eval_loss = last_eval["eval_loss"] if last_eval_step == step else None  # ranks it for keep_best
+        checkpointer.save(step, steps.to_global(state), iter_ckpt, metadata, eval_loss=eval_loss)
+        save_clock.saved()
 
     pending = None  # (step, device metrics) of the last dispatched step that is due for logging
     # Throughput between two reports; time spent in eval and checkpointing is not training time.
@@ -254,19 +311,31 @@ def train(config: Config) -> dict[str, Any]:
         row = {"loss": float(host["loss"]), "lr": float(host["lr"]), "grad_norm": float(host["grad_norm"]),
                "tokens_per_sec": (step - clock["step"]) * tokens_per_step / elapsed,
                "data_wait_frac": min(clock["wait"] / elapsed, 1.0)}
+        step_mfu = flops.mfu(row["tokens_per_sec"], c, peak_flops)
+        if step_mfu is not None:
+            row["mfu"] = step_mfu
+        guard.read_through(step)
+        row["nonfinite_steps"] = guard.total  # steps skipped so far, this one included
         writer.write(step, row)
         if bar is not None:
-            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:.0f}", refresh=False)
+            mfu_shown = {"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}
+            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:.0f}", **mfu_shown,
+                            refresh=False)
         clock.update(time=now, step=step, wait=0.0, paused=0.0)
 
     step = start
+    stop_agreed = False
     with StopSignal() as stop, setup.context():
-        while step < c.train.steps and not stop.requested:
+        while step < c.train.steps and not stop_agreed and not guard.diverged:
             t0 = time.perf_counter()
             local = next(train_iter)
             clock["wait"] += time.perf_counter() - t0
-            state, metrics = train_fn(state, sharding.global_batch(local, batch_sharding))
+            state, metrics = steps.train(state, steps.put_batch(local))
             step += 1
+            guard.push(step, metrics["nonfinite"])  # reads the flag of step - 1, already done
+            # A signal or a time-based save on one process acts on all of them, at the same step.
+            decision = agreement.exchange(stop.requested, is_main and save_clock.due())
+            stop_agreed = decision.stop
             if step == start + 1:  # the first step compiles: start the throughput clock after it
                 jax.block_until_ready(metrics)
                 clock.update(time=time.perf_counter(), step=step, wait=0.0)
@@ -277,8 +346,13 @@ def train(config: Config) -> dict[str, Any]:
                 pending = (step, metrics)
             if bar is not None:
                 bar.update(1)
-            eval_due = step % c.train.eval_every == 0 and step < c.train.steps
-            save_due = step % c.checkpoint.every == 0 or step == c.train.steps
+            if guard.diverged:
+                break  # nothing more is saved; the error is raised once the writers are closed
+            eval_due = step % c.train.eval_every == 0 or step == c.train.steps
+            save_due = (step % c.checkpoint.every == 0 or step == c.train.steps or stop_agreed or decision.save
+                        or (eval_due and c.checkpoint.keep_best))  # keep_best: the evaluated state is on disk
+            if stop_agreed and step < c.train.steps:
+                log.warning("stopping at step %d on a signal: saving a checkpoint", step)
             if eval_due or save_due:
                 if pending is not None:  # the device must finish training before the pause is timed
                     report(*pending)
@@ -286,24 +360,32 @@ def train(config: Config) -> dict[str, Any]:
                 jax.block_until_ready(metrics)
                 t0 = time.perf_counter()
                 if eval_due:
-                    last_eval = evaluate(setup, eval_fn, state.params, eval_batches)
+                    last_eval = evaluate(setup, steps.eval, steps.to_global(state.params), eval_batches)
+                    last_eval_step = step
                     writer.write(step, last_eval)
                 if save_due:
                     save(step)
                 clock["paused"] += time.perf_counter() - t0
         if pending is not None:
             report(*pending)
-        if stop.requested and step < c.train.steps:
-            save(step)
+    train_iter.close()  # stops data worker processes
     if bar is not None:
         bar.close()
+    guard.read_through(step)
+    if guard.diverged:
+        last_good = checkpointer.latest_step()
+        checkpointer.close()  # in-flight saves of good steps finish
+        writer.close()
+        raise NonFiniteError(guard.message(step, last_good))
 
     summary: dict[str, Any] = {"step": step, "stopped_early": step < c.train.steps}
     if not summary["stopped_early"]:
-        last_eval = evaluate(setup, eval_fn, state.params, eval_batches)
-        writer.write(step, last_eval)
+        params = steps.to_global(state.params)
+        if last_eval_step != step:  # a finished run started again: evaluate its final state
+            last_eval = evaluate(setup, steps.eval, params, eval_batches)
+            writer.write(step, last_eval)
         summary.update(last_eval)
-        summary["sample"] = sample_text(setup, state.params, c.train.sample_prompt,
+        summary["sample"] = sample_text(setup, params, c.train.sample_prompt,
                                         max_new_tokens=c.train.sample_tokens, temperature=c.train.temperature,
                                         top_k=c.train.top_k, seed=c.seed)
     checkpointer.close()
@@ -321,7 +403,8 @@ def restore_for_inference(workdir: str | Path, overrides=()) -> tuple[Setup, Any
         raise ConfigError(f"{workdir} is not a run directory (no config.yaml)")
     config = load_config(config_path, [f"workdir={workdir}", "parallel.mode=jit", *overrides])
     setup = build(config)
-    checkpointer = ckpt.Checkpointer(workdir / "checkpoints", config.checkpoint)
+    # Read-only: safe while a training run still writes to this directory.
+    checkpointer = ckpt.Checkpointer(workdir / "checkpoints", config.checkpoint, read_only=True)
     restored = checkpointer.restore_latest(setup.abstract_state, None)
     checkpointer.close()
     if restored is None:

@@ -77,15 +77,15 @@ def test_override_beats_file(tmp_path):
     ("data.source=text", "needs data.path"),
     ("model=3", "is a section"),
     ("train.seq_len=2048", "exceeds model.max_len"),
-    ("parallel.mode=pmap", "not available yet"),
+    ("parallel.mode=pmap mesh.fsdp=2", "mesh.fsdp and mesh.tensor must be 1"),
     ("mesh.data=-1", None),
 ])
 def test_config_errors_are_one_line(override, fragment):
     if fragment is None:
-        load_config(None, [override])
+        load_config(None, override.split())
         return
     with pytest.raises(ConfigError) as info:
-        load_config(None, [override])
+        load_config(None, override.split())
     message = str(info.value)
     assert fragment in message
     assert "\n" not in message
@@ -115,3 +115,43 @@ def test_dump_round_trips(tmp_path):
     config = load_config(None, ["model.arch=llama", "train.steps=3"])
     dump_config(config, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == config
+
+
+def test_data_mixture_from_yaml_and_dotted_overrides(tmp_path):
+    path = tmp_path / "mix.yaml"
+    path.write_text(yaml.safe_dump({"data": {"source": "mixture", "mixture": [
+        {"source": "text", "path": "books/*.txt", "weight": 3},
+        {"source": "jsonl", "path": "web/*.jsonl", "text_key": "body"},
+    ]}}))
+    config = load_config(path, ["data.mixture.1.weight=0.5", "data.mixture.2.source=tfds",
+                                "data.mixture.2.tfds_name=lm1b"])
+    mixture = config.data.mixture
+    assert [(m.source, m.weight) for m in mixture] == [("text", 3.0), ("jsonl", 0.5), ("tfds", 1.0)]
+    assert mixture[1].text_key == "body" and mixture[2].tfds_name == "lm1b"
+    dump_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
+    # Only dotted keys, no YAML file: entries are numbered.
+    dotted = load_config(None, ["data.source=mixture", "data.mixture.0.path=a/*.txt", "data.mixture.1.path=b/*.txt",
+                                "data.mixture.1.weight=2"])
+    assert [(m.path, m.weight) for m in dotted.data.mixture] == [("a/*.txt", 1.0), ("b/*.txt", 2.0)]
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["data.source=mixture"], "needs data.mixture"),
+    (["data.mixture.0.path=a/*.txt"], "use data.source=mixture"),
+    (["data.source=mixture", "data.mixture.0.pth=a"], "did you mean 'data.mixture.0.path'"),
+    (["data.source=mixture", "data.mixture.1.path=a"], "numbered 0, 1, 2"),
+    (["data.source=mixture", "data.mixture.0.source=jsonl"], "data.mixture.0.source=jsonl needs data.mixture.0.path"),
+    (["data.source=mixture", "data.mixture.0.path=a", "data.mixture.0.weight=0"], "must be positive"),
+    (["data.mixture=3"], "must be a list of mappings"),
+    (["data.workers=-1"], "data.workers"),
+    (["data.text_unit=page"], "data.text_unit"),
+    (["tokenizer.user_defined_symbols=[a, a]"], "distinct"),
+    (["tokenizer.user_defined_symbols=a"], "must be a list of strings"),
+    (["model.vocab_size=262", "tokenizer.user_defined_symbols=[x, y, z]"], "at least 263"),
+])
+def test_data_and_tokenizer_errors_are_one_line(overrides, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+    assert load_config(None, ["model.vocab_size=100", "tokenizer.byte_fallback=false"]).model.vocab_size == 100

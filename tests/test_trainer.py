@@ -38,7 +38,7 @@ def test_short_run_learns_and_writes_the_run_directory(tmp_path, corpus):
     train_rows = [r for r in rows if "loss" in r]
     eval_rows = [r for r in rows if "eval_loss" in r]
     assert [r["step"] for r in train_rows] == [5, 10, 15, 20, 25, 30, 35, 40]
-    for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "data_wait_frac"):
+    for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "data_wait_frac", "mfu"):
         assert key in train_rows[0]
     assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 1.0
     assert [r["step"] for r in eval_rows] == [20, 40]
