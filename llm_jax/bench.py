@@ -53,7 +53,8 @@ def _temp_memory_bytes(compiled) -> int | None:
     return None if analysis is None else int(analysis.temp_size_in_bytes)
 
 
-def run_bench(config: Config, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
+def compile_train_step(config: Config):
+    """(setup, compiled train step, fresh state, synthetic device batch, compile seconds)."""
     from llm_jax import trainer
 
     if config.parallel.mode == "pmap":
@@ -61,14 +62,18 @@ def run_bench(config: Config, steps: int = 10, warmup: int = 2) -> dict[str, Any
                           "(mesh.data=-1 is the same data parallelism)")
     setup = trainer.build(config, with_data=False)
     state = trainer.create_state(setup)
-    run_steps = trainer.compile_steps(setup)  # not `steps`: that is the number of timed steps
-    train_fn = run_steps.train
+    run_steps = trainer.compile_steps(setup)
     batch = run_steps.put_batch(synthetic_batch(config, config.seed))
-
     with setup.context():
         t0 = time.perf_counter()
-        compiled = train_fn.lower(state, batch).compile()
+        compiled = run_steps.train.lower(state, batch).compile()
         compile_time = time.perf_counter() - t0
+    return setup, compiled, state, batch, compile_time
+
+
+def run_bench(config: Config, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
+    setup, compiled, state, batch, compile_time = compile_train_step(config)
+    with setup.context():
         for _ in range(warmup):
             state, _ = compiled(state, batch)
         jax.block_until_ready(state)

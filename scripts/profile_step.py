@@ -26,7 +26,7 @@ from pathlib import Path
 
 import jax
 
-from llm_jax import bench, trainer
+from llm_jax import bench
 from llm_jax.config import load_config
 
 # `%name = f32[2,3]{1,0} opcode(...)`, `ROOT %name = (f32[], s32[]) tuple(...)`
@@ -93,12 +93,8 @@ def main() -> None:
     overrides = [a for a in args.rest if a != config_path]
     config = load_config(config_path, ["workdir=/tmp/llm_jax_profile/run", *overrides])
 
-    setup = trainer.build(config, with_data=False)
-    state = trainer.create_state(setup)
-    run_steps = trainer.compile_steps(setup)
-    batch = run_steps.put_batch(bench.synthetic_batch(config, config.seed))
+    setup, compiled, state, batch, _ = bench.compile_train_step(config)
     with setup.context():
-        compiled = run_steps.train.lower(state, batch).compile()
         for _ in range(2):  # warm-up: first-call allocations stay out of the trace
             state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics)

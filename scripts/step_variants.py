@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm_jax import bench, layers, trainer
+from llm_jax import bench, layers
 from llm_jax.config import load_config
 
 
@@ -86,12 +86,7 @@ def main() -> None:
     compiled = {}
     for name in args.variants:
         with variant(name):
-            setup = trainer.build(config, with_data=False)
-            state = trainer.create_state(setup)
-            run_steps = trainer.compile_steps(setup)
-            batch = run_steps.put_batch(bench.synthetic_batch(config, config.seed))
-            with setup.context():
-                step_fn = run_steps.train.lower(state, batch).compile()
+            _, step_fn, state, batch, _ = bench.compile_train_step(config)
         for _ in range(2):  # warm-up
             state, metrics = step_fn(state, batch)
         print(f"{name}: loss after 2 steps {float(metrics['loss']):.6f}", flush=True)
