@@ -121,7 +121,6 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx: opt
     return new_state, metrics
 
 
-def eval_step(params, batch: dict[str, jax.Array], *, model, axis_name: str | None = None):
+def eval_step(params, batch: dict[str, jax.Array], *, model) -> tuple[jax.Array, jax.Array]:
     """(loss sum, target count) of one batch; the caller sums over batches and divides once."""
-    sums = _loss_sums(params, batch, model, None)
-    return sums if axis_name is None else jax.lax.psum(sums, axis_name)
+    return _loss_sums(params, batch, model, None)
