@@ -43,7 +43,7 @@ class ModelConfig:
     init_std: float = 0.02
     scan_layers: bool = False  # one compiled layer body, looped with nn.scan
     remat: str = "none"  # none | full | dots: what the backward pass recomputes
-    attention: str = "xla"  # xla (explicit einsum) | cudnn (jax.nn.dot_product_attention)
+    attention: str = "xla"  # xla (explicit; fused C++ kernel on one CPU device) | cudnn (jax.nn.dot_product_attention)
 
     @property
     def kv_heads(self) -> int:

@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llm_jax import cpu_attention
 from llm_jax.blocked_attention import causal_attention
 from llm_jax.config import ModelConfig
 
@@ -243,6 +244,16 @@ def fused_attention(q_BLHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array,
     )
 
 
+def use_cpu_kernel(dtype: jnp.dtype) -> bool:
+    """Whether training attention being traced now should be the fused CPU kernel: float32 on a CPU,
+    one device (a custom call is not split by XLA's partitioner; pmap runs one program per device),
+    and the kernel built (cpu_attention.available())."""
+    mesh = jax.sharding.get_abstract_mesh()
+    platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+    one_device = mesh.empty or mesh.size == 1
+    return platform == "cpu" and one_device and dtype == jnp.float32 and cpu_attention.available()
+
+
 class Attention(nn.Module):
     """Causal grouped-query self-attention with an optional KV cache.
 
@@ -288,6 +299,8 @@ class Attention(nn.Module):
                 self._cache_variables(k_BLKD.shape, k_BLKD.dtype)
             if cfg.attention == "cudnn":
                 out_BLHD = fused_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
+            elif use_cpu_kernel(q_BLHD.dtype):  # fused C++ kernel (cpu_attention.py), same function
+                out_BLHD = cpu_attention.causal_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
             else:  # the same function as xla_attention, computed block by block (blocked_attention.py)
                 mask_B1LL = causal_segment_mask(segment_ids_BL, x_BLE.shape[1])
                 out_BLHD = causal_attention(q_BLHD, k_BLKD, v_BLKD, mask_B1LL)

@@ -1,0 +1,356 @@
+// Causal self-attention for XLA:CPU as two XLA FFI custom calls (forward and backward), float32.
+//
+// Why: XLA:CPU has no fused attention, so the explicit attention writes and reads [B, H, L, S]
+// score arrays many times per layer (forward and backward); on a CPU that makes attention about
+// twice as slow as a fused kernel. Here each (batch row, head) is one task whose scores stay in
+// the core's cache: scores, softmax and the products are done block by block of query rows, and
+// only blocks on or below the diagonal are computed.
+//
+// Layouts (as in llm_jax/layers.py): q [B, L, H, D], k and v [B, L, K, D] with H = G * K heads
+// (grouped-query attention), segment ids [B, L] int32: key j is visible to query i when j <= i
+// and both are in the same segment (document). Outputs: out [B, L, H, D], lse [B, H, L] (the
+// log-sum-exp of each query row's scaled scores, kept for the backward pass).
+// Backward (FlashAttention's): recomputes a block's probabilities from q, k and lse, takes the
+// softmax's row correction from rowsum(dout * out), returns dq [B, L, H, D], dk and dv [B, L, K, D].
+//
+// Built on first use by llm_jax/cpu_attention.py with the machine's C++ compiler (-O3
+// -march=native): the inner loops are plain C++ written so that the compiler vectorises them.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kQueryBlock = 64;  // query rows per block: a block's scores are kQueryBlock x S floats
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// ---------------------------------------------------------------------------------------------
+// C[M, N] (+)= A[M, K] * B[K, N]. A(m, k) is A[m * a_row + k * a_col] (so A may be a transposed
+// view), B and C are row-major with leading dimensions ldb and ldc. Register tiles of MR rows x
+// NV vectors of 16 floats, written with GCC's vector extensions so that every ISA gets whole
+// vector FMAs (one zmm per vector with AVX-512, two ymm with AVX2, NEON on ARM).
+
+typedef float Vec16 __attribute__((vector_size(64), aligned(4)));  // aligned(4): unaligned loads
+constexpr int kVec = 16;
+#ifdef __AVX512F__
+constexpr int kTileRows = 6;  // 6 x 2 accumulators + 2 loaded vectors of 32 zmm registers
+#else
+constexpr int kTileRows = 3;  // 3 x 2 x 2 ymm accumulators + 4 loaded of 16 registers
+#endif
+
+template <int MR, int NV, bool ACCUMULATE>
+inline void Tile(int K, const float* A, int64_t a_row, int64_t a_col, const float* B, int64_t ldb,
+                 float* C, int64_t ldc) {
+  Vec16 acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = ACCUMULATE ? *reinterpret_cast<const Vec16*>(C + r * ldc + v * kVec) : Vec16{};
+  for (int k = 0; k < K; ++k) {
+    Vec16 b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = *reinterpret_cast<const Vec16*>(B + k * ldb + v * kVec);
+    for (int r = 0; r < MR; ++r) {
+      const float a = A[r * a_row + k * a_col];
+      for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) *reinterpret_cast<Vec16*>(C + r * ldc + v * kVec) = acc[r][v];
+}
+
+// Columns [n0, N) that do not fill a whole vector: one column at a time.
+template <bool ACCUMULATE>
+inline void TailColumns(int M, int n0, int N, int K, const float* A, int64_t a_row, int64_t a_col,
+                        const float* B, int64_t ldb, float* C, int64_t ldc) {
+  for (int m = 0; m < M; ++m)
+    for (int n = n0; n < N; ++n) {
+      float acc = ACCUMULATE ? C[m * ldc + n] : 0.0f;
+      for (int k = 0; k < K; ++k) acc += A[m * a_row + k * a_col] * B[k * ldb + n];
+      C[m * ldc + n] = acc;
+    }
+}
+
+// One band of MR rows: whole tiles of two vectors, then one vector, then single columns.
+template <int MR, bool ACCUMULATE>
+inline void RowBand(int N, int K, const float* A, int64_t a_row, int64_t a_col, const float* B,
+                    int64_t ldb, float* C, int64_t ldc) {
+  int n = 0;
+  for (; n + 2 * kVec <= N; n += 2 * kVec) Tile<MR, 2, ACCUMULATE>(K, A, a_row, a_col, B + n, ldb, C + n, ldc);
+  for (; n + kVec <= N; n += kVec) Tile<MR, 1, ACCUMULATE>(K, A, a_row, a_col, B + n, ldb, C + n, ldc);
+  if (n < N) TailColumns<ACCUMULATE>(MR, n, N, K, A, a_row, a_col, B, ldb, C, ldc);
+}
+
+template <bool ACCUMULATE>
+void Gemm(int M, int N, int K, const float* A, int64_t a_row, int64_t a_col, const float* B,
+          int64_t ldb, float* C, int64_t ldc) {
+  int m = 0;
+  for (; m + kTileRows <= M; m += kTileRows)
+    RowBand<kTileRows, ACCUMULATE>(N, K, A + m * a_row, a_row, a_col, B, ldb, C + m * ldc, ldc);
+  for (; m < M; ++m) RowBand<1, ACCUMULATE>(N, K, A + m * a_row, a_row, a_col, B, ldb, C + m * ldc, ldc);
+}
+
+// exp(x) for x <= 0 (every use here subtracts the row maximum or the log-sum-exp first), in a
+// form the compiler vectorises: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2; p is the degree-6
+// Taylor polynomial (relative error ~2e-7). Inputs below -87 give 0.
+inline float ExpNonPositive(float x) {
+  x = std::max(x, -87.0f);
+  const float t = x * 1.44269504088896341f;
+  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
+  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shapes and per-task helpers.
+
+struct Dims {
+  int64_t batch, length, heads, kv_heads, head_dim;
+  int64_t group() const { return heads / kv_heads; }
+};
+
+// Rows of one head of a [B, L, N, D] array as a contiguous [L, D] copy, times `scale`.
+void GatherHead(const float* x, int64_t b, int64_t head, int64_t n_heads, const Dims& d, float scale,
+                float* out) {
+  for (int64_t i = 0; i < d.length; ++i) {
+    const float* src = x + ((b * d.length + i) * n_heads + head) * d.head_dim;
+    for (int64_t e = 0; e < d.head_dim; ++e) out[i * d.head_dim + e] = src[e] * scale;
+  }
+}
+
+// The same head transposed: [D, L].
+void GatherHeadTransposed(const float* x, int64_t b, int64_t head, int64_t n_heads, const Dims& d,
+                          float* out) {
+  for (int64_t i = 0; i < d.length; ++i) {
+    const float* src = x + ((b * d.length + i) * n_heads + head) * d.head_dim;
+    for (int64_t e = 0; e < d.head_dim; ++e) out[e * d.length + i] = src[e];
+  }
+}
+
+void ScatterHead(const float* rows, int64_t b, int64_t head, int64_t n_heads, const Dims& d,
+                 int64_t first_row, int64_t n_rows, float scale, float* x) {
+  for (int64_t i = 0; i < n_rows; ++i) {
+    float* dst = x + ((b * d.length + first_row + i) * n_heads + head) * d.head_dim;
+    for (int64_t e = 0; e < d.head_dim; ++e) dst[e] = rows[i * d.head_dim + e] * scale;
+  }
+}
+
+// Probabilities of query rows [i0, i0 + rows) against keys [0, end) from their scores (in place):
+// masked entries become 0. With `lse` == nullptr the row statistics are computed and returned
+// in row_max / row_sum (forward, unnormalised p = exp(s - max)); otherwise p = exp(s - lse).
+void Probabilities(float* scores, int64_t ld, int64_t i0, int rows, int64_t end, const int32_t* seg,
+                   const float* lse, float* row_max, float* row_sum) {
+  for (int r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r;
+    const int32_t seg_i = seg[i];
+    float* s = scores + r * ld;
+    float m;
+    if (lse == nullptr) {
+      m = kNegInf;
+      for (int64_t j = 0; j < end; ++j) {
+        const float v = (j <= i && seg[j] == seg_i) ? s[j] : kNegInf;
+        m = std::max(m, v);
+      }
+    } else {
+      m = lse[i];
+    }
+    float total = 0.0f;
+    for (int64_t j = 0; j < end; ++j) {
+      const float p = (j <= i && seg[j] == seg_i) ? ExpNonPositive(s[j] - m) : 0.0f;
+      s[j] = p;
+      total += p;
+    }
+    if (lse == nullptr) {
+      row_max[r] = m;
+      row_sum[r] = total;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tasks spread over XLA's intra-op thread pool. The caller takes tasks too, so the call finishes
+// even if no pool thread is free; helpers that start late find no work left and return (they own
+// a reference to the shared state, so they never touch a finished call's stack).
+
+struct TaskState {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t total = 0;
+};
+
+template <typename Fn>
+void ParallelFor(ffi::ThreadPool& pool, int64_t total, Fn fn) {
+  auto state = std::make_shared<TaskState>();
+  state->total = total;
+  auto work = std::make_shared<Fn>(std::move(fn));
+  auto run = [state, work]() {
+    for (int64_t t; (t = state->next.fetch_add(1)) < state->total;) {
+      (*work)(t);
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), total) - 1;
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([run] { run(); });
+  run();
+  while (state->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
+}
+
+// ---------------------------------------------------------------------------------------------
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> segment_ids,
+                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
+  const auto qd = q.dimensions();
+  const auto kd = k.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || qd[3] != kd[3] || kd[2] == 0 || qd[2] % kd[2] != 0)
+    return ffi::Error::InvalidArgument("cpu attention: q [B, L, H, D], k and v [B, L, K, D], H % K == 0");
+  const Dims d{qd[0], qd[1], qd[2], kd[2], qd[3]};
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d.head_dim));
+  const float* q_ptr = q.typed_data();
+  const float* k_ptr = k.typed_data();
+  const float* v_ptr = v.typed_data();
+  const int32_t* seg_ptr = segment_ids.typed_data();
+  float* out_ptr = out->typed_data();
+  float* lse_ptr = lse->typed_data();
+
+  ParallelFor(pool, d.batch * d.heads, [&, d, scale](int64_t task) {
+    const int64_t b = task / d.heads, h = task % d.heads, kv = h / d.group();
+    const int64_t L = d.length, D = d.head_dim;
+    std::vector<float> qc(L * D), kt(D * L), vc(L * D), scores(kQueryBlock * L), o(kQueryBlock * D);
+    float row_max[kQueryBlock], row_sum[kQueryBlock];
+    GatherHead(q_ptr, b, h, d.heads, d, scale, qc.data());
+    GatherHeadTransposed(k_ptr, b, kv, d.kv_heads, d, kt.data());
+    GatherHead(v_ptr, b, kv, d.kv_heads, d, 1.0f, vc.data());
+    const int32_t* seg = seg_ptr + b * L;
+    for (int64_t i0 = 0; i0 < L; i0 += kQueryBlock) {
+      const int rows = static_cast<int>(std::min<int64_t>(kQueryBlock, L - i0));
+      const int64_t end = i0 + rows;  // causal: no key after the block's last row
+      Gemm<false>(rows, end, D, qc.data() + i0 * D, D, 1, kt.data(), L, scores.data(), end);
+      Probabilities(scores.data(), end, i0, rows, end, seg, nullptr, row_max, row_sum);
+      Gemm<false>(rows, D, end, scores.data(), end, 1, vc.data(), D, o.data(), D);
+      for (int r = 0; r < rows; ++r) {
+        const float inv = 1.0f / row_sum[r];
+        for (int64_t e = 0; e < D; ++e) o[r * D + e] *= inv;
+        lse_ptr[(b * d.heads + h) * L + i0 + r] = row_max[r] + std::log(row_sum[r]);
+      }
+      ScatterHead(o.data(), b, h, d.heads, d, i0, rows, 1.0f, out_ptr);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> segment_ids,
+                    ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
+                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                    ffi::ResultBuffer<ffi::F32> dv) {
+  const auto qd = q.dimensions();
+  const auto kd = k.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || qd[3] != kd[3] || kd[2] == 0 || qd[2] % kd[2] != 0)
+    return ffi::Error::InvalidArgument("cpu attention: q [B, L, H, D], k and v [B, L, K, D], H % K == 0");
+  const Dims d{qd[0], qd[1], qd[2], kd[2], qd[3]};
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d.head_dim));
+  const float* q_ptr = q.typed_data();
+  const float* k_ptr = k.typed_data();
+  const float* v_ptr = v.typed_data();
+  const int32_t* seg_ptr = segment_ids.typed_data();
+  const float* out_ptr = out.typed_data();
+  const float* lse_ptr = lse.typed_data();
+  const float* dout_ptr = dout.typed_data();
+  float* dq_ptr = dq->typed_data();
+  float* dk_ptr = dk->typed_data();
+  float* dv_ptr = dv->typed_data();
+
+  // One task per (batch row, kv head): it owns dk and dv of that head, summed over its group.
+  ParallelFor(pool, d.batch * d.kv_heads, [&, d, scale](int64_t task) {
+    const int64_t b = task / d.kv_heads, kv = task % d.kv_heads;
+    const int64_t L = d.length, D = d.head_dim;
+    std::vector<float> kc(L * D), kt(D * L), vt(D * L), qc(L * D), doc(L * D), oc(L * D);
+    std::vector<float> probs(kQueryBlock * L), dprobs(kQueryBlock * L), dq_rows(kQueryBlock * D);
+    std::vector<float> dk_acc(L * D, 0.0f), dv_acc(L * D, 0.0f), delta(L);
+    GatherHead(k_ptr, b, kv, d.kv_heads, d, 1.0f, kc.data());
+    GatherHeadTransposed(k_ptr, b, kv, d.kv_heads, d, kt.data());
+    GatherHeadTransposed(v_ptr, b, kv, d.kv_heads, d, vt.data());
+    const int32_t* seg = seg_ptr + b * L;
+    for (int64_t g = 0; g < d.group(); ++g) {
+      const int64_t h = kv * d.group() + g;
+      GatherHead(q_ptr, b, h, d.heads, d, scale, qc.data());
+      GatherHead(dout_ptr, b, h, d.heads, d, 1.0f, doc.data());
+      GatherHead(out_ptr, b, h, d.heads, d, 1.0f, oc.data());
+      for (int64_t i = 0; i < L; ++i) {  // rowsum(dp * p) = rowsum(dout * out)
+        float s = 0.0f;
+        for (int64_t e = 0; e < D; ++e) s += doc[i * D + e] * oc[i * D + e];
+        delta[i] = s;
+      }
+      const float* row_lse = lse_ptr + (b * d.heads + h) * L;
+      for (int64_t i0 = 0; i0 < L; i0 += kQueryBlock) {
+        const int rows = static_cast<int>(std::min<int64_t>(kQueryBlock, L - i0));
+        const int64_t end = i0 + rows;
+        Gemm<false>(rows, end, D, qc.data() + i0 * D, D, 1, kt.data(), L, probs.data(), end);
+        Probabilities(probs.data(), end, i0, rows, end, seg, row_lse, nullptr, nullptr);
+        // dv[:end] += p^T dout_block
+        Gemm<true>(end, D, rows, probs.data(), 1, end, doc.data() + i0 * D, D, dv_acc.data(), D);
+        // dp = dout_block v^T; then dscores = p * (dp - delta) in place
+        Gemm<false>(rows, end, D, doc.data() + i0 * D, D, 1, vt.data(), L, dprobs.data(), end);
+        for (int r = 0; r < rows; ++r) {
+          const float dl = delta[i0 + r];
+          float* ds = dprobs.data() + r * end;
+          const float* p = probs.data() + r * end;
+          for (int64_t j = 0; j < end; ++j) ds[j] = p[j] * (ds[j] - dl);
+        }
+        // dq_block = scale * dscores k; dk[:end] += dscores^T (scale * q_block)
+        Gemm<false>(rows, D, end, dprobs.data(), end, 1, kc.data(), D, dq_rows.data(), D);
+        ScatterHead(dq_rows.data(), b, h, d.heads, d, i0, rows, scale, dq_ptr);
+        Gemm<true>(end, D, rows, dprobs.data(), 1, end, qc.data() + i0 * D, D, dk_acc.data(), D);
+      }
+    }
+    ScatterHead(dk_acc.data(), b, kv, d.kv_heads, d, 0, L, 1.0f, dk_ptr);
+    ScatterHead(dv_acc.data(), b, kv, d.kv_heads, d, 0, L, 1.0f, dv_ptr);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmJaxCpuAttentionForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmJaxCpuAttentionBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

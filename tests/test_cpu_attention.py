@@ -1,0 +1,131 @@
+"""The fused CPU attention kernel against the explicit attention; when the model uses it; its fallback."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llm_jax import cpu_attention, layers
+from llm_jax.config import ModelConfig
+from llm_jax.layers import causal_segment_mask, xla_attention
+
+# The CI machine has a C++ compiler: there the kernel must build, so its tests never skip silently.
+needs_kernel = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                  reason="no C++ compiler on this machine")
+
+
+def _normal(seed, shape):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def _value_and_grads(attention, q, k, v, cotangent):
+    def loss(q, k, v):
+        return jnp.sum(attention(q, k, v) * cotangent)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+
+@needs_kernel
+def test_kernel_builds_on_a_machine_with_a_compiler():
+    assert cpu_attention.available()
+
+
+@needs_kernel
+@pytest.mark.parametrize("length, heads, kv_heads, head_dim, segments", [
+    (10, 4, 2, 8, [[1, 1, 1, 1, 1, 2, 2, 2, 2, 0], [1] * 10]),  # GQA; documents and padding
+    (100, 2, 2, 24, None),  # query blocks of 64 with a ragged last one; D not a multiple of the vector width
+    (130, 6, 3, 64, "random"),  # many documents per row, rows longer than two blocks
+])
+def test_kernel_matches_explicit_attention_and_its_gradients(length, heads, kv_heads, head_dim, segments):
+    batch = 2
+    if segments == "random":
+        segments = np.sort(np.random.default_rng(0).integers(0, 5, (batch, length)), axis=1).tolist()
+    segment_ids = None if segments is None else jnp.array(segments, jnp.int32)
+    q = _normal(1, (batch, length, heads, head_dim))
+    k = _normal(2, (batch, length, kv_heads, head_dim))
+    v = _normal(3, (batch, length, kv_heads, head_dim))
+    cotangent = _normal(4, (batch, length, heads, head_dim))
+    mask = causal_segment_mask(segment_ids, length)
+
+    value, grads = _value_and_grads(lambda q, k, v: cpu_attention.causal_attention(q, k, v, segment_ids),
+                                    q, k, v, cotangent)
+    expected_value, expected_grads = _value_and_grads(lambda q, k, v: xla_attention(q, k, v, mask), q, k, v,
+                                                      cotangent)
+    np.testing.assert_allclose(value, expected_value, rtol=1e-5)
+    for got, expected in zip(grads, expected_grads):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-4, atol=2e-5)
+
+
+@needs_kernel
+def test_nan_input_gives_nan_output():
+    q = _normal(1, (1, 8, 2, 16)).at[0, 3, 0, 0].set(jnp.nan)
+    k, v = _normal(2, (1, 8, 2, 16)), _normal(3, (1, 8, 2, 16))
+    out = np.asarray(jax.jit(cpu_attention.causal_attention)(q, k, v, None))
+    assert np.isnan(out[0, 3, 0]).all()  # the NaN query row, so the non-finite guard sees it
+    assert np.isfinite(out[0, :3]).all()
+
+
+def _attention_hlo(dtype: str) -> str:
+    config = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=16, dtype=dtype)
+    module = layers.Attention(config)
+    x = jnp.ones((2, 16, 32), layers.to_dtype(dtype))
+    positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
+    params = module.init(jax.random.key(0), x, positions, None, False)
+    return jax.jit(lambda p: module.apply(p, x, positions, None, False)).lower(params).as_text()
+
+
+@needs_kernel
+def test_model_uses_the_kernel_for_float32_on_one_cpu_device_only():
+    assert "llm_jax_cpu_attention_fwd" in _attention_hlo("float32")
+    assert "llm_jax_cpu_attention_fwd" not in _attention_hlo("bfloat16")
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.set_mesh(mesh):
+        assert "llm_jax_cpu_attention_fwd" in _attention_hlo("float32")
+
+
+@needs_kernel
+def test_a_failed_build_is_one_line(monkeypatch, tmp_path):
+    broken = tmp_path / "broken.cc"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(cpu_attention, "SOURCE", broken)
+    monkeypatch.setenv("LLM_JAX_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(RuntimeError) as error:
+        cpu_attention._build(cpu_attention._compiler())
+    assert "\n" not in str(error.value) and "error" in str(error.value)
+    assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-built left to load
+
+
+def test_without_a_compiler_the_model_falls_back_to_xla_attention(tmp_path):
+    """A machine without a C++ compiler: one warning, and attention stays the (blocked) XLA path."""
+    code = (
+        "import jax.numpy as jnp, jax\n"
+        "from llm_jax import cpu_attention, layers\n"
+        "from llm_jax.config import ModelConfig\n"
+        "config = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=16)\n"
+        "m = layers.Attention(config); x = jnp.ones((1, 16, 32)); pos = jnp.arange(16)[None]\n"
+        "p = m.init(jax.random.key(0), x, pos, None, False)\n"
+        "hlo = jax.jit(lambda p: m.apply(p, x, pos, None, False)).lower(p).as_text()\n"
+        "assert not cpu_attention.available() and 'llm_jax_cpu_attention' not in hlo\n"
+        "print('fell back')\n"
+    )
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent), "CXX": "", "LLM_JAX_CACHE_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "fell back" in result.stdout
+    assert result.stderr.count("no C++ compiler found") == 1
+
+
+def test_switched_off_by_environment(monkeypatch):
+    monkeypatch.setenv("LLM_JAX_CPU_ATTENTION", "0")
+    cpu_attention.available.cache_clear()
+    try:
+        assert not cpu_attention.available()
+        assert "llm_jax_cpu_attention_fwd" not in _attention_hlo("float32")
+    finally:
+        cpu_attention.available.cache_clear()
