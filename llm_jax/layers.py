@@ -18,8 +18,9 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
-from llm_jax import cpu_attention
+from llm_jax import cpu_kernels
 from llm_jax.blocked_attention import causal_attention
 from llm_jax.config import ModelConfig
 
@@ -45,6 +46,21 @@ def constrain(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- projections
+
+
+def use_cpu_kernels(dtype: jnp.dtype) -> bool:
+    """Whether the attention and matmuls being traced now should be the fused CPU kernels
+    (cpu_kernels.py): float32 on a CPU, one device (a custom call is not split by XLA's
+    partitioner; pmap runs one program per device), and the kernels built."""
+    mesh = jax.sharding.get_abstract_mesh()
+    platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+    one_device = mesh.empty or mesh.size == 1
+    return platform == "cpu" and one_device and dtype == jnp.float32 and cpu_kernels.available()
+
+
+def use_cpu_matmul(dtype: jnp.dtype, out_dtype: jnp.dtype | None = None) -> bool:
+    """Whether a projection should be the CPU matmul kernel: as `use_cpu_kernels`, float32 in and out."""
+    return (out_dtype or dtype) == jnp.float32 and use_cpu_kernels(dtype)
 
 
 class Dense(nn.Module):
@@ -75,13 +91,19 @@ class Dense(nn.Module):
         # Leading (batch, length) dims are merged into one before the matmul: XLA:CPU runs the 2-D
         # matmul and its gradients about 6% faster per baby-GPT step than the 3-D one (docs/benchmarks.md).
         lead_shape = x.shape[:x.ndim - self.n_in]
-        x_flat = x.reshape(math.prod(lead_shape), *in_shape)
-        y = jax.lax.dot_general(
-            x_flat.astype(self.dtype),
-            kernel.astype(self.dtype),
-            ((tuple(range(1, 1 + self.n_in)), tuple(range(self.n_in))), ((), ())),
-            preferred_element_type=self.out_dtype or self.dtype,
-        ).reshape(*lead_shape, *self.features)
+        if use_cpu_matmul(self.dtype, self.out_dtype):
+            # OpenBLAS through XLA FFI (cpu_kernels.py): XLA:CPU's own matmuls are slower here.
+            y = cpu_kernels.matmul(x.reshape(math.prod(lead_shape), math.prod(in_shape)),
+                                   kernel.reshape(math.prod(in_shape), math.prod(self.features)))
+            y = checkpoint_name(y, cpu_kernels.MATMUL_NAME).reshape(*lead_shape, *self.features)
+        else:
+            x_flat = x.reshape(math.prod(lead_shape), *in_shape)
+            y = jax.lax.dot_general(
+                x_flat.astype(self.dtype),
+                kernel.astype(self.dtype),
+                ((tuple(range(1, 1 + self.n_in)), tuple(range(self.n_in))), ((), ())),
+                preferred_element_type=self.out_dtype or self.dtype,
+            ).reshape(*lead_shape, *self.features)
         if self.use_bias:
             bias = self.param(
                 "bias",
@@ -121,6 +143,9 @@ class Embed(nn.Module):
     def attend(self, x_BLE: jax.Array) -> jax.Array:
         """Logits against the table, accumulated and returned in float32 (tokens flattened, as in Dense)."""
         batch, length, features = x_BLE.shape
+        if use_cpu_matmul(self.dtype):
+            logits_TV = cpu_kernels.matmul(x_BLE.reshape(batch * length, features), self.embedding, transpose_b=True)
+            return checkpoint_name(logits_TV, cpu_kernels.MATMUL_NAME).reshape(batch, length, self.num_embeddings)
         logits_TV = jnp.einsum(
             "te,ve->tv",
             x_BLE.reshape(batch * length, features).astype(self.dtype),
@@ -244,16 +269,6 @@ def fused_attention(q_BLHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array,
     )
 
 
-def use_cpu_kernel(dtype: jnp.dtype) -> bool:
-    """Whether training attention being traced now should be the fused CPU kernel: float32 on a CPU,
-    one device (a custom call is not split by XLA's partitioner; pmap runs one program per device),
-    and the kernel built (cpu_attention.available())."""
-    mesh = jax.sharding.get_abstract_mesh()
-    platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
-    one_device = mesh.empty or mesh.size == 1
-    return platform == "cpu" and one_device and dtype == jnp.float32 and cpu_attention.available()
-
-
 class Attention(nn.Module):
     """Causal grouped-query self-attention with an optional KV cache.
 
@@ -299,8 +314,8 @@ class Attention(nn.Module):
                 self._cache_variables(k_BLKD.shape, k_BLKD.dtype)
             if cfg.attention == "cudnn":
                 out_BLHD = fused_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
-            elif use_cpu_kernel(q_BLHD.dtype):  # fused C++ kernel (cpu_attention.py), same function
-                out_BLHD = cpu_attention.causal_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
+            elif use_cpu_kernels(q_BLHD.dtype):  # fused C++ kernel (cpu_kernels.py), same function
+                out_BLHD = cpu_kernels.causal_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
             else:  # the same function as xla_attention, computed block by block (blocked_attention.py)
                 mask_B1LL = causal_segment_mask(segment_ids_BL, x_BLE.shape[1])
                 out_BLHD = causal_attention(q_BLHD, k_BLKD, v_BLKD, mask_B1LL)

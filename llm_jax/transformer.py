@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llm_jax import cpu_kernels
 from llm_jax.config import ModelConfig
 from llm_jax.layers import DecoderBlock, Dense, Embed, constrain, make_norm, sinusoidal_positions, to_dtype
 
@@ -33,7 +34,11 @@ def _block_class(config: ModelConfig) -> type[nn.Module]:
     """
     if config.remat == "none":
         return DecoderBlock
-    policy = None if config.remat == "full" else jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+    policy = None
+    if config.remat == "dots":  # weight projections, as dots or as the CPU matmul kernel (cpu_kernels.py)
+        policy = jax.checkpoint_policies.save_from_both_policies(
+            jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+            jax.checkpoint_policies.save_only_these_names(cpu_kernels.MATMUL_NAME))
     return nn.remat(DecoderBlock, policy=policy, prevent_cse=not config.scan_layers,
                     static_argnums=_STATIC_BLOCK_ARGS)
 

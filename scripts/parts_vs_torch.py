@@ -64,7 +64,7 @@ def run_jax(repeats: int) -> dict:
     import jax.numpy as jnp
     import optax
 
-    from llm_jax import blocked_attention, cpu_attention, layers
+    from llm_jax import blocked_attention, cpu_kernels, layers
 
     def grad_time(fn, *args):
         step = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=tuple(range(len(args)))))
@@ -76,8 +76,8 @@ def run_jax(repeats: int) -> dict:
     parts = {"mlp": grad_time(lambda x, w1, b1, w2, b2: jax.nn.gelu(x @ w1 + b1, approximate=True) @ w2 + b2,
                               x, w1, b1, w2, b2)}
     q, k, v = (jnp.asarray(data(s, B, L, H, D)) for s in (3, 4, 5))
-    if layers.use_cpu_kernel(jnp.float32):
-        attention = lambda q, k, v: cpu_attention.causal_attention(q, k, v, None)
+    if layers.use_cpu_kernels(jnp.float32):
+        attention = lambda q, k, v: cpu_kernels.causal_attention(q, k, v, None)
     else:
         mask = layers.causal_segment_mask(None, L)
         attention = lambda q, k, v: blocked_attention.causal_attention(q, k, v, mask)

@@ -5,8 +5,9 @@ Keeps the earlier implementations of the parts that were tuned for speed, and sw
   [L, L] score matrix with JAX's own backward (now: `blocked_attention.causal_attention`);
 - `3d_matmuls`: projections and logits as 3-D dot_generals over [B, L, ...] (now: tokens flattened
   to 2-D first);
-- `blocked_attention`: the fused C++ attention kernel for CPU (cpu_attention.py) switched off, so
-  training attention is the blocked XLA attention it replaced;
+- `blocked_attention`: the CPU kernels (cpu_kernels.py) switched off, so training attention is the
+  blocked XLA attention and the matmuls are XLA's own;
+- `xla_matmuls`: only the CPU matmul kernel switched off (the fused attention kernel stays);
 - `before`: the first two above, i.e. the step before any tuning; `after`: the code as it is.
 Every variant is compiled once, then the variants take turns step by step, so machine load hits
 all alike. Reports the minimum and median wall time, the CPU time, and the speed-ups over the
@@ -65,24 +66,28 @@ def full_square_attention(q_BLHD, k_BLKD, v_BLKD, mask_B1LL):
 @contextlib.contextmanager
 def variant(name: str):
     """Swaps the earlier implementations into `layers` while the variant's step is traced."""
-    saved = (layers.Dense, layers.Embed.attend, layers.causal_attention, layers.use_cpu_kernel)
+    saved = (layers.Dense, layers.Embed.attend, layers.causal_attention, layers.use_cpu_kernels,
+             layers.use_cpu_matmul)
     if name in ("before", "3d_matmuls"):
         layers.Dense, layers.Embed.attend = Dense3D, attend_3d
     if name in ("before", "full_square_attention"):
         layers.causal_attention = full_square_attention
     if name in ("before", "3d_matmuls", "full_square_attention", "blocked_attention"):
-        layers.use_cpu_kernel = lambda dtype: False  # these variants predate the C++ kernel
+        layers.use_cpu_kernels = lambda dtype: False  # these variants predate the C++ kernels
+    if name == "xla_matmuls":
+        layers.use_cpu_matmul = lambda dtype, out_dtype=None: False
     try:
         yield
     finally:
-        layers.Dense, layers.Embed.attend, layers.causal_attention, layers.use_cpu_kernel = saved
+        (layers.Dense, layers.Embed.attend, layers.causal_attention, layers.use_cpu_kernels,
+         layers.use_cpu_matmul) = saved
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="+", default=["before", "after"],
                         choices=["before", "3d_matmuls", "full_square_attention", "blocked_attention",
-                                 "after"])
+                                 "xla_matmuls", "after"])
     parser.add_argument("--rounds", type=int, default=10, help="timed steps per variant")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of configs/baby_gpt.yaml")
     args = parser.parse_args()

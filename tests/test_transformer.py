@@ -181,7 +181,8 @@ def _reference_grads():
     return params, jax.jit(jax.grad(_loss(config, tokens_of(6, (2, 9)))))(params)
 
 
-@pytest.mark.parametrize("remat,scan,policy", [("full", False, "policy=None"), ("dots", True, "DotsSaveable")])
+@pytest.mark.parametrize("remat,scan,policy", [("full", False, "policy=None"),
+                                               ("dots", True, "save_from_both_policies")])
 def test_remat_gives_the_same_gradients(remat, scan, policy):
     params, expected = _reference_grads()
     if scan:

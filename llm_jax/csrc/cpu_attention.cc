@@ -13,22 +13,21 @@
 // Backward (FlashAttention's): recomputes a block's probabilities from q, k and lse, takes the
 // softmax's row correction from rowsum(dout * out), returns dq [B, L, H, D], dk and dv [B, L, K, D].
 //
-// Built on first use by llm_jax/cpu_attention.py with the machine's C++ compiler (-O3
+// Built on first use by llm_jax/cpu_kernels.py with the machine's C++ compiler (-O3
 // -march=native): the inner loops are plain C++ written so that the compiler vectorises them.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using llm_jax::ParallelFor;
 
 namespace {
 
@@ -187,33 +186,6 @@ void Probabilities(float* scores, int64_t ld, int64_t i0, int rows, int64_t end,
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tasks spread over XLA's intra-op thread pool. The caller takes tasks too, so the call finishes
-// even if no pool thread is free; helpers that start late find no work left and return (they own
-// a reference to the shared state, so they never touch a finished call's stack).
-
-struct TaskState {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t total = 0;
-};
-
-template <typename Fn>
-void ParallelFor(ffi::ThreadPool& pool, int64_t total, Fn fn) {
-  auto state = std::make_shared<TaskState>();
-  state->total = total;
-  auto work = std::make_shared<Fn>(std::move(fn));
-  auto run = [state, work]() {
-    for (int64_t t; (t = state->next.fetch_add(1)) < state->total;) {
-      (*work)(t);
-      state->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), total) - 1;
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([run] { run(); });
-  run();
-  while (state->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
-}
-
 // ---------------------------------------------------------------------------------------------
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,

@@ -1,4 +1,4 @@
-"""The fused CPU attention kernel against the explicit attention; when the model uses it; its fallback."""
+"""The CPU kernels (fused attention, BLAS matmul) against XLA's ops; when the model uses them; the fallback."""
 
 import os
 import shutil
@@ -11,11 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_jax import cpu_attention, layers
+from llm_jax import cpu_kernels, layers
 from llm_jax.config import ModelConfig
 from llm_jax.layers import causal_segment_mask, xla_attention
 
-# The CI machine has a C++ compiler: there the kernel must build, so its tests never skip silently.
+# The CI machine has a C++ compiler: there the kernels must build, so their tests never skip silently.
 needs_kernel = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                   reason="no C++ compiler on this machine")
 
@@ -32,8 +32,8 @@ def _value_and_grads(attention, q, k, v, cotangent):
 
 
 @needs_kernel
-def test_kernel_builds_on_a_machine_with_a_compiler():
-    assert cpu_attention.available()
+def test_kernels_build_on_a_machine_with_a_compiler():
+    assert cpu_kernels.available()
 
 
 @needs_kernel
@@ -53,7 +53,7 @@ def test_kernel_matches_explicit_attention_and_its_gradients(length, heads, kv_h
     cotangent = _normal(4, (batch, length, heads, head_dim))
     mask = causal_segment_mask(segment_ids, length)
 
-    value, grads = _value_and_grads(lambda q, k, v: cpu_attention.causal_attention(q, k, v, segment_ids),
+    value, grads = _value_and_grads(lambda q, k, v: cpu_kernels.causal_attention(q, k, v, segment_ids),
                                     q, k, v, cotangent)
     expected_value, expected_grads = _value_and_grads(lambda q, k, v: xla_attention(q, k, v, mask), q, k, v,
                                                       cotangent)
@@ -66,7 +66,7 @@ def test_kernel_matches_explicit_attention_and_its_gradients(length, heads, kv_h
 def test_nan_input_gives_nan_output():
     q = _normal(1, (1, 8, 2, 16)).at[0, 3, 0, 0].set(jnp.nan)
     k, v = _normal(2, (1, 8, 2, 16)), _normal(3, (1, 8, 2, 16))
-    out = np.asarray(jax.jit(cpu_attention.causal_attention)(q, k, v, None))
+    out = np.asarray(jax.jit(cpu_kernels.causal_attention)(q, k, v, None))
     assert np.isnan(out[0, 3, 0]).all()  # the NaN query row, so the non-finite guard sees it
     assert np.isfinite(out[0, :3]).all()
 
@@ -81,9 +81,11 @@ def _attention_hlo(dtype: str) -> str:
 
 
 @needs_kernel
-def test_model_uses_the_kernel_for_float32_on_one_cpu_device_only():
-    assert "llm_jax_cpu_attention_fwd" in _attention_hlo("float32")
-    assert "llm_jax_cpu_attention_fwd" not in _attention_hlo("bfloat16")
+def test_model_uses_the_kernels_for_float32_on_one_cpu_device_only():
+    hlo = _attention_hlo("float32")
+    assert "llm_jax_cpu_attention_fwd" in hlo and "llm_jax_cpu_matmul" in hlo
+    hlo = _attention_hlo("bfloat16")
+    assert "llm_jax_cpu_attention_fwd" not in hlo and "llm_jax_cpu_matmul" not in hlo
     mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     with jax.set_mesh(mesh):
         assert "llm_jax_cpu_attention_fwd" in _attention_hlo("float32")
@@ -91,27 +93,28 @@ def test_model_uses_the_kernel_for_float32_on_one_cpu_device_only():
 
 @needs_kernel
 def test_a_failed_build_is_one_line(monkeypatch, tmp_path):
-    broken = tmp_path / "broken.cc"
-    broken.write_text("this is not C++\n")
-    monkeypatch.setattr(cpu_attention, "SOURCE", broken)
+    for name in (*cpu_kernels.SOURCES, *cpu_kernels.HEADERS):
+        (tmp_path / name).write_text((cpu_kernels.SOURCE_DIR / name).read_text())
+    (tmp_path / cpu_kernels.SOURCES[-1]).write_text("this is not C++\n")
+    monkeypatch.setattr(cpu_kernels, "SOURCE_DIR", tmp_path)
     monkeypatch.setenv("LLM_JAX_CACHE_DIR", str(tmp_path / "cache"))
     with pytest.raises(RuntimeError) as error:
-        cpu_attention._build(cpu_attention._compiler())
+        cpu_kernels._build(cpu_kernels._compiler())
     assert "\n" not in str(error.value) and "error" in str(error.value)
     assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-built left to load
 
 
 def test_without_a_compiler_the_model_falls_back_to_xla_attention(tmp_path):
-    """A machine without a C++ compiler: one warning, and attention stays the (blocked) XLA path."""
+    """A machine without a C++ compiler: one warning, and attention and matmuls stay XLA's."""
     code = (
         "import jax.numpy as jnp, jax\n"
-        "from llm_jax import cpu_attention, layers\n"
+        "from llm_jax import cpu_kernels, layers\n"
         "from llm_jax.config import ModelConfig\n"
         "config = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=16)\n"
         "m = layers.Attention(config); x = jnp.ones((1, 16, 32)); pos = jnp.arange(16)[None]\n"
         "p = m.init(jax.random.key(0), x, pos, None, False)\n"
         "hlo = jax.jit(lambda p: m.apply(p, x, pos, None, False)).lower(p).as_text()\n"
-        "assert not cpu_attention.available() and 'llm_jax_cpu_attention' not in hlo\n"
+        "assert not cpu_kernels.available() and 'llm_jax_cpu' not in hlo\n"
         "print('fell back')\n"
     )
     env = {**os.environ, "PATH": str(Path(sys.executable).parent), "CXX": "", "LLM_JAX_CACHE_DIR": str(tmp_path)}
@@ -122,10 +125,47 @@ def test_without_a_compiler_the_model_falls_back_to_xla_attention(tmp_path):
 
 
 def test_switched_off_by_environment(monkeypatch):
-    monkeypatch.setenv("LLM_JAX_CPU_ATTENTION", "0")
-    cpu_attention.available.cache_clear()
+    monkeypatch.setenv("LLM_JAX_CPU_KERNELS", "0")
+    cpu_kernels.available.cache_clear()
     try:
-        assert not cpu_attention.available()
-        assert "llm_jax_cpu_attention_fwd" not in _attention_hlo("float32")
+        assert not cpu_kernels.available()
+        hlo = _attention_hlo("float32")
+        assert "llm_jax_cpu_attention_fwd" not in hlo and "llm_jax_cpu_matmul" not in hlo
     finally:
-        cpu_attention.available.cache_clear()
+        cpu_kernels.available.cache_clear()
+
+
+@needs_kernel
+@pytest.mark.parametrize("m, k, n, transpose_b", [(64, 48, 80, False), (130, 24, 7, True), (5, 300, 200, False),
+                                                  (1, 16, 1, True)])
+def test_matmul_matches_xla_and_its_gradients(m, k, n, transpose_b):
+    a = _normal(1, (m, k))
+    b = _normal(2, (n, k) if transpose_b else (k, n))
+    cotangent = _normal(3, (m, n))
+
+    def loss(matmul):
+        return jax.jit(jax.value_and_grad(lambda a, b: jnp.sum(matmul(a, b) * cotangent), argnums=(0, 1)))(a, b)
+
+    value, grads = loss(lambda a, b: cpu_kernels.matmul(a, b, transpose_b))
+    expected_value, expected_grads = loss(lambda a, b: a @ (b.T if transpose_b else b))
+    np.testing.assert_allclose(value, expected_value, rtol=1e-4)
+    for got, expected in zip(grads, expected_grads):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_dense_layer_with_the_kernel_equals_xla(monkeypatch):
+    """A 2-in-dim projection (heads x head_dim -> embed) and its gradients, kernel on and off."""
+    dense = layers.Dense(features=(6,), kernel_axes=("heads", "head_dim", "embed"), n_in=2, use_bias=True)
+    x = _normal(4, (2, 5, 3, 4))
+    params = dense.init(jax.random.key(0), x)
+
+    def value_and_grads():
+        return jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(jnp.sin(dense.apply(p, x))), argnums=(0, 1)))(params, x)
+
+    with_kernel = value_and_grads()
+    assert "llm_jax_cpu_matmul" in jax.jit(dense.apply).lower(params, x).as_text()
+    monkeypatch.setattr(layers, "use_cpu_matmul", lambda dtype, out_dtype=None: False)
+    without = value_and_grads()
+    for got, expected in zip(jax.tree.leaves(with_kernel), jax.tree.leaves(without)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,208 @@
+"""Fused CPU kernels called through XLA FFI: causal attention and float32 matmuls (csrc/).
+
+XLA:CPU leaves speed on the table in two places (docs/benchmarks.md): it has no fused attention,
+so the explicit form writes and reads score-sized arrays many times per layer, and its matmuls run
+the step's shapes 5-40% slower than an optimised BLAS. Here:
+
+- `causal_attention` (csrc/cpu_attention.cc) keeps each (batch row, head)'s scores in cache and
+  skips the masked blocks, forward and backward;
+- `matmul` (csrc/cpu_matmul.cc) is op(A) @ op(B) through OpenBLAS (the `scipy-openblas32` wheel),
+  single-threaded per band, the bands spread over XLA's own thread pool.
+
+The library is compiled on first use with the machine's C++ compiler (`$CXX`, else `c++`/`g++`/
+`clang++`; `-O3 -march=native`) against the FFI headers shipped with jaxlib, and cached in
+`$LLM_JAX_CACHE_DIR` (default `~/.cache/llm_jax`) under a name that changes with the sources,
+jaxlib, OpenBLAS, the compiler and the CPU, so a shared home directory never hands one machine's
+build to another. Without a compiler, or if the build fails, `available()` says why once and the
+model keeps XLA's own ops: same functions, slower. `LLM_JAX_CPU_KERNELS=0` switches them off.
+
+`layers` uses them for float32 training on CPU when the step runs on one device (see
+`layers.use_cpu_kernels`); GPU/TPU, sharded meshes, bf16 and decoding keep the XLA path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger(__name__)
+
+SOURCE_DIR = Path(__file__).parent / "csrc"
+SOURCES = ("cpu_attention.cc", "cpu_matmul.cc")
+HEADERS = ("parallel_for.h",)
+CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+_FORWARD, _BACKWARD = "llm_jax_cpu_attention_fwd", "llm_jax_cpu_attention_bwd"
+_MATMUL = "llm_jax_cpu_matmul"
+MATMUL_NAME = "cpu_matmul"  # checkpoint name of the kernel's outputs: `model.remat=dots` keeps them
+_registered = False
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LLM_JAX_CACHE_DIR") or Path.home() / ".cache" / "llm_jax")
+
+
+def _compiler() -> str | None:
+    for candidate in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if candidate and shutil.which(candidate):
+            return shutil.which(candidate)
+    return None
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU's model and feature flags where the OS tells them."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        wanted = [line for line in lines if line.startswith(("model name", "flags", "Features"))]
+        return "\n".join(dict.fromkeys(wanted)) or platform.processor()
+    except OSError:
+        return platform.machine() + platform.processor()
+
+
+def _build(compiler: str) -> Path:
+    """The compiled library, built once per (sources, jaxlib, OpenBLAS, compiler, CPU) and reused."""
+    import jaxlib
+    import scipy_openblas32
+
+    blas_lib = scipy_openblas32.get_lib_dir()
+    flags = [*CXX_FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{scipy_openblas32.get_include_dir()}",
+             f"-I{SOURCE_DIR}"]
+    links = [f"-L{blas_lib}", f"-l{scipy_openblas32.get_library()}", f"-Wl,-rpath,{blas_lib}"]
+    key = hashlib.sha256()
+    for name in (*SOURCES, *HEADERS):
+        key.update((SOURCE_DIR / name).read_bytes())
+    for part in (jaxlib.__version__, scipy_openblas32.get_openblas_config(), compiler, " ".join(flags + links),
+                 _cpu_signature()):
+        key.update(part.encode())
+    target = cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: a concurrent process never loads a half-written file.
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        partial = Path(tmp) / target.name
+        command = [compiler, *flags, *(str(SOURCE_DIR / name) for name in SOURCES), "-o", str(partial), *links]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            errors = [line for line in result.stderr.splitlines() if "error" in line]
+            raise RuntimeError((errors or result.stderr.splitlines() or ["no output"])[0].strip())
+        os.replace(partial, target)
+    return target
+
+
+@functools.cache
+def available() -> bool:
+    """True once the kernels are built, loaded and registered with XLA; False (logged once) otherwise."""
+    if os.environ.get("LLM_JAX_CPU_KERNELS", "1") == "0":
+        return False
+    compiler = _compiler()
+    if compiler is None:
+        log.warning("no C++ compiler found: CPU training uses XLA's own (slower) attention and matmuls")
+        return False
+    global _registered
+    try:
+        if not _registered:  # XLA keeps a target for the process's lifetime: register once
+            library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
+            for name, symbol in ((_FORWARD, library.LlmJaxCpuAttentionForward),
+                                 (_BACKWARD, library.LlmJaxCpuAttentionBackward),
+                                 (_MATMUL, library.LlmJaxCpuMatmul)):
+                jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
+            # One BLAS thread per call: the kernel spreads its bands over XLA's thread pool instead.
+            library.scipy_openblas_set_num_threads(1)
+            _registered = True
+    except (ImportError, OSError, RuntimeError, AttributeError) as error:
+        log.warning("the fused CPU kernels could not be built (%s): CPU training uses XLA's own (slower) "
+                    "attention and matmuls", error)
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _forward_call(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL):
+    batch, length, n_heads, _ = q_BLHD.shape
+    out_types = (jax.ShapeDtypeStruct(q_BLHD.shape, jnp.float32),
+                 jax.ShapeDtypeStruct((batch, n_heads, length), jnp.float32))
+    return jax.ffi.ffi_call(_FORWARD, out_types)(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
+
+
+@jax.custom_vjp
+def _attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL):
+    return _forward_call(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)[0]
+
+
+def _attention_fwd(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL):
+    out_BLHD, lse_BHL = _forward_call(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
+    return out_BLHD, (q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, out_BLHD, lse_BHL)
+
+
+def _attention_bwd(residuals, dout_BLHD):
+    q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, out_BLHD, lse_BHL = residuals
+    out_types = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q_BLHD, k_BLKD, v_BLKD))
+    dq, dk, dv = jax.ffi.ffi_call(_BACKWARD, out_types)(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, out_BLHD,
+                                                         lse_BHL, dout_BLHD)
+    return dq, dk, dv, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def causal_attention(q_BLHD: jax.Array, k_BLKD: jax.Array, v_BLKD: jax.Array,
+                     segment_ids_BL: jax.Array | None) -> jax.Array:
+    """Causal grouped-query attention within documents, float32, on CPU; [B, L, H, D].
+
+    The same function as `layers.xla_attention` with `layers.causal_segment_mask(segment_ids_BL)`.
+    Call only when `available()`; `layers.use_cpu_kernels` decides.
+    """
+    if segment_ids_BL is None:
+        segment_ids_BL = jnp.zeros(q_BLHD.shape[:2], jnp.int32)
+    return _attention(q_BLHD.astype(jnp.float32), k_BLKD.astype(jnp.float32), v_BLKD.astype(jnp.float32),
+                      segment_ids_BL.astype(jnp.int32))
+
+
+# ----------------------------------------------------------------------------- matmul
+
+
+def _matmul_call(a, b, transpose_a: bool, transpose_b: bool):
+    m = a.shape[1] if transpose_a else a.shape[0]
+    n = b.shape[0] if transpose_b else b.shape[1]
+    out_type = jax.ShapeDtypeStruct((m, n), jnp.float32)
+    return jax.ffi.ffi_call(_MATMUL, out_type)(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(a_MK, b, transpose_b: bool):
+    return _matmul_call(a_MK, b, False, transpose_b)
+
+
+def _matmul_fwd(a_MK, b, transpose_b):
+    return _matmul_call(a_MK, b, False, transpose_b), (a_MK, b)
+
+
+def _matmul_bwd(transpose_b, residuals, dc_MN):
+    a_MK, b = residuals
+    if transpose_b:  # c = a @ b.T with b [N, K]
+        return _matmul_call(dc_MN, b, False, False), _matmul_call(dc_MN, a_MK, True, False)
+    return _matmul_call(dc_MN, b, False, True), _matmul_call(a_MK, dc_MN, True, False)  # b [K, N]
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def matmul(a_MK: jax.Array, b: jax.Array, transpose_b: bool = False) -> jax.Array:
+    """a [M, K] @ b [K, N] (or @ b.T for b [N, K] with `transpose_b`), float32, with gradients.
+
+    Call only when `available()`; `layers.use_cpu_kernels` decides.
+    """
+    return _matmul(a_MK.astype(jnp.float32), b.astype(jnp.float32), transpose_b)
