@@ -1,11 +1,12 @@
 """The baby GPT's step taken apart: each part alone, forward + backward, llm_jax's ops against PyTorch's.
 
 Parts at the baby GPT's shapes (16 x 256 tokens, d_model 384, 6 heads, d_ff 1536, vocabulary 8192):
-one layer's MLP, one layer's attention (llm_jax: the training attention `layers.Attention` picks, i.e.
-the fused CPU kernel where it builds), one LayerNorm, the tied logits with cross-entropy, and AdamW
-with clipping over 13.9M parameters. Then the step's matmul shapes alone, in GFLOP/s. Each side
-runs in its own interpreter (JAX_PY, TORCH_PY as in bench_vs_torch.py), one after the other; times
-are the lower quartile of `--repeats` calls.
+one layer's MLP, one layer's attention, one LayerNorm, the tied logits with cross-entropy, and AdamW
+with clipping over 13.9M parameters. llm_jax's side uses what the model uses: the CPU kernels
+(cpu_kernels.py) for attention and matmuls where they build. Then the step's matmul shapes alone,
+in GFLOP/s: XLA's own dot, llm_jax's matmul kernel (OpenBLAS) and PyTorch's (MKL). Each side runs
+in its own interpreter (JAX_PY, TORCH_PY as in bench_vs_torch.py), one after the other; times are
+the lower quartile of `--repeats` calls.
 
     python scripts/parts_vs_torch.py
     taskset -c 0 python scripts/parts_vs_torch.py --threads 1      # one core each
@@ -70,13 +71,15 @@ def run_jax(repeats: int) -> dict:
         step = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=tuple(range(len(args)))))
         return timed(lambda: jax.block_until_ready(step(*args)), repeats)
 
+    kernels = layers.use_cpu_kernels(jnp.float32)
+    matmul = cpu_kernels.matmul if kernels else jnp.matmul
     x = jnp.asarray(data(0, N, E))
     w1, w2 = jnp.asarray(data(1, E, F, scale=0.02)), jnp.asarray(data(2, F, E, scale=0.02))
     b1, b2 = jnp.zeros(F), jnp.zeros(E)
-    parts = {"mlp": grad_time(lambda x, w1, b1, w2, b2: jax.nn.gelu(x @ w1 + b1, approximate=True) @ w2 + b2,
-                              x, w1, b1, w2, b2)}
+    parts = {"mlp": grad_time(lambda x, w1, b1, w2, b2: matmul(jax.nn.gelu(matmul(x, w1) + b1, approximate=True), w2)
+                              + b2, x, w1, b1, w2, b2)}
     q, k, v = (jnp.asarray(data(s, B, L, H, D)) for s in (3, 4, 5))
-    if layers.use_cpu_kernels(jnp.float32):
+    if kernels:
         attention = lambda q, k, v: cpu_kernels.causal_attention(q, k, v, None)
     else:
         mask = layers.causal_segment_mask(None, L)
@@ -91,8 +94,9 @@ def run_jax(repeats: int) -> dict:
     parts["layer norm"] = grad_time(layer_norm, x, scale, bias)
     embedding = jnp.asarray(data(6, V, E, scale=0.02))
     targets = jnp.asarray(np.random.default_rng(7).integers(0, V, N))
+    logits = (lambda x, e: cpu_kernels.matmul(x, e, transpose_b=True)) if kernels else (lambda x, e: x @ e.T)
     parts["logits + cross-entropy"] = grad_time(
-        lambda x, e: optax.softmax_cross_entropy_with_integer_labels(x @ e.T, targets).mean(), x, embedding)
+        lambda x, e: optax.softmax_cross_entropy_with_integer_labels(logits(x, e), targets).mean(), x, embedding)
     params = [jnp.asarray(data(8 + i, PARAMS // 8)) for i in range(8)]
     grads = [jnp.asarray(data(16 + i, PARAMS // 8)) for i in range(8)]
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, b1=0.9, b2=0.95, weight_decay=0.1))
@@ -104,13 +108,19 @@ def run_jax(repeats: int) -> dict:
         return optax.apply_updates(params, updates), opt_state
 
     parts["adamw + clipping"] = timed(lambda: jax.block_until_ready(update(params, opt_state, grads)), repeats)
-    matmuls = {}
-    for name, (equation, lhs, rhs, _, _) in MATMULS.items():
+    matmuls, kernel_matmuls = {}, {}
+    for name, (equation, lhs, rhs, transpose_lhs, transpose_rhs) in MATMULS.items():
         a, b = jnp.asarray(data(30, *lhs)), jnp.asarray(data(31, *rhs))
+        flops = matmul_flops(equation, lhs, rhs)
         product = jax.jit(lambda a, b, eq=equation: jnp.einsum(eq, a, b))
         seconds = timed(lambda product=product, a=a, b=b: jax.block_until_ready(product(a, b)), repeats)
-        matmuls[name] = matmul_flops(equation, lhs, rhs) / seconds / 1e9
-    return {"parts_ms": {k: 1e3 * s for k, s in parts.items()}, "matmul_gflops": matmuls}
+        matmuls[name] = flops / seconds / 1e9
+        if kernels:
+            call = jax.jit(lambda a, b, ta=transpose_lhs, tb=transpose_rhs: cpu_kernels._matmul_call(a, b, ta, tb))
+            seconds = timed(lambda call=call, a=a, b=b: jax.block_until_ready(call(a, b)), repeats)
+            kernel_matmuls[name] = flops / seconds / 1e9
+    return {"parts_ms": {k: 1e3 * s for k, s in parts.items()}, "matmul_gflops": matmuls,
+            "kernel_matmul_gflops": kernel_matmuls}
 
 
 def run_torch(repeats: int, threads: int) -> dict:
@@ -179,9 +189,10 @@ def main() -> None:
     for part, ms in results["jax"]["parts_ms"].items():
         other = results["torch"]["parts_ms"][part]
         print(f"{part:28s} {ms:10.1f} {other:9.1f} {other / ms:9.2f}")
-    print(f"\n{'matmul':28s} {'XLA GFLOP/s':>11s} {'torch':>9s}")
+    print(f"\n{'matmul (GFLOP/s)':28s} {'XLA dot':>8s} {'kernel':>7s} {'torch':>6s}")
     for name, gflops in results["jax"]["matmul_gflops"].items():
-        print(f"{name:28s} {gflops:11.0f} {results['torch']['matmul_gflops'][name]:9.0f}")
+        kernel = results["jax"]["kernel_matmul_gflops"].get(name, float("nan"))
+        print(f"{name:28s} {gflops:8.0f} {kernel:7.0f} {results['torch']['matmul_gflops'][name]:6.0f}")
     print(json.dumps(results))
 
 
