@@ -103,5 +103,7 @@ def run_bench(config: Config, steps: int = 10, warmup: int = 2) -> dict[str, Any
         "peak_flops": peak,
         "params": count_params(setup.abstract_state.params),
         "device": f"{jax.device_count()}x {getattr(device, 'device_kind', device.platform)}",
+        # Whether the compiled step calls the CPU kernels (cpu_kernels.py) or XLA's own ops only.
+        "cpu_kernels": "llm_jax_cpu_" in compiled.as_text(),
         "loss": float(metrics["loss"]),
     }

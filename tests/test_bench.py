@@ -3,7 +3,7 @@
 import jax
 import pytest
 
-from llm_jax import bench, flops, trainer
+from llm_jax import bench, cpu_kernels, flops, trainer
 from llm_jax.config import load_config
 from llm_jax.transformer import count_params
 
@@ -58,3 +58,4 @@ def test_bench_reports_parameters_memory_and_cpu_time(tmp_path):
     assert 0 < report["temp_memory_bytes"] <= report["peak_memory_bytes"]
     assert report["step_cpu_time_s"] > 0
     assert report["mfu"] == pytest.approx(report["tokens_per_sec"] * report["flops_per_token"] / report["peak_flops"])
+    assert report["cpu_kernels"] == cpu_kernels.available()  # tiny.yaml is float32 on one CPU device
