@@ -127,6 +127,19 @@ struct Dims {
   int64_t group() const { return heads / kv_heads; }
 };
 
+constexpr char kShapeError[] = "cpu attention: q [B, L, H, D], k and v [B, L, K, D], H % K == 0";
+
+// The dimensions from q and k, or false when their shapes do not fit together.
+bool ReadDims(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k, Dims* d) {
+  const auto qd = q.dimensions();
+  const auto kd = k.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || qd[0] != kd[0] || qd[1] != kd[1] || qd[3] != kd[3] || kd[2] == 0 ||
+      qd[2] % kd[2] != 0)
+    return false;
+  *d = Dims{qd[0], qd[1], qd[2], kd[2], qd[3]};
+  return true;
+}
+
 // Rows of one head of a [B, L, N, D] array as a contiguous [L, D] copy, times `scale`.
 void GatherHead(const float* x, int64_t b, int64_t head, int64_t n_heads, const Dims& d, float scale,
                 float* out) {
@@ -191,28 +204,18 @@ void Probabilities(float* scores, int64_t ld, int64_t i0, int rows, int64_t end,
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> segment_ids,
                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
-  const auto qd = q.dimensions();
-  const auto kd = k.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || qd[3] != kd[3] || kd[2] == 0 || qd[2] % kd[2] != 0)
-    return ffi::Error::InvalidArgument("cpu attention: q [B, L, H, D], k and v [B, L, K, D], H % K == 0");
-  const Dims d{qd[0], qd[1], qd[2], kd[2], qd[3]};
+  Dims d;
+  if (!ReadDims(q, k, &d)) return ffi::Error::InvalidArgument(kShapeError);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d.head_dim));
-  const float* q_ptr = q.typed_data();
-  const float* k_ptr = k.typed_data();
-  const float* v_ptr = v.typed_data();
-  const int32_t* seg_ptr = segment_ids.typed_data();
-  float* out_ptr = out->typed_data();
-  float* lse_ptr = lse->typed_data();
-
   ParallelFor(pool, d.batch * d.heads, [&, d, scale](int64_t task) {
     const int64_t b = task / d.heads, h = task % d.heads, kv = h / d.group();
     const int64_t L = d.length, D = d.head_dim;
     std::vector<float> qc(L * D), kt(D * L), vc(L * D), scores(kQueryBlock * L), o(kQueryBlock * D);
     float row_max[kQueryBlock], row_sum[kQueryBlock];
-    GatherHead(q_ptr, b, h, d.heads, d, scale, qc.data());
-    GatherHeadTransposed(k_ptr, b, kv, d.kv_heads, d, kt.data());
-    GatherHead(v_ptr, b, kv, d.kv_heads, d, 1.0f, vc.data());
-    const int32_t* seg = seg_ptr + b * L;
+    GatherHead(q.typed_data(), b, h, d.heads, d, scale, qc.data());
+    GatherHeadTransposed(k.typed_data(), b, kv, d.kv_heads, d, kt.data());
+    GatherHead(v.typed_data(), b, kv, d.kv_heads, d, 1.0f, vc.data());
+    const int32_t* seg = segment_ids.typed_data() + b * L;
     for (int64_t i0 = 0; i0 < L; i0 += kQueryBlock) {
       const int rows = static_cast<int>(std::min<int64_t>(kQueryBlock, L - i0));
       const int64_t end = i0 + rows;  // causal: no key after the block's last row
@@ -222,9 +225,9 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
       for (int r = 0; r < rows; ++r) {
         const float inv = 1.0f / row_sum[r];
         for (int64_t e = 0; e < D; ++e) o[r * D + e] *= inv;
-        lse_ptr[(b * d.heads + h) * L + i0 + r] = row_max[r] + std::log(row_sum[r]);
+        lse->typed_data()[(b * d.heads + h) * L + i0 + r] = row_max[r] + std::log(row_sum[r]);
       }
-      ScatterHead(o.data(), b, h, d.heads, d, i0, rows, 1.0f, out_ptr);
+      ScatterHead(o.data(), b, h, d.heads, d, i0, rows, 1.0f, out->typed_data());
     }
   });
   return ffi::Error::Success();
@@ -235,23 +238,9 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
                     ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                     ffi::ResultBuffer<ffi::F32> dv) {
-  const auto qd = q.dimensions();
-  const auto kd = k.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || qd[3] != kd[3] || kd[2] == 0 || qd[2] % kd[2] != 0)
-    return ffi::Error::InvalidArgument("cpu attention: q [B, L, H, D], k and v [B, L, K, D], H % K == 0");
-  const Dims d{qd[0], qd[1], qd[2], kd[2], qd[3]};
+  Dims d;
+  if (!ReadDims(q, k, &d)) return ffi::Error::InvalidArgument(kShapeError);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d.head_dim));
-  const float* q_ptr = q.typed_data();
-  const float* k_ptr = k.typed_data();
-  const float* v_ptr = v.typed_data();
-  const int32_t* seg_ptr = segment_ids.typed_data();
-  const float* out_ptr = out.typed_data();
-  const float* lse_ptr = lse.typed_data();
-  const float* dout_ptr = dout.typed_data();
-  float* dq_ptr = dq->typed_data();
-  float* dk_ptr = dk->typed_data();
-  float* dv_ptr = dv->typed_data();
-
   // One task per (batch row, kv head): it owns dk and dv of that head, summed over its group.
   ParallelFor(pool, d.batch * d.kv_heads, [&, d, scale](int64_t task) {
     const int64_t b = task / d.kv_heads, kv = task % d.kv_heads;
@@ -259,21 +248,21 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
     std::vector<float> kc(L * D), kt(D * L), vt(D * L), qc(L * D), doc(L * D), oc(L * D);
     std::vector<float> probs(kQueryBlock * L), dprobs(kQueryBlock * L), dq_rows(kQueryBlock * D);
     std::vector<float> dk_acc(L * D, 0.0f), dv_acc(L * D, 0.0f), delta(L);
-    GatherHead(k_ptr, b, kv, d.kv_heads, d, 1.0f, kc.data());
-    GatherHeadTransposed(k_ptr, b, kv, d.kv_heads, d, kt.data());
-    GatherHeadTransposed(v_ptr, b, kv, d.kv_heads, d, vt.data());
-    const int32_t* seg = seg_ptr + b * L;
+    GatherHead(k.typed_data(), b, kv, d.kv_heads, d, 1.0f, kc.data());
+    GatherHeadTransposed(k.typed_data(), b, kv, d.kv_heads, d, kt.data());
+    GatherHeadTransposed(v.typed_data(), b, kv, d.kv_heads, d, vt.data());
+    const int32_t* seg = segment_ids.typed_data() + b * L;
     for (int64_t g = 0; g < d.group(); ++g) {
       const int64_t h = kv * d.group() + g;
-      GatherHead(q_ptr, b, h, d.heads, d, scale, qc.data());
-      GatherHead(dout_ptr, b, h, d.heads, d, 1.0f, doc.data());
-      GatherHead(out_ptr, b, h, d.heads, d, 1.0f, oc.data());
+      GatherHead(q.typed_data(), b, h, d.heads, d, scale, qc.data());
+      GatherHead(dout.typed_data(), b, h, d.heads, d, 1.0f, doc.data());
+      GatherHead(out.typed_data(), b, h, d.heads, d, 1.0f, oc.data());
       for (int64_t i = 0; i < L; ++i) {  // rowsum(dp * p) = rowsum(dout * out)
         float s = 0.0f;
         for (int64_t e = 0; e < D; ++e) s += doc[i * D + e] * oc[i * D + e];
         delta[i] = s;
       }
-      const float* row_lse = lse_ptr + (b * d.heads + h) * L;
+      const float* row_lse = lse.typed_data() + (b * d.heads + h) * L;
       for (int64_t i0 = 0; i0 < L; i0 += kQueryBlock) {
         const int rows = static_cast<int>(std::min<int64_t>(kQueryBlock, L - i0));
         const int64_t end = i0 + rows;
@@ -291,12 +280,12 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
         }
         // dq_block = scale * dscores k; dk[:end] += dscores^T (scale * q_block)
         Gemm<false>(rows, D, end, dprobs.data(), end, 1, kc.data(), D, dq_rows.data(), D);
-        ScatterHead(dq_rows.data(), b, h, d.heads, d, i0, rows, scale, dq_ptr);
+        ScatterHead(dq_rows.data(), b, h, d.heads, d, i0, rows, scale, dq->typed_data());
         Gemm<true>(end, D, rows, dprobs.data(), 1, end, qc.data() + i0 * D, D, dk_acc.data(), D);
       }
     }
-    ScatterHead(dk_acc.data(), b, kv, d.kv_heads, d, 0, L, 1.0f, dk_ptr);
-    ScatterHead(dv_acc.data(), b, kv, d.kv_heads, d, 0, L, 1.0f, dv_ptr);
+    ScatterHead(dk_acc.data(), b, kv, d.kv_heads, d, 0, L, 1.0f, dk->typed_data());
+    ScatterHead(dv_acc.data(), b, kv, d.kv_heads, d, 0, L, 1.0f, dv->typed_data());
   });
   return ffi::Error::Success();
 }
