@@ -57,13 +57,28 @@ def _split_micro(batch: dict[str, jax.Array], n_micro: int) -> dict[str, jax.Arr
     return jax.tree.map(split, batch)
 
 
-def _keep_unless_finite(finite: jax.Array, new: Any, old: Any) -> Any:
-    """`new` where the step was finite, else `old`; integer leaves (optimizer step counters) take
-    `new` always, so that optax's own schedule stays a function of the step like `state.step`."""
-    def pick(n, o):
-        return n if jnp.issubdtype(n.dtype, jnp.integer) else jnp.where(finite, n, o)
+def update_unless_nonfinite(finite: jax.Array, tx: optax.GradientTransformation, grads: Any, opt_state: Any,
+                            params: Any) -> tuple[Any, Any]:
+    """(params, opt_state) after one optimizer update if `finite`, else as they were.
 
-    return jax.tree.map(pick, new, old)
+    A `lax.cond` rather than a select between old and new: XLA then runs only the branch taken,
+    and the update writes each leaf in one pass. Selecting afterwards needs old and new states side
+    by side and one more pass over both (on CPU ~50 ms of the baby GPT's 1.9 s step,
+    docs/benchmarks.md).
+    """
+    def update(operands):
+        grads, opt_state, params = operands
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_opt_state
+
+    def keep(operands):
+        _, opt_state, params = operands
+        # optax's step counters (its only integer leaves) advance anyway, as `state.step` does, so
+        # its learning-rate schedule stays a function of the step.
+        counters_advanced = jax.tree.map(lambda x: x + 1 if jnp.issubdtype(x.dtype, jnp.integer) else x, opt_state)
+        return params, counters_advanced
+
+    return jax.lax.cond(finite, update, keep, (grads, opt_state, params))
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx: optax.GradientTransformation,
@@ -102,13 +117,15 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx: opt
 
     scale = 1.0 / jnp.maximum(weight_sum, 1.0)
     grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads, state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
-    # Non-finite guard, on the device so it costs no host sync: a NaN/Inf loss or gradient, or an
-    # update that overflows, leaves the parameters and the optimizer's moments as they were.
-    finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
-    params, opt_state = _keep_unless_finite(finite, (params, opt_state), (state.params, state.opt_state))
+    # Non-finite guard, on the device so it costs no host sync: a NaN/Inf loss or gradient leaves
+    # the parameters and the optimizer's moments as they were.
+    finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
+    params, opt_state = update_unless_nonfinite(finite, tx, grads, state.opt_state, state.params)
+    # A finite gradient gives a finite AdamW or LAMB update, but one so large (a learning rate far too
+    # high) that the parameters overflow is made: the step then counts as non-finite too, so it is
+    # never saved, and the run stops after train.max_nonfinite_steps with its last good checkpoint.
+    finite &= jnp.isfinite(optax.tree.norm(params))
     metrics = {
         "loss": mean_loss(loss_sum, weight_sum),
         "grad_norm": grad_norm,

@@ -8,7 +8,10 @@ Keeps the earlier implementations of the parts that were tuned for speed, and sw
 - `blocked_attention`: the CPU kernels (cpu_kernels.py) switched off, so training attention is the
   blocked XLA attention and the matmuls are XLA's own;
 - `xla_matmuls`: only the CPU matmul kernel switched off (the fused attention kernel stays);
-- `before`: the first two above, i.e. the step before any tuning; `after`: the code as it is.
+- `select_guard`: the non-finite guard as it was, a select between the old and the new state after
+  the update (now: `steps.update_unless_nonfinite`, a `lax.cond`);
+- `before`: `3d_matmuls`, `full_square_attention` and `select_guard` together, i.e. the step before
+  any tuning; `after`: the code as it is.
 Every variant is compiled once, then the variants take turns step by step, so machine load hits
 all alike. Reports the minimum and median wall time, the CPU time, and the speed-ups over the
 first variant.
@@ -28,8 +31,9 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
-from llm_jax import bench, layers
+from llm_jax import bench, layers, steps
 from llm_jax.config import load_config
 
 
@@ -63,11 +67,23 @@ def full_square_attention(q_BLHD, k_BLKD, v_BLKD, mask_B1LL):
     return layers.xla_attention(q_BLHD, k_BLKD, v_BLKD, mask_B1LL)
 
 
+def select_guard(finite, tx, grads, opt_state, params):
+    """steps.update_unless_nonfinite before tuning: update, then pick old or new leaf by leaf."""
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    finite = finite & jnp.isfinite(optax.tree.norm(updates))
+
+    def pick(new, old):
+        return new if jnp.issubdtype(new.dtype, jnp.integer) else jnp.where(finite, new, old)
+
+    return jax.tree.map(pick, (new_params, new_opt_state), (params, opt_state))
+
+
 @contextlib.contextmanager
 def variant(name: str):
     """Swaps the earlier implementations into `layers` while the variant's step is traced."""
     saved = (layers.Dense, layers.Embed.attend, layers.causal_attention, layers.use_cpu_kernels,
-             layers.use_cpu_matmul)
+             layers.use_cpu_matmul, steps.update_unless_nonfinite)
     if name in ("before", "3d_matmuls"):
         layers.Dense, layers.Embed.attend = Dense3D, attend_3d
     if name in ("before", "full_square_attention"):
@@ -76,18 +92,20 @@ def variant(name: str):
         layers.use_cpu_kernels = lambda dtype: False  # these variants predate the C++ kernels
     if name == "xla_matmuls":
         layers.use_cpu_matmul = lambda dtype, out_dtype=None: False
+    if name in ("before", "select_guard"):
+        steps.update_unless_nonfinite = select_guard
     try:
         yield
     finally:
         (layers.Dense, layers.Embed.attend, layers.causal_attention, layers.use_cpu_kernels,
-         layers.use_cpu_matmul) = saved
+         layers.use_cpu_matmul, steps.update_unless_nonfinite) = saved
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="+", default=["before", "after"],
                         choices=["before", "3d_matmuls", "full_square_attention", "blocked_attention",
-                                 "xla_matmuls", "after"])
+                                 "xla_matmuls", "select_guard", "after"])
     parser.add_argument("--rounds", type=int, default=10, help="timed steps per variant")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of configs/baby_gpt.yaml")
     args = parser.parse_args()
