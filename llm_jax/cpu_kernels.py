@@ -1,13 +1,16 @@
-"""Fused CPU kernels called through XLA FFI: causal attention and float32 matmuls (csrc/).
+"""Fused CPU kernels called through XLA FFI: causal attention, float32 matmuls, norms (csrc/).
 
-XLA:CPU leaves speed on the table in two places (docs/benchmarks.md): it has no fused attention,
-so the explicit form writes and reads score-sized arrays many times per layer, and its matmuls run
-the step's shapes 5-40% slower than an optimised BLAS. Here:
+XLA:CPU leaves speed on the table in three places (docs/benchmarks.md): it has no fused attention,
+so the explicit form writes and reads score-sized arrays many times per layer; its matmuls run
+the step's shapes 5-40% slower than an optimised BLAS; and inside a whole step it splits each
+norm into many separate passes. Here:
 
 - `causal_attention` (csrc/cpu_attention.cc) keeps each (batch row, head)'s scores in cache and
   skips the masked blocks, forward and backward;
 - `matmul` (csrc/cpu_matmul.cc) is op(A) @ op(B) through OpenBLAS (the `scipy-openblas32` wheel),
-  single-threaded per band, the bands spread over XLA's own thread pool.
+  single-threaded per band, the bands spread over XLA's own thread pool;
+- `layer_norm` (csrc/cpu_layer_norm.cc) is LayerNorm or RMSNorm, each row normalised in one pass,
+  forward and backward.
 
 The library is compiled on first use with the machine's C++ compiler (`$CXX`, else `c++`/`g++`/
 `clang++`; `-O3 -march=native`) against the FFI headers shipped with jaxlib, and cached in
@@ -35,15 +38,17 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 log = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).parent / "csrc"
-SOURCES = ("cpu_attention.cc", "cpu_matmul.cc")
+SOURCES = ("cpu_attention.cc", "cpu_matmul.cc", "cpu_layer_norm.cc")
 HEADERS = ("parallel_for.h",)
 CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 _FORWARD, _BACKWARD = "llm_jax_cpu_attention_fwd", "llm_jax_cpu_attention_bwd"
 _MATMUL = "llm_jax_cpu_matmul"
+_NORM_FORWARD, _NORM_BACKWARD = "llm_jax_cpu_layer_norm_fwd", "llm_jax_cpu_layer_norm_bwd"
 MATMUL_NAME = "cpu_matmul"  # checkpoint name of the kernel's outputs: `model.remat=dots` keeps them
 _registered = False
 
@@ -107,7 +112,7 @@ def available() -> bool:
         return False
     compiler = _compiler()
     if compiler is None:
-        log.warning("no C++ compiler found: CPU training uses XLA's own (slower) attention and matmuls")
+        log.warning("no C++ compiler found: CPU training uses XLA's own (slower) attention, matmuls and norms")
         return False
     global _registered
     try:
@@ -115,14 +120,16 @@ def available() -> bool:
             library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
             for name, symbol in ((_FORWARD, library.LlmJaxCpuAttentionForward),
                                  (_BACKWARD, library.LlmJaxCpuAttentionBackward),
-                                 (_MATMUL, library.LlmJaxCpuMatmul)):
+                                 (_MATMUL, library.LlmJaxCpuMatmul),
+                                 (_NORM_FORWARD, library.LlmJaxCpuLayerNormForward),
+                                 (_NORM_BACKWARD, library.LlmJaxCpuLayerNormBackward)):
                 jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
             # One BLAS thread per call: the kernel spreads its bands over XLA's thread pool instead.
             library.scipy_openblas_set_num_threads(1)
             _registered = True
     except (ImportError, OSError, RuntimeError, AttributeError) as error:
         log.warning("the fused CPU kernels could not be built (%s): CPU training uses XLA's own (slower) "
-                    "attention and matmuls", error)
+                    "attention, matmuls and norms", error)
         return False
     return True
 
@@ -206,3 +213,43 @@ def matmul(a_MK: jax.Array, b: jax.Array, transpose_b: bool = False) -> jax.Arra
     Call only when `available()`; `layers.use_cpu_kernels` decides.
     """
     return _matmul(a_MK.astype(jnp.float32), b.astype(jnp.float32), transpose_b)
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+def _norm_forward_call(x, scale, bias, eps: float, rms: bool):
+    stats = jax.ShapeDtypeStruct(x.shape[:-1], jnp.float32)
+    out_types = (jax.ShapeDtypeStruct(x.shape, jnp.float32), stats, stats)
+    return jax.ffi.ffi_call(_NORM_FORWARD, out_types)(x, scale, bias, eps=np.float32(eps), rms=rms)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _layer_norm(x, scale, bias, eps: float, rms: bool):
+    return _norm_forward_call(x, scale, bias, eps, rms)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, eps, rms):
+    y, mean, rstd = _norm_forward_call(x, scale, bias, eps, rms)
+    return y, (x, scale, mean, rstd)
+
+
+def _layer_norm_bwd(eps, rms, residuals, dy):
+    x, scale, mean, rstd = residuals
+    out_types = (jax.ShapeDtypeStruct(x.shape, jnp.float32), *[jax.ShapeDtypeStruct(scale.shape, jnp.float32)] * 2)
+    dx, dscale, dbias = jax.ffi.ffi_call(_NORM_BACKWARD, out_types)(x, scale, mean, rstd, dy, rms=rms)
+    return dx, dscale, dbias
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+def layer_norm(x: jax.Array, scale_E: jax.Array, bias_E: jax.Array | None, eps: float) -> jax.Array:
+    """LayerNorm over the last axis of x, float32, with gradients; RMSNorm when `bias_E` is None.
+
+    The same function as `layers.Norm`'s XLA form. Call only when `available()`;
+    `layers.use_cpu_kernels` decides.
+    """
+    rms = bias_E is None
+    bias_E = jnp.zeros_like(scale_E) if rms else bias_E
+    return _layer_norm(x.astype(jnp.float32), scale_E.astype(jnp.float32), bias_E.astype(jnp.float32), eps, rms)

@@ -170,19 +170,24 @@ class Norm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         features = x.shape[-1]
-        broadcast = (1,) * (x.ndim - 1) + (features,)
 
-        def vector(name, init):  # [E], broadcast over the leading axes in float32
+        def vector(name, init):  # [E] in float32
             param = self.param(name, nn.with_logical_partitioning(init, ("embed",)), (features,), self.param_dtype)
-            return param.astype(jnp.float32).reshape(broadcast)
+            return param.astype(jnp.float32)
 
+        scale = vector("scale", nn.initializers.ones)
+        bias = None if self.rms else vector("bias", nn.initializers.zeros)
+        if use_cpu_kernels(self.dtype):
+            # One pass per row (cpu_kernels.py): inside a whole step XLA:CPU splits a norm into many.
+            return cpu_kernels.layer_norm(x, scale, bias, self.eps).astype(self.dtype)
+        broadcast = (1,) * (x.ndim - 1) + (features,)
         x32 = x.astype(jnp.float32)
         if not self.rms:
             x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        y = y * vector("scale", nn.initializers.ones)
+        y = y * scale.reshape(broadcast)
         if not self.rms:
-            y = y + vector("bias", nn.initializers.zeros)
+            y = y + bias.reshape(broadcast)
         return y.astype(self.dtype)
 
 

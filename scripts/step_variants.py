@@ -8,6 +8,7 @@ Keeps the earlier implementations of the parts that were tuned for speed, and sw
 - `blocked_attention`: the CPU kernels (cpu_kernels.py) switched off, so training attention is the
   blocked XLA attention and the matmuls are XLA's own;
 - `xla_matmuls`: only the CPU matmul kernel switched off (the fused attention kernel stays);
+- `xla_norms`: only the CPU norm kernel switched off, norms as XLA's own ops (the other kernels stay);
 - `select_guard`: the non-finite guard as it was, a select between the old and the new state after
   the update (now: `steps.update_unless_nonfinite`, a `lax.cond`);
 - `before`: `3d_matmuls`, `full_square_attention` and `select_guard` together, i.e. the step before
@@ -67,6 +68,25 @@ def full_square_attention(q_BLHD, k_BLKD, v_BLKD, mask_B1LL):
     return layers.xla_attention(q_BLHD, k_BLKD, v_BLKD, mask_B1LL)
 
 
+class XlaNorm(layers.Norm):
+    """layers.Norm in XLA's own ops, as before the CPU norm kernel."""
+
+    @nn.compact
+    def __call__(self, x):
+        def vector(name, init):
+            return self.param(name, nn.with_logical_partitioning(init, ("embed",)), (x.shape[-1],),
+                              self.param_dtype).reshape((1,) * (x.ndim - 1) + (-1,))
+
+        x32 = x.astype(jnp.float32)
+        if not self.rms:
+            x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        y = y * vector("scale", nn.initializers.ones)
+        if not self.rms:
+            y = y + vector("bias", nn.initializers.zeros)
+        return y.astype(self.dtype)
+
+
 def select_guard(finite, tx, grads, opt_state, params):
     """steps.update_unless_nonfinite before tuning: update, then pick old or new leaf by leaf."""
     updates, new_opt_state = tx.update(grads, opt_state, params)
@@ -83,7 +103,7 @@ def select_guard(finite, tx, grads, opt_state, params):
 def variant(name: str):
     """Swaps the earlier implementations into `layers` while the variant's step is traced."""
     saved = (layers.Dense, layers.Embed.attend, layers.causal_attention, layers.use_cpu_kernels,
-             layers.use_cpu_matmul, steps.update_unless_nonfinite)
+             layers.use_cpu_matmul, layers.Norm, steps.update_unless_nonfinite)
     if name in ("before", "3d_matmuls"):
         layers.Dense, layers.Embed.attend = Dense3D, attend_3d
     if name in ("before", "full_square_attention"):
@@ -92,20 +112,22 @@ def variant(name: str):
         layers.use_cpu_kernels = lambda dtype: False  # these variants predate the C++ kernels
     if name == "xla_matmuls":
         layers.use_cpu_matmul = lambda dtype, out_dtype=None: False
+    if name == "xla_norms":
+        layers.Norm = XlaNorm
     if name in ("before", "select_guard"):
         steps.update_unless_nonfinite = select_guard
     try:
         yield
     finally:
         (layers.Dense, layers.Embed.attend, layers.causal_attention, layers.use_cpu_kernels,
-         layers.use_cpu_matmul, steps.update_unless_nonfinite) = saved
+         layers.use_cpu_matmul, layers.Norm, steps.update_unless_nonfinite) = saved
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="+", default=["before", "after"],
                         choices=["before", "3d_matmuls", "full_square_attention", "blocked_attention",
-                                 "xla_matmuls", "select_guard", "after"])
+                                 "xla_matmuls", "xla_norms", "select_guard", "after"])
     parser.add_argument("--rounds", type=int, default=10, help="timed steps per variant")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of configs/baby_gpt.yaml")
     args = parser.parse_args()

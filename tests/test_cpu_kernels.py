@@ -1,4 +1,4 @@
-"""The CPU kernels (fused attention, BLAS matmul) against XLA's ops; when the model uses them; the fallback."""
+"""The CPU kernels (fused attention, BLAS matmul, norms) against XLA's ops; when the model uses them; the fallback."""
 
 import os
 import shutil
@@ -169,3 +169,44 @@ def test_dense_layer_with_the_kernel_equals_xla(monkeypatch):
     without = value_and_grads()
     for got, expected in zip(jax.tree.leaves(with_kernel), jax.tree.leaves(without)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("shape", [(2, 70, 37), (3, 384), (1, 1, 16)])  # ragged rows and tasks; one row
+def test_norm_kernel_matches_xla_and_its_gradients(monkeypatch, rms, shape):
+    norm = layers.Norm(rms=rms, eps=1e-5)
+    x = _normal(1, shape) * 3.0 + 1.0
+    params = jax.tree.map(lambda p: p + _normal(2, p.shape), norm.init(jax.random.key(0), x))
+    cotangent = _normal(3, shape)
+
+    def value_and_grads():
+        loss = jax.value_and_grad(lambda p, x: jnp.sum(norm.apply(p, x) * cotangent), argnums=(0, 1))
+        return jax.jit(lambda p, x: (norm.apply(p, x), loss(p, x)))(params, x)
+
+    with_kernel = value_and_grads()
+    hlo = jax.jit(jax.grad(lambda p, x: jnp.sum(norm.apply(p, x)))).lower(params, x).as_text()
+    assert "llm_jax_cpu_layer_norm_fwd" in hlo and "llm_jax_cpu_layer_norm_bwd" in hlo
+    monkeypatch.setattr(layers, "use_cpu_kernels", lambda dtype: False)
+    without = value_and_grads()
+    assert jax.tree.structure(with_kernel) == jax.tree.structure(without)
+    for got, expected in zip(jax.tree.leaves(with_kernel), jax.tree.leaves(without)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=2e-5, atol=2e-5)
+
+
+@needs_kernel
+def test_norm_kernel_gradients_do_not_depend_on_the_thread_count():
+    """Parameter gradients are sums over rows: fixed chunks, added in order, whatever the threads."""
+    x, dy = _normal(1, (1000, 24)), _normal(2, (1000, 24))
+    scale, bias = _normal(3, (24,)), _normal(4, (24,))
+    grads = jax.jit(jax.grad(lambda s, b: jnp.sum(cpu_kernels.layer_norm(x, s, b, 1e-5) * dy), argnums=(0, 1)))
+    first = grads(scale, bias)
+    for _ in range(5):
+        for a, b in zip(first, grads(scale, bias)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@needs_kernel
+def test_norm_kernel_rejects_mismatched_shapes():
+    with pytest.raises(Exception, match="cpu layer norm"):
+        jax.block_until_ready(cpu_kernels.layer_norm(jnp.ones((4, 8)), jnp.ones(7), jnp.ones(7), 1e-5))
