@@ -227,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
     _setup_logging()
+    from llm_jax import host_memory
+
+    host_memory.tune_malloc_for_xla_cpu()  # before JAX starts its CPU client's threads
     from llm_jax.checkpoint import CheckpointError
     from llm_jax.fault_tolerance import NonFiniteError
 

@@ -65,7 +65,9 @@ def run_jax(repeats: int) -> dict:
     import jax.numpy as jnp
     import optax
 
-    from llm_jax import blocked_attention, cpu_kernels, layers
+    from llm_jax import blocked_attention, cpu_kernels, host_memory, layers
+
+    host_memory.tune_malloc_for_xla_cpu()  # as `llm-jax` does
 
     def grad_time(fn, *args):
         step = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=tuple(range(len(args)))))

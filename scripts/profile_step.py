@@ -26,7 +26,7 @@ from pathlib import Path
 
 import jax
 
-from llm_jax import bench
+from llm_jax import bench, host_memory
 from llm_jax.config import load_config
 
 # `%name = f32[2,3]{1,0} opcode(...)`, `ROOT %name = (f32[], s32[]) tuple(...)`
@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25, help="ops listed individually")
     parser.add_argument("--trace-dir", default="/tmp/llm_jax_profile")
     args = parser.parse_args()
+    host_memory.tune_malloc_for_xla_cpu()  # as `llm-jax bench` does, before JAX starts its threads
     config_path = args.rest[0] if args.rest and "=" not in args.rest[0] else None
     overrides = [a for a in args.rest if a != config_path]
     config = load_config(config_path, ["workdir=/tmp/llm_jax_profile/run", *overrides])

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llm_jax import bench, layers, steps
+from llm_jax import bench, host_memory, layers, steps
 from llm_jax.config import load_config
 
 
@@ -131,6 +131,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10, help="timed steps per variant")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of configs/baby_gpt.yaml")
     args = parser.parse_args()
+    host_memory.tune_malloc_for_xla_cpu()  # as `llm-jax bench` does, before JAX starts its threads
     config = load_config("configs/baby_gpt.yaml", ["workdir=/tmp/llm_jax_step_variants", *args.overrides])
 
     compiled = {}
