@@ -24,10 +24,13 @@
 #include <vector>
 
 #include "parallel_for.h"
+#include "row_reductions.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 using llm_jax::ParallelFor;
+using llm_jax::RowMax;
+using llm_jax::RowSum;
 
 namespace {
 
@@ -89,13 +92,27 @@ inline void RowBand(int N, int K, const float* A, int64_t a_row, int64_t a_col, 
   if (n < N) TailColumns<ACCUMULATE>(MR, n, N, K, A, a_row, a_col, B, ldb, C, ldc);
 }
 
+// A band of `rows` < kTileRows rows, for `rows` known at run time only.
+template <int R, bool ACCUMULATE>
+inline void LastRows(int rows, int N, int K, const float* A, int64_t a_row, int64_t a_col, const float* B,
+                     int64_t ldb, float* C, int64_t ldc) {
+  if constexpr (R > 0) {
+    if (rows == R)
+      RowBand<R, ACCUMULATE>(N, K, A, a_row, a_col, B, ldb, C, ldc);
+    else
+      LastRows<R - 1, ACCUMULATE>(rows, N, K, A, a_row, a_col, B, ldb, C, ldc);
+  }
+}
+
 template <bool ACCUMULATE>
 void Gemm(int M, int N, int K, const float* A, int64_t a_row, int64_t a_col, const float* B,
           int64_t ldb, float* C, int64_t ldc) {
   int m = 0;
   for (; m + kTileRows <= M; m += kTileRows)
     RowBand<kTileRows, ACCUMULATE>(N, K, A + m * a_row, a_row, a_col, B, ldb, C + m * ldc, ldc);
-  for (; m < M; ++m) RowBand<1, ACCUMULATE>(N, K, A + m * a_row, a_row, a_col, B, ldb, C + m * ldc, ldc);
+  // The last M % kTileRows rows as one band of that height, not row by row: a block of 64 query
+  // rows leaves 4 with AVX-512's 6-row tiles.
+  LastRows<kTileRows - 1, ACCUMULATE>(M - m, N, K, A + m * a_row, a_row, a_col, B, ldb, C + m * ldc, ldc);
 }
 
 // exp(x) for x <= 0 (every use here subtracts the row maximum or the log-sum-exp first), in a
@@ -175,22 +192,14 @@ void Probabilities(float* scores, int64_t ld, int64_t i0, int rows, int64_t end,
     const int64_t i = i0 + r;
     const int32_t seg_i = seg[i];
     float* s = scores + r * ld;
-    float m;
-    if (lse == nullptr) {
-      m = kNegInf;
-      for (int64_t j = 0; j < end; ++j) {
-        const float v = (j <= i && seg[j] == seg_i) ? s[j] : kNegInf;
-        m = std::max(m, v);
-      }
-    } else {
-      m = lse[i];
-    }
-    float total = 0.0f;
-    for (int64_t j = 0; j < end; ++j) {
-      const float p = (j <= i && seg[j] == seg_i) ? ExpNonPositive(s[j] - m) : 0.0f;
-      s[j] = p;
-      total += p;
-    }
+    auto visible = [&](int64_t j) { return j <= i && seg[j] == seg_i; };
+    const float m = lse != nullptr ? lse[i] : RowMax(end, kNegInf, [&](int64_t j) {
+      return visible(j) ? s[j] : kNegInf;
+    });
+    const float total = RowSum(end, [&](int64_t j) {
+      s[j] = visible(j) ? ExpNonPositive(s[j] - m) : 0.0f;
+      return s[j];
+    });
     if (lse == nullptr) {
       row_max[r] = m;
       row_sum[r] = total;
@@ -257,11 +266,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
       GatherHead(q.typed_data(), b, h, d.heads, d, scale, qc.data());
       GatherHead(dout.typed_data(), b, h, d.heads, d, 1.0f, doc.data());
       GatherHead(out.typed_data(), b, h, d.heads, d, 1.0f, oc.data());
-      for (int64_t i = 0; i < L; ++i) {  // rowsum(dp * p) = rowsum(dout * out)
-        float s = 0.0f;
-        for (int64_t e = 0; e < D; ++e) s += doc[i * D + e] * oc[i * D + e];
-        delta[i] = s;
-      }
+      for (int64_t i = 0; i < L; ++i)  // rowsum(dp * p) = rowsum(dout * out)
+        delta[i] = RowSum(D, [&](int64_t e) { return doc[i * D + e] * oc[i * D + e]; });
       const float* row_lse = lse.typed_data() + (b * d.heads + h) * L;
       for (int64_t i0 = 0; i0 < L; i0 += kQueryBlock) {
         const int rows = static_cast<int>(std::min<int64_t>(kQueryBlock, L - i0));

@@ -22,29 +22,16 @@
 #include <vector>
 
 #include "parallel_for.h"
+#include "row_reductions.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 using llm_jax::ParallelFor;
+using llm_jax::RowSum;
 
 namespace {
 
 constexpr int64_t kRowsPerTask = 64;
-constexpr int kLanes = 16;  // independent partial sums, so the compiler vectorises the reductions
-
-// sum over e of f(e), in kLanes interleaved partial sums.
-template <typename F>
-inline float RowSum(int64_t n, F f) {
-  float lanes[kLanes] = {};
-  int64_t e = 0;
-  for (; e + kLanes <= n; e += kLanes)
-    for (int l = 0; l < kLanes; ++l) lanes[l] += f(e + l);
-  float total = 0.0f;
-  for (; e < n; ++e) total += f(e);
-  for (int l = 0; l < kLanes; ++l) total += lanes[l];
-  return total;
-}
-
 struct Rows {
   int64_t n, width;  // N rows of E
 };
