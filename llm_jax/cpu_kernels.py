@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).parent / "csrc"
 SOURCES = ("cpu_attention.cc", "cpu_matmul.cc", "cpu_layer_norm.cc")
-HEADERS = ("parallel_for.h", "row_reductions.h")
+HEADERS = ("parallel_for.h", "vector_math.h")
 CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 _FORWARD, _BACKWARD = "llm_jax_cpu_attention_fwd", "llm_jax_cpu_attention_bwd"
 _MATMUL = "llm_jax_cpu_matmul"

@@ -24,10 +24,11 @@
 #include <vector>
 
 #include "parallel_for.h"
-#include "row_reductions.h"
+#include "vector_math.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using llm_jax::ExpNonPositive;
 using llm_jax::ParallelFor;
 using llm_jax::RowMax;
 using llm_jax::RowSum;
@@ -115,26 +116,6 @@ void Gemm(int M, int N, int K, const float* A, int64_t a_row, int64_t a_col, con
   LastRows<kTileRows - 1, ACCUMULATE>(M - m, N, K, A + m * a_row, a_row, a_col, B, ldb, C + m * ldc, ldc);
 }
 
-// exp(x) for x <= 0 (every use here subtracts the row maximum or the log-sum-exp first), in a
-// form the compiler vectorises: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2; p is the degree-6
-// Taylor polynomial (relative error ~2e-7). Inputs below -87 give 0.
-inline float ExpNonPositive(float x) {
-  x = std::max(x, -87.0f);
-  const float t = x * 1.44269504088896341f;
-  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
-  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Shapes and per-task helpers.

@@ -22,7 +22,7 @@
 #include <vector>
 
 #include "parallel_for.h"
-#include "row_reductions.h"
+#include "vector_math.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
