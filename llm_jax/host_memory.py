@@ -16,6 +16,7 @@ device memory and the host's allocator is left as it is. `LLM_JAX_MALLOC_TUNING=
 from __future__ import annotations
 
 import ctypes
+import glob
 import importlib.metadata
 import importlib.util
 import logging
@@ -41,6 +42,13 @@ def accelerator_plugin_installed() -> bool:
     return any(pkgutil.iter_modules(jax_plugins.__path__))
 
 
+def accelerator_present() -> bool:
+    """Whether this host has a GPU or TPU (its device files: NVIDIA, AMD, TPU) and JAX a plugin for
+    it. A plugin alone is not enough: `jax[tpu]` is also installed on CPU hosts to plan pods."""
+    device_files = ("/dev/nvidia[0-9]*", "/dev/kfd", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*")
+    return any(glob.glob(pattern) for pattern in device_files) and accelerator_plugin_installed()
+
+
 def runs_on_cpu() -> bool:
     """Whether JAX will pick the CPU, told without starting any backend."""
     import jax
@@ -48,7 +56,7 @@ def runs_on_cpu() -> bool:
     platforms = jax.config.jax_platforms
     if platforms:
         return platforms.split(",")[0].strip() == "cpu"
-    return not accelerator_plugin_installed()
+    return not accelerator_present()
 
 
 def tune_malloc_for_xla_cpu() -> bool:

@@ -63,3 +63,13 @@ def test_left_alone_when_the_run_is_not_on_the_cpu():
         assert host_memory.runs_on_cpu()
     finally:
         jax.config.update("jax_platforms", before)
+
+
+def test_an_accelerator_needs_both_its_device_files_and_a_plugin(monkeypatch):
+    monkeypatch.setattr(host_memory, "accelerator_plugin_installed", lambda: True)  # e.g. jax[tpu] to plan pods
+    monkeypatch.setattr(host_memory.glob, "glob", lambda pattern: [])
+    assert not host_memory.accelerator_present()
+    monkeypatch.setattr(host_memory.glob, "glob", lambda pattern: ["/dev/accel0"] if "accel" in pattern else [])
+    assert host_memory.accelerator_present()
+    monkeypatch.setattr(host_memory, "accelerator_plugin_installed", lambda: False)
+    assert not host_memory.accelerator_present()
