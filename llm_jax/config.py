@@ -43,7 +43,8 @@ class ModelConfig:
     init_std: float = 0.02
     scan_layers: bool = False  # one compiled layer body, looped with nn.scan
     remat: str = "none"  # none | full | dots: what the backward pass recomputes
-    attention: str = "xla"  # xla (explicit; fused C++ kernel on one CPU device) | cudnn (jax.nn.dot_product_attention)
+    # xla (explicit; fused C++ kernel on one CPU device) | cudnn (jax.nn.dot_product_attention) | splash (Pallas, TPU)
+    attention: str = "xla"
 
     @property
     def kv_heads(self) -> int:
@@ -214,7 +215,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16", "float16"),
     "model.remat": ("none", "full", "dots"),
-    "model.attention": ("xla", "cudnn"),
+    "model.attention": ("xla", "cudnn", "splash"),
     "tokenizer.model_type": ("bpe", "unigram"),
     "data.source": ("default", "text", "jsonl", "tfds", "mixture"),
     "data.text_unit": ("file", "line"),
@@ -459,6 +460,8 @@ def validate(c: Config) -> None:
         _require(getattr(t, key) > 0, f"config key 'train.{key}' must be positive, got {getattr(t, key)}")
     _require(t.seq_len <= m.max_len or m.resolved_position != "learned",
              f"train.seq_len ({t.seq_len}) exceeds model.max_len ({m.max_len}) of the learned positions")
+    _require(m.attention != "splash" or t.seq_len % 128 == 0,
+             f"model.attention=splash needs train.seq_len to be a multiple of 128, got {t.seq_len}")
     _require(t.top_k >= 0, f"config key 'train.top_k' must be >= 0, got {t.top_k}")
     _require(t.temperature >= 0, f"config key 'train.temperature' must be >= 0, got {t.temperature}")
 

@@ -13,6 +13,8 @@ Conventions:
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 
 import flax.linen as nn
@@ -20,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from llm_jax import cpu_kernels
+from llm_jax import cpu_kernels, splash_attention
 from llm_jax.blocked_attention import causal_attention
 from llm_jax.config import ModelConfig
 
@@ -48,14 +50,20 @@ def constrain(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
 # ----------------------------------------------------------------------------- projections
 
 
+def traced_platform() -> str:
+    """The platform of the computation being traced now: its mesh's (which may be an AOT target,
+    e.g. a TPU topology planned from a CPU host), else JAX's default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+
+
 def use_cpu_kernels(dtype: jnp.dtype) -> bool:
     """Whether the attention and matmuls being traced now should be the fused CPU kernels
     (cpu_kernels.py): float32 on a CPU, one device (a custom call is not split by XLA's
     partitioner; pmap runs one program per device), and the kernels built."""
     mesh = jax.sharding.get_abstract_mesh()
-    platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
     one_device = mesh.empty or mesh.size == 1
-    return platform == "cpu" and one_device and dtype == jnp.float32 and cpu_kernels.available()
+    return traced_platform() == "cpu" and one_device and dtype == jnp.float32 and cpu_kernels.available()
 
 
 def use_cpu_matmul(dtype: jnp.dtype, out_dtype: jnp.dtype | None = None) -> bool:
@@ -274,6 +282,21 @@ def fused_attention(q_BLHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array,
     )
 
 
+def splash_attention_on(platform: str, q_BLHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array,
+                        segment_ids_BL: jax.Array | None) -> jax.Array:
+    """Pallas splash attention (splash_attention.py): compiled for a TPU; elsewhere the same kernel
+    runs in the Pallas interpreter, to check numerics on a laptop, not for speed."""
+    if platform != "tpu":
+        _warn_once(f"model.attention=splash runs in the Pallas interpreter on {platform}: correct but slow; "
+                   "use model.attention=xla or cudnn off TPU")
+    return splash_attention.causal_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, interpret=platform != "tpu")
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    logging.getLogger(__name__).warning(message)
+
+
 class Attention(nn.Module):
     """Causal grouped-query self-attention with an optional KV cache.
 
@@ -319,6 +342,8 @@ class Attention(nn.Module):
                 self._cache_variables(k_BLKD.shape, k_BLKD.dtype)
             if cfg.attention == "cudnn":
                 out_BLHD = fused_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
+            elif cfg.attention == "splash" and not decode:  # the cache's init call may be any length
+                out_BLHD = splash_attention_on(traced_platform(), q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
             elif use_cpu_kernels(q_BLHD.dtype):  # fused C++ kernel (cpu_kernels.py), same function
                 out_BLHD = cpu_kernels.causal_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
             else:  # the same function as xla_attention, computed block by block (blocked_attention.py)

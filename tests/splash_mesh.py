@@ -1,0 +1,40 @@
+"""Three train steps of a tiny grouped-query model: with model.attention=splash on a data x fsdp x
+tensor = 2 x 2 x 2 mesh (the kernel inside shard_map, run by the Pallas interpreter on 8 fake CPU
+devices), and with the explicit attention on one device. Prints the losses and gradient norms.
+
+Started by test_transformer.py in a fresh process, because the fake device count must be set before
+JAX starts: python tests/splash_mesh.py  (with XLA_FLAGS=--xla_force_host_platform_device_count=8)
+"""
+
+import json
+
+import jax
+
+from llm_jax import bench, sharding, trainer
+from llm_jax.config import load_config
+
+STEPS = 3
+
+
+def run(attention: str, mesh: dict, devices: list) -> dict:
+    config = load_config("configs/tiny.yaml", [
+        f"model.attention={attention}", "model.n_heads=8", "model.n_kv_heads=4", "train.seq_len=128",
+        "train.batch_size=8", "optimizer.lr=1e-2", "optimizer.warmup_steps=1", f"train.steps={STEPS}",
+        *[f"mesh.{k}={v}" for k, v in mesh.items()]])
+    setup = trainer.build(config, mesh=sharding.make_mesh(config, devices), with_data=False)
+    steps = trainer.compile_steps(setup)
+    state = steps.to_loop(trainer.create_state(setup))
+    losses, grad_norms = [], []
+    with setup.context():
+        for _ in range(STEPS):  # one batch, so the loss falls
+            state, metrics = steps.train(state, steps.put_batch(bench.synthetic_batch(config, seed=0)))
+            losses.append(float(metrics["loss"]))
+            grad_norms.append(float(metrics["grad_norm"]))
+    return {"losses": losses, "grad_norms": grad_norms}
+
+
+if __name__ == "__main__":
+    print(json.dumps({
+        "xla_single": run("xla", dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
+        "splash_mixed222": run("splash", dict(data=2, fsdp=2, tensor=2), jax.devices()),
+    }))
