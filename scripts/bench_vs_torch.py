@@ -8,6 +8,9 @@ final JSON line with the same numbers. Uses only the standard library, so any Py
 
     python scripts/bench_vs_torch.py --rounds 3 --steps 20
 
+`--torch-tuned-malloc` adds PyTorch runs with the glibc malloc settings that `llm-jax` makes for
+itself on CPU (llm_jax/host_memory.py), so the comparison can also be made on equal allocators.
+
 Interpreters: JAX_PY (default: this Python) must have llm_jax installed;
 TORCH_PY (default /tmp/torchvenv/bin/python) must have torch. Extra `key=value` arguments go to
 `llm-jax bench` (e.g. model.attention=cudnn); XLA_FLAGS and the like pass through the environment.
@@ -40,12 +43,17 @@ def _last_json_line(stdout: str) -> dict:
     raise ValueError("no JSON line in the output")
 
 
-def run_one(name: str, command: list[str]) -> dict:
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+# glibc's malloc settings that `llm-jax` makes for itself on CPU (llm_jax/host_memory.py), as
+# environment variables, for a PyTorch run on equal terms.
+TUNED_MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
+
+
+def run_one(name: str, command: list[str], env: dict[str, str] | None = None) -> dict:
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if result.returncode != 0:
         sys.exit(f"{name} failed (exit {result.returncode}): {' '.join(command)}\n{result.stderr[-3000:]}")
     report = _last_json_line(result.stdout)
-    print(f"  {name:14s} {report['tokens_per_sec']:9.0f} tok/s  step {report['step_time_s']:.3f} s", flush=True)
+    print(f"  {name:27s} {report['tokens_per_sec']:9.0f} tok/s  step {report['step_time_s']:.3f} s", flush=True)
     return report
 
 
@@ -55,6 +63,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run (median taken)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first/compiling one")
     parser.add_argument("--skip-compile", action="store_true", help="leave out torch.compile (slow to compile)")
+    parser.add_argument("--torch-tuned-malloc", action="store_true",
+                        help="also run PyTorch with the malloc settings llm-jax makes for itself on CPU")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="extra overrides for llm-jax bench")
     args = parser.parse_args()
     jax_py = _default_python("JAX_PY", sys.executable)
@@ -68,30 +78,36 @@ def main() -> None:
     }
     if not args.skip_compile:
         commands["torch-compile"] = [torch_py, "scripts/torch_baby_gpt.py", "--mode", "compile", *timing]
+    environments = {name: None for name in commands}
+    if args.torch_tuned_malloc:
+        for name in [name for name in commands if name.startswith("torch")]:
+            commands[f"{name}-tuned-malloc"] = commands[name]
+            environments[f"{name}-tuned-malloc"] = TUNED_MALLOC_ENV
     for name, command in commands.items():
-        print(f"{name}: {' '.join(command)}")
+        env = " ".join(f"{k}={v}" for k, v in (environments[name] or {}).items())
+        print(f"{name}: {env + ' ' if env else ''}{' '.join(command)}")
 
     reports: dict[str, list[dict]] = {name: [] for name in commands}
     for round_index in range(args.rounds):
         print(f"round {round_index + 1}/{args.rounds}", flush=True)
         for name, command in commands.items():
-            reports[name].append(run_one(name, command))
+            reports[name].append(run_one(name, command, environments[name]))
 
     params = {"jax": reports["jax"][0].get("params"), "torch": reports["torch-eager"][0]["params"]}
     print(f"\nparameters: llm_jax {params['jax']:,}, torch {params['torch']:,}"
           + ("" if params["jax"] == params["torch"] else "  <-- NOT THE SAME MODEL"))
     summary = {"rounds": args.rounds, "steps": args.steps, "params": params,
                "jax_device": reports["jax"][0].get("device"), "jax_mfu": [r["mfu"] for r in reports["jax"]]}
-    print(f"\n{'implementation':16s} {'median tok/s':>12s} {'per round':>30s}")
+    print(f"\n{'implementation':27s} {'median tok/s':>12s} {'per round':>30s}")
     for name, runs in reports.items():
         rates = [r["tokens_per_sec"] for r in runs]
         summary[f"{name}_tokens_per_sec"] = statistics.median(rates)
-        print(f"{name:16s} {statistics.median(rates):12.0f} {', '.join(f'{x:.0f}' for x in rates):>30s}")
+        print(f"{name:27s} {statistics.median(rates):12.0f} {', '.join(f'{x:.0f}' for x in rates):>30s}")
     for other in [name for name in commands if name != "jax"]:
         ratios = [j["tokens_per_sec"] / o["tokens_per_sec"] for j, o in zip(reports["jax"], reports[other])]
         key = f"ratio_jax_over_{other.removeprefix('torch-')}"
         summary[key] = statistics.median(ratios)
-        print(f"{key:28s} {statistics.median(ratios):6.2f}   per round: {', '.join(f'{r:.2f}' for r in ratios)}")
+        print(f"{key:39s} {statistics.median(ratios):6.2f}   per round: {', '.join(f'{r:.2f}' for r in ratios)}")
     print(json.dumps(summary))
 
 
