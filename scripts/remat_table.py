@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from llm_jax import host_memory
 from llm_jax.bench import run_bench
 from llm_jax.config import load_config
 
@@ -37,6 +38,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per policy (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
     args = parser.parse_args()
+    host_memory.tune_malloc_for_xla_cpu()  # as `llm-jax bench` does, before JAX starts its threads
     if args.rest and "=" not in args.rest[0]:
         config_path, overrides = args.rest[0], args.rest[1:]
     else:
