@@ -50,7 +50,7 @@ def flops_per_token(config: Config) -> float:
 
 
 @functools.cache
-def measure_cpu_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+def measure_cpu_matmul_flops(n: int = 1024, repeats: int = 10) -> float:
     """Best-of-N float32 n^3 matmul throughput through XLA on this host's CPU (all its cores).
 
     n = 1024 reaches the same rate as 2048 on a 2-core Xeon in a tenth of the time (~0.1 s), so

@@ -246,6 +246,9 @@ def train(config: Config) -> dict[str, Any]:
     log.info("model: %s, %.2fM parameters; mesh %s over %d devices", c.model.arch,
              count_params(setup.abstract_state.params) / 1e6, dict(setup.mesh.shape), setup.mesh.size)
     log.info("data: %s", data_lib.skip_summary(setup.sources))
+    # Measured once (on CPU a ~0.1 s matmul) before the data pipeline's threads start, which would
+    # share the cores with the measurement; only process 0 logs.
+    peak_flops = flops.total_peak_flops() if is_main else None
 
     train_iter = data_lib.make_train_iterator(c, setup.tokenizer, setup.sources,
                                               jax.process_index(), jax.process_count())
@@ -279,8 +282,6 @@ def train(config: Config) -> dict[str, Any]:
     state = steps.to_loop(state)
     writer = MetricsWriter(workdir, enabled=is_main)
     tokens_per_step = c.train.batch_size * c.train.seq_len
-    # Measured once (on CPU a ~0.1 s matmul), before the clock starts; only process 0 logs.
-    peak_flops = flops.total_peak_flops() if is_main else None
     bar = _progress_bar(c, start, enabled=is_main and c.train.progress)
     wall_start = time.time()
     last_eval: dict[str, float] = {}
