@@ -46,10 +46,12 @@ def _second_allocation(**env) -> tuple[bool, int]:
 
 @glibc_only
 def test_a_freed_block_is_reused_without_page_faults():
-    tuned, faults = _second_allocation(JAX_PLATFORMS="cpu")
-    assert tuned and faults < 1000  # the 65,536 pages were mapped by the first allocation
-    untuned, faults = _second_allocation(JAX_PLATFORMS="cpu", LLM_JAX_MALLOC_TUNING="0")
-    assert not untuned and faults > 30_000  # glibc's default: mmap afresh, fault every page again
+    tuned, tuned_faults = _second_allocation(JAX_PLATFORMS="cpu")
+    assert tuned and tuned_faults < 1000  # the 65,536 pages were mapped by the first allocation
+    untuned, untuned_faults = _second_allocation(JAX_PLATFORMS="cpu", LLM_JAX_MALLOC_TUNING="0")
+    # glibc's default maps the block afresh and faults every page in again (every 4 KiB page, or
+    # every 2 MiB one where transparent huge pages are always on).
+    assert not untuned and untuned_faults > 10 * max(tuned_faults, 10)
 
 
 def test_left_alone_when_the_run_is_not_on_the_cpu():
