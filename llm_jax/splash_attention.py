@@ -82,6 +82,8 @@ def causal_attention(q_BLHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, se
     names = (("batch", "length", "heads", "head_dim"), ("batch", "length", "kv_heads", "head_dim"),
              ("batch", "length", "kv_heads", "head_dim"), ("batch", "length"))
     specs = [_spec(mesh, x.shape, axes) for x, axes in zip(args, names)]
+    if specs[0][2] != specs[1][2]:  # query heads split, KV heads not (or the reverse): the groups would
+        specs[:3] = [P(*spec[:2], None, *spec[3:]) for spec in specs[:3]]  # not line up; keep heads whole
     return jax.shard_map(attend, in_specs=tuple(specs), out_specs=specs[0], check_vma=False)(*args)
 
 

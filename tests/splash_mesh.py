@@ -1,6 +1,8 @@
 """Three train steps of a tiny grouped-query model: with model.attention=splash on a data x fsdp x
 tensor = 2 x 2 x 2 mesh (the kernel inside shard_map, run by the Pallas interpreter on 8 fake CPU
-devices), and with the explicit attention on one device. Prints the losses and gradient norms.
+devices), and with the explicit attention on one device. Prints the losses and gradient norms, and
+the largest difference from the explicit attention on a mesh whose tensor axis splits the query
+heads but not the key/value heads.
 
 Started by test_transformer.py in a fresh process, because the fake device count must be set before
 JAX starts: python tests/splash_mesh.py  (with XLA_FLAGS=--xla_force_host_platform_device_count=8)
@@ -8,10 +10,14 @@ JAX starts: python tests/splash_mesh.py  (with XLA_FLAGS=--xla_force_host_platfo
 
 import json
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-from llm_jax import bench, sharding, trainer
-from llm_jax.config import load_config
+from llm_jax import bench, sharding, splash_attention, trainer
+from llm_jax.config import DEFAULT_AXIS_RULES, load_config
+from llm_jax.layers import causal_segment_mask, xla_attention
 
 STEPS = 3
 
@@ -33,8 +39,21 @@ def run(attention: str, mesh: dict, devices: list) -> dict:
     return {"losses": losses, "grad_norms": grad_norms}
 
 
+def uneven_heads_difference() -> float:
+    """4 query heads over tensor=4, 2 KV heads that tensor=4 cannot split: both must stay whole."""
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 128, heads, 8)), jnp.float32) for heads in (4, 2, 2))
+    segment_ids = jnp.asarray(np.repeat([[1, 2], [1, 1]], 64, axis=1), jnp.int32)
+    mesh = jax.make_mesh((2, 1, 4), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_AXIS_RULES):
+        got = jax.jit(lambda q, k, v: splash_attention.causal_attention(q, k, v, segment_ids, interpret=True))(q, k, v)
+    expected = xla_attention(q, k, v, causal_segment_mask(segment_ids, 128))
+    return float(jnp.max(jnp.abs(got - expected)))
+
+
 if __name__ == "__main__":
     print(json.dumps({
         "xla_single": run("xla", dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
         "splash_mixed222": run("splash", dict(data=2, fsdp=2, tensor=2), jax.devices()),
+        "uneven_heads_difference": uneven_heads_difference(),
     }))

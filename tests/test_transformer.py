@@ -261,6 +261,7 @@ def test_splash_attention_on_a_mesh_trains_like_explicit_attention_on_one_device
     assert expected["losses"][-1] < expected["losses"][0]  # the steps change the model
     np.testing.assert_allclose(got["losses"], expected["losses"], rtol=1e-4)
     np.testing.assert_allclose(got["grad_norms"], expected["grad_norms"], rtol=1e-3)
+    assert runs["uneven_heads_difference"] < 1e-5
 
 
 def test_dropout_is_active_only_when_not_deterministic():
