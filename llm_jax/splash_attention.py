@@ -60,10 +60,7 @@ def _local_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, interpret: bool):
         segments = None if segment_ids_L is None else splash.SegmentIds(q=segment_ids_L, kv=segment_ids_L)
         return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=segments))(q_KGLD, k_KSD, v_KSD)
 
-    if segment_ids_BL is None:
-        out_BKGLD = jax.vmap(lambda q, k, v: one_row(q, k, v, None))(q_BKGLD, k_BKSD, v_BKSD)
-    else:
-        out_BKGLD = jax.vmap(one_row)(q_BKGLD, k_BKSD, v_BKSD, segment_ids_BL)
+    out_BKGLD = jax.vmap(one_row)(q_BKGLD, k_BKSD, v_BKSD, segment_ids_BL)  # None maps to None
     return out_BKGLD.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim).astype(q_BLHD.dtype)
 
 
