@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -285,13 +286,19 @@ def _coerce(key: str, value: Any, ftype: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif ftype is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads "1e-3" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML reads "1e-3" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            # No setting means anything as NaN or infinity, and NaN slips through every `x >= 0` check.
+            if not math.isfinite(number):
+                raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
+            return number
     elif ftype is str:
         if isinstance(value, str):
             return value
@@ -378,6 +385,36 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+class _DuplicateKeyError(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping.
+
+    Plain PyYAML keeps the last one silently, so a second `model:` section drops the whole first
+    one. YAML merge keys (`<<: *base`) stay allowed: overriding a merged key is what they are for.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        first_line: dict[Any, int] = {}
+        if isinstance(node, yaml.MappingNode):
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    seen = key in first_line
+                except TypeError:  # an unhashable key: the base class names that error
+                    continue
+                line = key_node.start_mark.line + 1
+                if seen:
+                    raise _DuplicateKeyError(f"key '{key}' is given twice (lines {first_line[key]} and {line}); "
+                                             "keep one, as the second would silently replace the first")
+                first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Defaults <- YAML file <- key=value overrides, validated. Raises ConfigError."""
     tree: dict[str, Any] = {}
@@ -386,7 +423,9 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+        except _DuplicateKeyError as e:
+            raise ConfigError(f"config file {path}: {e}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if loaded is None:
@@ -435,6 +474,8 @@ def validate(c: Config) -> None:
         shown = ", ".join("null" if a is None else a for a in allowed)
         _require(value in allowed, f"config key '{key}' must be one of {shown}, got {value!r}")
 
+    _require(bool(c.workdir.strip()), "config key 'workdir' must name a directory, got an empty string")
+
     m = c.model
     for key in ("vocab_size", "n_layers", "d_model", "n_heads", "d_ff", "max_len"):
         _require(getattr(m, key) > 0, f"config key 'model.{key}' must be positive, got {getattr(m, key)}")
@@ -473,6 +514,11 @@ def validate(c: Config) -> None:
     _require(t.batch_size % o.grad_accum == 0,
              f"train.batch_size ({t.batch_size}) must be divisible by optimizer.grad_accum ({o.grad_accum})")
     _require(o.clip_norm >= 0, f"config key 'optimizer.clip_norm' must be >= 0, got {o.clip_norm}")
+    _require(o.weight_decay >= 0, f"config key 'optimizer.weight_decay' must be >= 0, got {o.weight_decay}")
+    _require(0 <= o.min_lr_ratio <= 1, f"config key 'optimizer.min_lr_ratio' must be in [0, 1], got {o.min_lr_ratio}")
+    for key in ("b1", "b2"):
+        _require(0 <= getattr(o, key) < 1, f"config key 'optimizer.{key}' must be in [0, 1), got {getattr(o, key)}")
+    _require(o.eps > 0, f"config key 'optimizer.eps' must be positive, got {o.eps}")
 
     k = c.checkpoint
     _require(k.every > 0, f"config key 'checkpoint.every' must be positive, got {k.every}")

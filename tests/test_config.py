@@ -155,3 +155,49 @@ def test_data_and_tokenizer_errors_are_one_line(overrides, fragment):
         load_config(None, overrides)
     assert fragment in str(info.value) and "\n" not in str(info.value)
     assert load_config(None, ["model.vocab_size=100", "tokenizer.byte_fallback=false"]).model.vocab_size == 100
+
+
+@pytest.mark.parametrize("text, fragment", [
+    # A second section would silently replace the first, dropping every key of it.
+    ("model:\n  n_layers: 2\ntrain:\n  steps: 5\nmodel:\n  d_model: 64\n", "key 'model' is given twice (lines 1 and 5)"),
+    ("train:\n  steps: 5\n  steps: 7\n", "key 'steps' is given twice (lines 2 and 3)"),
+])
+def test_duplicate_keys_in_a_yaml_file_are_refused(tmp_path, text, fragment):
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_yaml_merge_keys_may_override_merged_values(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("train:\n  <<: {steps: 5, seq_len: 32}\n  steps: 9\n")
+    config = load_config(path)
+    assert (config.train.steps, config.train.seq_len) == (9, 32)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("workdir=", "'workdir' must name a directory"),
+    ("workdir=' '", "'workdir' must name a directory"),
+    ("optimizer.weight_decay=-0.1", "'optimizer.weight_decay' must be >= 0"),
+    ("optimizer.min_lr_ratio=-1", "'optimizer.min_lr_ratio' must be in [0, 1]"),
+    ("optimizer.min_lr_ratio=1.5", "'optimizer.min_lr_ratio' must be in [0, 1]"),
+    ("optimizer.b2=1", "'optimizer.b2' must be in [0, 1)"),
+    ("optimizer.eps=0", "'optimizer.eps' must be positive"),
+    # NaN passes every `x >= 0` check; YAML spells it .nan, and 'nan' is read through float().
+    ("optimizer.weight_decay=.nan", "'optimizer.weight_decay' must be a finite number"),
+    ("optimizer.min_lr_ratio=nan", "'optimizer.min_lr_ratio' must be a finite number"),
+    ("optimizer.lr=.inf", "'optimizer.lr' must be a finite number"),
+    ("checkpoint.every_minutes=inf", "'checkpoint.every_minutes' must be a finite number"),
+    ("model.dropout=-.inf", "'model.dropout' must be a finite number"),
+])
+def test_empty_negative_and_non_finite_values_are_refused(override, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_non_finite_values_inside_list_entries_are_refused():
+    with pytest.raises(ConfigError, match=r"'data.mixture.0.weight' must be a finite number"):
+        load_config(None, ["data.source=mixture", "data.mixture.0.path=a", "data.mixture.0.weight=.nan"])
