@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 
@@ -62,7 +63,18 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _check_generate_options(args) -> None:
+    """Refuses options that would otherwise sample nonsense or nothing without a word."""
+    if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ConfigError(f"generate --temperature must be >= 0 (0: greedy), got {args.temperature}")
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"generate --max-new-tokens must be positive, got {args.max_new_tokens}")
+    if args.top_k is not None and args.top_k < 0:
+        raise ConfigError(f"generate --top-k must be >= 0 (0: the whole vocabulary), got {args.top_k}")
+
+
 def _cmd_generate(args) -> int:
+    _check_generate_options(args)  # before the checkpoint is read: seconds, not a minute
     from llm_jax import trainer
 
     setup, params, _ = trainer.restore_for_inference(args.workdir)

@@ -186,7 +186,12 @@ def sample_text(setup: Setup, params, prompt: str, *, max_new_tokens: int, tempe
                 seed: int) -> str:
     tok = setup.tokenizer
     prompt_ids = [tok.bos_id] + tok.encode(prompt)
-    max_new_tokens = min(max_new_tokens, _max_decode_len(setup.config) - len(prompt_ids))
+    limit = _max_decode_len(setup.config)
+    if max_new_tokens > limit - len(prompt_ids):  # said aloud: a silently short answer looks like a bug
+        log.warning("generating %d new tokens, not the %d asked: the prompt's %d tokens and the model's length "
+                    "(%d) leave no room for more", max(limit - len(prompt_ids), 0), max_new_tokens,
+                    len(prompt_ids), limit)
+        max_new_tokens = limit - len(prompt_ids)
     with setup.context(split_batch=False):
         ids = generate(setup.model, params, prompt_ids, max_new_tokens=max(max_new_tokens, 0),
                        rng=jax.random.key(seed), temperature=temperature, top_k=top_k, eos_id=tok.eos_id)

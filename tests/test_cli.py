@@ -74,3 +74,16 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path):
     steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(steps) == 1 and steps[0] >= 3
     assert "SIGTERM" in err
+
+
+@pytest.mark.parametrize("option, fragment", [
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--temperature", "nan"], "--temperature must be >= 0"),
+    (["--max-new-tokens", "-5"], "--max-new-tokens must be positive"),
+    (["--top-k", "-2"], "--top-k must be >= 0"),
+])
+def test_generate_refuses_impossible_options_before_reading_the_run(option, fragment, capsys):
+    # The run directory does not exist: the options are checked first, so their error is the one named.
+    assert main(["generate", "/no/such/run", "--prompt", "x", *option]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and len(err.splitlines()) == 1

@@ -114,3 +114,31 @@ def test_rejects_what_the_model_cannot_do():
     with pytest.raises(ValueError, match="prompt"):
         generate(model, params, [], max_new_tokens=2, rng=jax.random.key(0))
     assert generate(model, params, PROMPT, max_new_tokens=0, rng=jax.random.key(0)) == PROMPT
+
+
+class _DigitTokenizer:
+    """Each character is one token (its digit value + 10); enough to drive `trainer.sample_text`."""
+
+    bos_id, eos_id = 1, 2
+
+    def encode(self, text):
+        return [10 + int(ch) for ch in text]
+
+    def decode(self, ids):
+        return " ".join(str(i) for i in ids)
+
+
+def test_sample_text_says_when_it_generates_fewer_tokens_than_asked(caplog):
+    from llm_jax import sharding, trainer
+    from llm_jax.config import Config
+
+    model, params, _ = setup("gpt2")
+    config = Config(model=model.config)
+    bare = trainer.Setup(config=config, workdir=None, mesh=sharding.make_mesh(config), model=model, tx=None,
+                         schedule=None, abstract_state=None, state_shardings=None, tokenizer=_DigitTokenizer(),
+                         sources=None)
+    with caplog.at_level("WARNING"):
+        text = trainer.sample_text(bare, params, "1234", max_new_tokens=100, temperature=0.0, top_k=0, seed=0)
+    # bos + 4 prompt tokens leave 11 of the model's 16 positions.
+    assert len(text.split()) - 4 <= 11
+    assert "generating 11 new tokens, not the 100 asked" in caplog.text
