@@ -57,6 +57,17 @@ class IteratorCheckpoint:
         pass
 
 
+class _DropReadOnlyNotice(logging.Filter):
+    """Drops Orbax's 'Given directory is read only' warning, and only it.
+
+    Read-only is what eval, generate and export ask for, so the warning (printed once per manager)
+    says nothing; Orbax has no option to leave it out. Every other Orbax message still gets through.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
+
+
 class Checkpointer:
     """The checkpoints of one run directory.
 
@@ -89,15 +100,21 @@ class Checkpointer:
             read_only=read_only,
             cleanup_tmp_directories=not read_only,  # leftovers of saves cut short by a crash
         )
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=options,
-            item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
-                "data": grain.checkpoint.CheckpointHandler(),
-                "metadata": ocp.JsonCheckpointHandler(),
-            },
-        )
+        quiet = _DropReadOnlyNotice()
+        absl_log = logging.getLogger("absl")  # Orbax logs through absl, whose records reach this logger
+        absl_log.addFilter(quiet)
+        try:
+            self.manager = ocp.CheckpointManager(
+                self.directory,
+                options=options,
+                item_handlers={
+                    "state": ocp.StandardCheckpointHandler(),
+                    "data": grain.checkpoint.CheckpointHandler(),
+                    "metadata": ocp.JsonCheckpointHandler(),
+                },
+            )
+        finally:
+            absl_log.removeFilter(quiet)
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())

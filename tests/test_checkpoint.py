@@ -1,5 +1,6 @@
 """A damaged newest checkpoint is reported, set aside (never deleted) and an older one is used."""
 
+import logging
 from pathlib import Path
 
 from test_trainer import _config, corpus  # noqa: F401 - the corpus fixture
@@ -31,3 +32,20 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, corpus, 
     assert steps[-1] == 25
     # The damaged files are kept for inspection, beside the checkpoints, not deleted.
     assert list(checkpoints.parent.glob("damaged_checkpoints/20*"))
+
+
+def test_read_only_checkpointer_does_not_warn_that_it_is_read_only(tmp_path, caplog):
+    # eval, generate and export open checkpoints read-only on purpose: Orbax's notice of it is noise.
+    from llm_jax.checkpoint import Checkpointer
+    from llm_jax.config import CheckpointConfig
+
+    (tmp_path / "checkpoints").mkdir()
+    with caplog.at_level("INFO"):
+        checkpointer = Checkpointer(tmp_path / "checkpoints", CheckpointConfig(), read_only=True)
+        assert checkpointer.latest_step() is None
+        checkpointer.close()
+    assert "read only" not in caplog.text
+    # Other Orbax warnings still get through: the filter is gone once the manager exists.
+    with caplog.at_level("WARNING"):
+        logging.getLogger("absl").warning("Given directory is read only=%s", "x")
+    assert "Given directory is read only=x" in caplog.text
