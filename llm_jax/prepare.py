@@ -53,7 +53,8 @@ def local_parts(d: DataConfig) -> list[tuple[str, DataConfig]]:
 def count_tokens(tokenizer: Tokenizer, split: Any, desc: str, progress: bool) -> int:
     """Tokens of every document of `split` (without bos/eos)."""
     total = 0
-    with tqdm.tqdm(total=len(split), desc=desc, unit="doc", disable=not progress, dynamic_ncols=True,
+    # disable=None: no bar where stderr is not a terminal, so redirected logs get no redrawn lines.
+    with tqdm.tqdm(total=len(split), desc=desc, unit="doc", disable=None if progress else True, dynamic_ncols=True,
                    mininterval=1.0) as bar:
         for start in range(0, len(split), _ENCODE_CHUNK):
             texts = [split[i] for i in range(start, min(start + _ENCODE_CHUNK, len(split)))]

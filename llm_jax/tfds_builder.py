@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -94,8 +95,9 @@ class LlmJaxLocalCorpus(tfds.core.GeneratorBasedBuilder):
 def plan_corpus(corpus: corpus_lib.Corpus, progress: bool = False) -> corpus_lib.SplitPlan:
     """The counting pass before writing: an empty corpus is refused before anything is written, and
     the plan keeps both splits non-empty (TFDS refuses to write an empty split)."""
+    # disable=None: no bar where stderr is not a terminal, so redirected logs get no redrawn lines.
     with tqdm.tqdm(total=len(corpus.files), desc=f"reading {corpus.kind} corpus", unit="file",
-                   disable=not progress, dynamic_ncols=True, mininterval=1.0) as bar:
+                   disable=None if progress else True, dynamic_ncols=True, mininterval=1.0) as bar:
         plan = corpus_lib.plan_splits(corpus, on_file=bar.update)
     if plan.stats.documents == 0:
         reasons = ", ".join(f"{n} {why}" for why, n in plan.stats.reasons.most_common()) or "none readable"
@@ -141,6 +143,29 @@ def prepared_data_dir(corpus: corpus_lib.Corpus, prepared_dir: str | os.PathLike
     return base / f"{corpus.kind}-{corpus.fingerprint()[:20]}"
 
 
+def _is_prepared(builder: LlmJaxLocalCorpus) -> bool:
+    """`builder.is_prepared()` without its warning about a version folder that does not exist yet.
+
+    TFDS warns 'Variant folder ... has no dataset_info.json' whenever the answer is no, which on a
+    first preparation is the expected answer, not a fault.
+    """
+    if not (Path(builder.data_dir) / "dataset_info.json").exists():
+        return False
+    return builder.is_prepared()
+
+
+def _shard_count(num_shards: int, plan: corpus_lib.SplitPlan) -> int | None:
+    """ArrayRecord files per split: `num_shards`, at most the documents of the smaller split; None: TFDS decides."""
+    if not num_shards:
+        return None
+    smallest = min(n for n in (plan.train, plan.validation) if n > 0)
+    if num_shards > smallest:  # TFDS gives every split the same count, and a file needs a document
+        log.warning("data.num_shards=%d is more than the %d documents of the smaller split: writing %d shards "
+                    "per split", num_shards, smallest, smallest)
+        return smallest
+    return num_shards
+
+
 def _open(data_dir: Path, corpus: corpus_lib.Corpus | None,
           plan: corpus_lib.SplitPlan | None = None) -> LlmJaxLocalCorpus:
     return LlmJaxLocalCorpus(corpus=corpus, plan=plan, data_dir=os.fspath(data_dir), file_format="array_record")
@@ -157,13 +182,15 @@ def prepare_corpus(corpus: corpus_lib.Corpus, prepared_dir: str | os.PathLike | 
     """
     data_dir = prepared_data_dir(corpus, prepared_dir)
     builder = _open(data_dir, corpus)
-    reused = builder.is_prepared()
+    reused = _is_prepared(builder)
     if not reused:
         log.info("preparing %s corpus (%d files) as a TFDS dataset in %s", corpus.kind, len(corpus.files), data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         try:
             plan = plan_corpus(corpus, progress)
-            shards = min([num_shards] + [n for n in (plan.train, plan.validation) if n > 0]) if num_shards else None
+            shards = _shard_count(num_shards, plan)
+            # TFDS's own bars (one 250-character line per shard) only where someone watches a terminal.
+            tfds.display_progress_bar(progress and sys.stderr.isatty())
             _open(data_dir, corpus, plan).download_and_prepare(
                 file_format="array_record",
                 download_dir=os.fspath(data_dir / "downloads"),
@@ -175,7 +202,7 @@ def prepare_corpus(corpus: corpus_lib.Corpus, prepared_dir: str | os.PathLike | 
         except OSError:
             # Another process (a second host on a shared disk) may have finished the same
             # preparation first; its rename then wins and ours fails. Use theirs if it is complete.
-            if not _open(data_dir, None).is_prepared():
+            if not _is_prepared(_open(data_dir, None)):
                 raise
         shutil.rmtree(data_dir / "downloads", ignore_errors=True)  # always empty: nothing is downloaded
         builder = _open(data_dir, corpus)  # re-read so info and metadata come from disk

@@ -6,8 +6,10 @@ import json
 import pytest
 from test_trainer import WORDS, _config
 
-from llm_jax import data_position
+from llm_jax import corpus as corpus_lib
+from llm_jax import data_position, tfds_builder
 from llm_jax.cli import main
+from llm_jax.config import load_config
 from llm_jax.metrics import read_metrics
 from llm_jax.trainer import train
 
@@ -95,3 +97,40 @@ def test_bad_data_exits_2_with_one_line(args, fragment, capsys, tmp_path):
     assert main([*args, f"workdir={tmp_path / 'run'}", "train.progress=false"]) == 2
     err = capsys.readouterr().err.strip()
     assert fragment in err and len(err.splitlines()) == 1
+
+
+def _small_corpus(root):
+    for i in range(6):
+        (root / f"{i}.txt").write_text(" ".join(WORDS[(i + j) % len(WORDS)] for j in range(40)) + "\n")
+    return corpus_lib.find_corpus(load_config(None, ["data.source=text", f"data.path={root}/*.txt",
+                                                     "data.eval_fraction=0.3"]).data)
+
+
+def test_a_first_preparation_does_not_warn_of_the_folder_it_is_about_to_write(tmp_path, caplog):
+    (tmp_path / "c").mkdir()
+    corpus = _small_corpus(tmp_path / "c")
+    with caplog.at_level("INFO"):
+        tfds_builder.prepare_corpus(corpus, tmp_path / "prepared")
+    assert "preparing text corpus" in caplog.text
+    assert "Variant folder" not in caplog.text
+
+
+def test_fewer_shards_than_asked_is_said_with_the_key(tmp_path, caplog):
+    (tmp_path / "c").mkdir()
+    corpus = _small_corpus(tmp_path / "c")
+    with caplog.at_level("INFO"):
+        prepared = tfds_builder.prepare_corpus(corpus, tmp_path / "prepared", num_shards=50)
+    shards = prepared.split_shards()
+    assert max(shards.values()) < 50  # a split has fewer documents than that
+    assert f"data.num_shards=50 is more than the {min(shards.values())} documents" in caplog.text
+
+
+def test_preparation_draws_no_bars_into_a_redirected_log(tmp_path, capfd):
+    (tmp_path / "c").mkdir()
+    corpus = _small_corpus(tmp_path / "c")
+    capfd.readouterr()
+    # progress=True as in an interactive run, but stderr is a pipe here: bars would be carriage
+    # returns and long lines in the log file.
+    tfds_builder.prepare_corpus(corpus, tmp_path / "prepared", num_shards=2, progress=True)
+    err = capfd.readouterr().err
+    assert "\r" not in err and "examples/s" not in err and "file/s" not in err, err[:500]
