@@ -16,8 +16,11 @@ The library is compiled on first use with the machine's C++ compiler (`$CXX`, el
 `clang++`; `-O3 -march=native`) against the FFI headers shipped with jaxlib, and cached in
 `$LLM_JAX_CACHE_DIR` (default `~/.cache/llm_jax`) under a name that changes with the sources,
 jaxlib, OpenBLAS, the compiler and the CPU, so a shared home directory never hands one machine's
-build to another. Without a compiler, or if the build fails, `available()` says why once and the
-model keeps XLA's own ops: same functions, slower. `LLM_JAX_CPU_KERNELS=0` switches them off.
+build to another. The library is code this process runs, so, as ssh does for its keys, a cache
+directory or library that another user owns or that others may write is refused (the directory is
+created 0700). Without a compiler, if the build fails or the cache is refused, `available()` says why
+once and the model keeps XLA's own ops: same functions, slower. `LLM_JAX_CPU_KERNELS=0` switches
+them off.
 
 `layers` uses them for float32 training on CPU when the step runs on one device (see
 `layers.use_cpu_kernels`); GPU/TPU, sharded meshes, bf16 and decoding keep the XLA path.
@@ -57,6 +60,41 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LLM_JAX_CACHE_DIR") or Path.home() / ".cache" / "llm_jax")
 
 
+class UnsafeCacheError(RuntimeError):
+    """The kernels' cache directory or library could be changed by someone else: it is not loaded."""
+
+
+def _own_uid() -> int:
+    return os.getuid()
+
+
+def _check_private(path: Path, what: str) -> None:
+    """Refuses `path` unless this user owns it and no one else may write it.
+
+    Whoever can write the library (or replace it in its directory) runs code in every training
+    process that loads it. Symlinks are followed: what counts is the file that would be loaded.
+    """
+    info = path.stat()
+    if info.st_uid != _own_uid():
+        raise UnsafeCacheError(f"{what} {path} is owned by uid {info.st_uid}, not by this user (uid {_own_uid()}); "
+                               "use a cache directory of your own (LLM_JAX_CACHE_DIR)")
+    if info.st_mode & 0o022:
+        raise UnsafeCacheError(f"{what} {path} may be written by others (mode {info.st_mode & 0o777:o}); "
+                               f"run 'chmod go-w {path}' or use another LLM_JAX_CACHE_DIR")
+
+
+def _private_cache_dir() -> Path:
+    """The cache directory, created readable by this user alone if it is new, and checked."""
+    directory = cache_dir()
+    try:
+        directory.mkdir(parents=True, mode=0o700)
+        directory.chmod(0o700)  # mkdir's mode is cut by the umask; this is the mode meant
+    except FileExistsError:
+        pass  # made earlier or by a concurrent process: checked like any other
+    _check_private(directory, "the CPU kernels' cache directory")
+    return directory
+
+
 def _compiler() -> str | None:
     for candidate in (os.environ.get("CXX"), "c++", "g++", "clang++"):
         if candidate and shutil.which(candidate):
@@ -89,10 +127,10 @@ def _build(compiler: str) -> Path:
     for part in (jaxlib.__version__, scipy_openblas32.get_openblas_config(), compiler, " ".join(flags + links),
                  _cpu_signature()):
         key.update(part.encode())
-    target = cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+    target = _private_cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if target.exists():
+        _check_private(target, "the CPU kernels' library")
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename: a concurrent process never loads a half-written file.
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         partial = Path(tmp) / target.name
@@ -101,6 +139,7 @@ def _build(compiler: str) -> Path:
         if result.returncode != 0:
             errors = [line for line in result.stderr.splitlines() if "error" in line]
             raise RuntimeError((errors or result.stderr.splitlines() or ["no output"])[0].strip())
+        partial.chmod(0o755)  # whatever the umask, no one else may write it (checked when it is reused)
         os.replace(partial, target)
     return target
 
@@ -127,6 +166,10 @@ def available() -> bool:
             # One BLAS thread per call: the kernel spreads its bands over XLA's thread pool instead.
             library.scipy_openblas_set_num_threads(1)
             _registered = True
+    except UnsafeCacheError as error:
+        log.warning("not loading the fused CPU kernels: %s. CPU training uses XLA's own (slower) attention, "
+                    "matmuls and norms", error)
+        return False
     except (ImportError, OSError, RuntimeError, AttributeError) as error:
         log.warning("the fused CPU kernels could not be built (%s): CPU training uses XLA's own (slower) "
                     "attention, matmuls and norms", error)

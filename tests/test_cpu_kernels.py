@@ -210,3 +210,74 @@ def test_norm_kernel_gradients_do_not_depend_on_the_thread_count():
 def test_norm_kernel_rejects_mismatched_shapes():
     with pytest.raises(Exception, match="cpu layer norm"):
         jax.block_until_ready(cpu_kernels.layer_norm(jnp.ones((4, 8)), jnp.ones(7), jnp.ones(7), 1e-5))
+
+
+# ----------------------------------------------------------------------------- where the library may come from
+
+
+@pytest.fixture
+def compiler_stand_in(monkeypatch):
+    """Replaces the compiler run: records the library each build would write, writes nothing, fails."""
+    outputs = []
+
+    def run(command, **_):
+        outputs.append(Path(command[command.index("-o") + 1]).name)
+        return subprocess.CompletedProcess(command, 1, "", "error: stopped by the test")
+
+    monkeypatch.setattr(cpu_kernels.subprocess, "run", run)
+    return outputs
+
+
+def test_a_new_cache_directory_is_private(monkeypatch, tmp_path, compiler_stand_in):
+    cache = tmp_path / "new" / "cache"
+    monkeypatch.setenv("LLM_JAX_CACHE_DIR", str(cache))
+    with pytest.raises(RuntimeError, match="stopped by the test"):
+        cpu_kernels._build("c++")
+    assert (cache.stat().st_mode & 0o777) == 0o700
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o775, 0o757])
+def test_a_cache_directory_others_may_write_is_refused(monkeypatch, tmp_path, compiler_stand_in, mode):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cache.chmod(mode)
+    monkeypatch.setenv("LLM_JAX_CACHE_DIR", str(cache))
+    with pytest.raises(RuntimeError) as error:
+        cpu_kernels._build("c++")
+    assert str(cache) in str(error.value) and "written by others" in str(error.value)
+    assert "\n" not in str(error.value) and not compiler_stand_in  # refused before any build
+
+
+def test_a_cache_directory_of_another_user_is_refused(monkeypatch, tmp_path, compiler_stand_in):
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    # As if someone else ran the process: the directory's owner is then another user.
+    monkeypatch.setattr(cpu_kernels, "_own_uid", lambda: cache.stat().st_uid + 1, raising=False)
+    monkeypatch.setenv("LLM_JAX_CACHE_DIR", str(cache))
+    with pytest.raises(RuntimeError, match="owned by uid"):
+        cpu_kernels._build("c++")
+
+
+def test_a_library_others_may_write_is_not_loaded(monkeypatch, tmp_path, compiler_stand_in, caplog):
+    """A planted (or group-writable) library in a private directory is refused before it is loaded."""
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    monkeypatch.setenv("LLM_JAX_CACHE_DIR", str(cache))
+    with pytest.raises(RuntimeError, match="stopped by the test"):
+        cpu_kernels._build("c++")
+    library = cache / compiler_stand_in[0]
+    library.write_bytes(b"not a library")
+    library.chmod(0o666)
+    loaded = []
+    monkeypatch.setattr(cpu_kernels.ctypes.cdll, "LoadLibrary", loaded.append)
+    monkeypatch.setattr(cpu_kernels, "_compiler", lambda: "c++")
+    monkeypatch.setattr(cpu_kernels, "_registered", False)
+    cpu_kernels.available.cache_clear()
+    try:
+        with caplog.at_level("WARNING"):
+            assert not cpu_kernels.available()
+    finally:
+        cpu_kernels.available.cache_clear()
+    assert not loaded
+    assert f"not loading the fused CPU kernels: the CPU kernels' library {library} may be written by others" \
+        in caplog.text
