@@ -228,6 +228,18 @@ class StopSignal:
         return False
 
 
+def _log_eval(bar, step: int, result: dict[str, float]) -> None:
+    """One console line per evaluation, as it happens (metrics.jsonl has them too, but no one watches it)."""
+    message = f"step {step}: eval loss {result['eval_loss']:.4f}, eval perplexity {result['eval_perplexity']:.2f}"
+    if bar is None:
+        log.info(message)
+        return
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():  # printed above the bar rather than through it
+        log.info(message)
+
+
 def _progress_bar(config: Config, start: int, enabled: bool):
     if not enabled:
         return None
@@ -324,7 +336,9 @@ def train(config: Config) -> dict[str, Any]:
         row["nonfinite_steps"] = guard.total  # steps skipped so far, this one included
         writer.write(step, row)
         if bar is not None:
-            mfu_shown = {"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}
+            # On CPU the peak is one short matmul measured on cores other processes share: an MFU
+            # against it says little, so the bar shows it on accelerators only (metrics.jsonl keeps it).
+            mfu_shown = {"mfu": f"{row['mfu']:.1%}"} if "mfu" in row and jax.default_backend() != "cpu" else {}
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:.0f}", **mfu_shown,
                             refresh=False)
         clock.update(time=now, step=step, wait=0.0, paused=0.0)
@@ -369,6 +383,7 @@ def train(config: Config) -> dict[str, Any]:
                     last_eval = evaluate(setup, steps.eval, steps.to_global(state.params), eval_batches)
                     last_eval_step = step
                     writer.write(step, last_eval)
+                    _log_eval(bar, step, last_eval)
                 if save_due:
                     save(step)
                 clock["paused"] += time.perf_counter() - t0
@@ -390,6 +405,7 @@ def train(config: Config) -> dict[str, Any]:
         if last_eval_step != step:  # a finished run started again: evaluate its final state
             last_eval = evaluate(setup, steps.eval, params, eval_batches)
             writer.write(step, last_eval)
+            _log_eval(None, step, last_eval)
         summary.update(last_eval)
         summary["sample"] = sample_text(setup, params, c.train.sample_prompt,
                                         max_new_tokens=c.train.sample_tokens, temperature=c.train.temperature,

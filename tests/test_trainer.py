@@ -77,3 +77,15 @@ def test_a_resumed_run_must_keep_its_model(tmp_path, corpus):
     train(_config(tmp_path, corpus, "train.steps=5"))
     with pytest.raises(ConfigError, match="model.n_layers"):
         train(_config(tmp_path, corpus, "train.steps=10", "model.n_layers=3"))
+
+
+def test_the_console_shows_each_eval_and_no_cpu_mfu_on_the_bar(tmp_path, corpus, capfd, caplog):
+    config = _config(tmp_path, corpus, "train.steps=10", "train.eval_every=5", "train.progress=true")
+    with caplog.at_level("INFO"):
+        train(config)
+    # Each evaluation is said as it happens, not only written to metrics.jsonl.
+    evals = [line for line in caplog.messages if "eval loss" in line]
+    assert [line.split(":")[0] for line in evals] == ["step 5", "step 10"]
+    # The bar is drawn with its throughput, but an MFU against a CPU peak measured on shared cores is not.
+    err = capfd.readouterr().err
+    assert "tok_s=" in err and "mfu=" not in err
