@@ -170,11 +170,39 @@ def _plan_device_count(config, requested: int | None) -> int:
     return sizes[0] * sizes[1] * sizes[2]
 
 
+def _version() -> str:
+    """The installed package's version, from its metadata (pyproject.toml), so it is never stated twice."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("llm_jax")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never pip-installed
+        return "unknown (not installed; pip install -e .)"
+
+
+def _config_keys_help() -> str:
+    """Where the config keys are listed, and the sections they live in, for `train --help`."""
+    from llm_jax.config import all_keys
+
+    keys = all_keys()
+    top = [k for k in keys if "." not in k]
+    sections = list(dict.fromkeys(k.split(".")[0] for k in keys if "." in k))
+    return ("config keys: the YAML file, then key=value overrides (values read as YAML scalars), e.g.\n"
+            "  llm-jax train configs/tiny.yaml train.steps=200 model.n_layers=2 workdir=runs/x\n"
+            f"top-level keys: {', '.join(top)}\n"
+            f"sections: {', '.join(s + '.*' for s in sections)}\n"
+            "Every key, its default and meaning: the dataclasses of llm_jax/config.py; the common ones are in\n"
+            "the README's Configuration section. A wrong key names the nearest valid one.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-jax", description="Train transformer language models with JAX.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train (or resume) a model: llm-jax train [CONFIG.yaml] [key=value ...]")
+    p = sub.add_parser("train", help="train (or resume) a model: llm-jax train [CONFIG.yaml] [key=value ...]",
+                       description="Train a model, or resume the run in workdir.", epilog=_config_keys_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("rest", nargs="*", metavar="[CONFIG] key=value")
     p.set_defaults(func=_cmd_train)
 

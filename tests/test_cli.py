@@ -87,3 +87,20 @@ def test_generate_refuses_impossible_options_before_reading_the_run(option, frag
     assert main(["generate", "/no/such/run", "--prompt", "x", *option]) == 2
     err = capsys.readouterr().err.strip()
     assert fragment in err and len(err.splitlines()) == 1
+
+
+def test_version_comes_from_the_package_metadata(capsys):
+    from importlib import metadata
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"llm-jax {metadata.version('llm_jax')}"
+
+
+def test_train_help_says_where_the_keys_are_listed(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "llm_jax/config.py" in out and "README's Configuration section" in out
+    assert "model.*" in out and "optimizer.*" in out and "workdir" in out
