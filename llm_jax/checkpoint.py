@@ -93,6 +93,10 @@ class Checkpointer:
                 "best_fn": _eval_loss,  # makes Orbax write the metrics and answer best_step()
                 "best_mode": "min",
             }
+        if read_only:
+            # Nothing is saved or deleted: give Orbax no saving or pruning settings, which it would
+            # otherwise reset to these values with a warning each.
+            keep.update(max_to_keep=None, save_interval_steps=0)
         options = ocp.CheckpointManagerOptions(
             **keep,
             enable_async_checkpointing=config.async_save,

@@ -3,6 +3,8 @@
 import logging
 from pathlib import Path
 
+import pytest
+
 from test_trainer import _config, corpus  # noqa: F401 - the corpus fixture
 
 from llm_jax.metrics import read_metrics
@@ -34,17 +36,19 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, corpus, 
     assert list(checkpoints.parent.glob("damaged_checkpoints/20*"))
 
 
-def test_read_only_checkpointer_does_not_warn_that_it_is_read_only(tmp_path, caplog):
+@pytest.mark.parametrize("keep_best", [False, True])
+def test_a_read_only_checkpointer_opens_without_warnings(tmp_path, caplog, keep_best):
     # eval, generate and export open checkpoints read-only on purpose: Orbax's notice of it is noise.
     from llm_jax.checkpoint import Checkpointer
     from llm_jax.config import CheckpointConfig
 
     (tmp_path / "checkpoints").mkdir()
     with caplog.at_level("INFO"):
-        checkpointer = Checkpointer(tmp_path / "checkpoints", CheckpointConfig(), read_only=True)
+        checkpointer = Checkpointer(tmp_path / "checkpoints", CheckpointConfig(keep_best=keep_best), read_only=True)
         assert checkpointer.latest_step() is None
         checkpointer.close()
-    assert "read only" not in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not warnings, warnings  # neither "Given directory is read only" nor the options Orbax resets
     # Other Orbax warnings still get through: the filter is gone once the manager exists.
     with caplog.at_level("WARNING"):
         logging.getLogger("absl").warning("Given directory is read only=%s", "x")
