@@ -159,7 +159,8 @@ def test_data_and_tokenizer_errors_are_one_line(overrides, fragment):
 
 @pytest.mark.parametrize("text, fragment", [
     # A second section would silently replace the first, dropping every key of it.
-    ("model:\n  n_layers: 2\ntrain:\n  steps: 5\nmodel:\n  d_model: 64\n", "key 'model' is given twice (lines 1 and 5)"),
+    ("model:\n  n_layers: 2\ntrain:\n  steps: 5\nmodel:\n  d_model: 64\n",
+     "key 'model' is given twice (lines 1 and 5)"),
     ("train:\n  steps: 5\n  steps: 7\n", "key 'steps' is given twice (lines 2 and 3)"),
 ])
 def test_duplicate_keys_in_a_yaml_file_are_refused(tmp_path, text, fragment):
