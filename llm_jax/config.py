@@ -127,7 +127,9 @@ class OptimizerConfig:
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
-    weight_decay: float = 0.1  # not applied to norms, biases (nor embeddings of positions)
+    # Decays matmul kernels and token embeddings; not norm scales, biases or learned position
+    # embeddings (optim.NO_DECAY_NAMES says why).
+    weight_decay: float = 0.1
     clip_norm: float = 1.0  # global-norm clipping; 0 disables
     grad_accum: int = 1  # micro-batches per update; train.batch_size is split among them
 
@@ -444,6 +446,12 @@ def validate(c: Config) -> None:
              f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.kv_heads})")
     _require(m.resolved_position != "rope" or m.head_dim % 2 == 0,
              f"RoPE needs an even head dimension; model.d_model/model.n_heads = {m.head_dim}")
+    for key in ("dtype", "param_dtype"):
+        # float16 without loss scaling (which this trainer does not do) loses small gradients to
+        # underflow without any error; bfloat16 has float32's range and the same memory.
+        _require(getattr(m, key) != "float16",
+                 f"model.{key}=float16 needs loss scaling, which llm_jax does not do (small gradients would "
+                 f"silently underflow to zero); use model.{key}=bfloat16")
     _require(0.0 <= m.dropout < 1.0, f"config key 'model.dropout' must be in [0, 1), got {m.dropout}")
     tk = c.tokenizer
     # pad, unk, bos, eos, then the user's symbols, then 256 byte pieces with byte fallback.
