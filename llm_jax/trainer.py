@@ -153,7 +153,8 @@ def compile_steps(setup: Setup) -> Steps:
                      to_loop=lambda s: pmap_mode.to_stacked(s, mesh), to_global=lambda s: pmap_mode.to_global(s, mesh))
     train_fn = jax.jit(
         functools.partial(train_step, model=setup.model, tx=setup.tx, schedule=setup.schedule,
-                          grad_accum=c.optimizer.grad_accum, use_dropout=c.model.dropout > 0),
+                          grad_accum=c.optimizer.grad_accum, use_dropout=c.model.dropout > 0,
+                          param_shardings=setup.state_shardings.params),
         in_shardings=(setup.state_shardings, batch_sharding),
         out_shardings=(setup.state_shardings, replicated),
         donate_argnums=0,
