@@ -150,6 +150,10 @@ class TrainConfig:
     # A step whose loss or gradient is NaN/Inf is skipped (params unchanged); this many in a row
     # stop the run without saving them. 0: never stop.
     max_nonfinite_steps: int = 10
+    # With several processes, they agree on stopping (a signal) and time-based saves every this many
+    # steps; the host reads each answer one agreement later, so it never waits on the device for
+    # it. A signal then stops all processes at the same step within 2 x agree_every steps.
+    agree_every: int = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -486,6 +490,7 @@ def validate(c: Config) -> None:
     _require(k.every > 0, f"config key 'checkpoint.every' must be positive, got {k.every}")
     _require(k.keep > 0, f"config key 'checkpoint.keep' must be positive, got {k.keep}")
     _require(k.every_minutes >= 0, f"config key 'checkpoint.every_minutes' must be >= 0, got {k.every_minutes}")
+    _require(t.agree_every > 0, f"config key 'train.agree_every' must be positive, got {t.agree_every}")
     _require(t.max_nonfinite_steps >= 0,
              f"config key 'train.max_nonfinite_steps' must be >= 0, got {t.max_nonfinite_steps}")
 

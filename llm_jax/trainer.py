@@ -290,7 +290,7 @@ def train(config: Config) -> dict[str, Any]:
     last_eval_step = -1
     guard = NonFiniteGuard(c.train.max_nonfinite_steps, total=int(metadata.get("nonfinite_steps", 0)))
     save_clock = SaveClock(c.checkpoint.every_minutes)  # process 0's clock decides, for all processes
-    agreement = ProcessAgreement(setup.mesh)
+    agreement = ProcessAgreement(setup.mesh, every=c.train.agree_every)
 
     def save(step: int) -> None:
         guard.read_through(step)
@@ -337,7 +337,7 @@ def train(config: Config) -> dict[str, Any]:
             step += 1
             guard.push(step, metrics["nonfinite"])  # reads the flag of step - 1, already done
             # A signal or a time-based save on one process acts on all of them, at the same step.
-            decision = agreement.exchange(stop.requested, is_main and save_clock.due())
+            decision = agreement.exchange(step, stop.requested, lambda: is_main and save_clock.due())
             stop_agreed = decision.stop
             if step == start + 1:  # the first step compiles: start the throughput clock after it
                 jax.block_until_ready(metrics)
