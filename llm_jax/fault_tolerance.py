@@ -1,9 +1,10 @@
 """Keeping a run alive: time-based saves, one stop/save decision for all processes, and the count
 of steps skipped as non-finite.
 
-The trainer asks these small objects once per step (the agreement acts every train.agree_every steps). None of them touches the train state: the
-non-finite update itself is skipped inside the jitted step (`steps.train_step`), and this module
-only counts what the step reports, one step behind the device like every other metric.
+The trainer asks these small objects once per step (the agreement acts every train.agree_every
+steps). None of them touches the train state: the non-finite update itself is skipped inside the
+jitted step (`steps.train_step`), and this module only counts what the step reports, one step
+behind the device like every other metric.
 """
 
 from __future__ import annotations

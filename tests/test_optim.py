@@ -43,7 +43,8 @@ def test_decay_mask_spares_norms_and_biases():
 @pytest.mark.parametrize("arch, expected", [
     # gpt2: tied token embedding, learned positions (not decayed), biases and LayerNorm (not decayed).
     ("gpt2", ["embed/embedding"] + [f"layer_{i}/{m}/kernel" for i in range(2)
-                                    for m in ("attn/key", "attn/out", "attn/query", "attn/value", "mlp/fc", "mlp/proj")]),
+                                    for m in ("attn/key", "attn/out", "attn/query", "attn/value",
+                                              "mlp/fc", "mlp/proj")]),
     # llama: untied output projection, RoPE (no table), RMSNorm scales (not decayed), no biases.
     ("llama", ["embed/embedding"] + [f"layer_{i}/{m}/kernel" for i in range(2)
                                      for m in ("attn/key", "attn/out", "attn/query", "attn/value",
@@ -68,10 +69,12 @@ def test_lamb_trust_ratio_is_per_layer_when_layers_are_scanned():
     abstract = _abstract_params(**model)
     leaves, treedef = jax.tree.flatten(abstract)
     keys = jax.random.split(jax.random.key(1), 2 * len(leaves))
-    # Each layer at its own scale, so one ratio over the whole stack cannot match per-layer ratios.
+
     def draw(key, leaf, path):
+        """Each layer at its own scale, so one ratio over the whole stack cannot match per-layer ones."""
         layer = next((int(k.key.split("_")[1]) for k in path if str(k.key).startswith("layer_")), 0)
         return (layer + 1) ** 2 * jax.random.normal(key, leaf.shape, jnp.float32)
+
     paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]]
     params = treedef.unflatten([draw(keys[i], l, p) for i, (l, p) in enumerate(zip(leaves, paths))])
     grads = treedef.unflatten([jax.random.normal(keys[len(leaves) + i], l.shape) for i, l in enumerate(leaves)])
