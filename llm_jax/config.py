@@ -128,7 +128,9 @@ class OptimizerConfig:
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
-    weight_decay: float = 0.1  # not applied to norms, biases (nor embeddings of positions)
+    # Decays matmul kernels and token embeddings; not norm scales, biases or learned position
+    # embeddings (optim.NO_DECAY_NAMES says why).
+    weight_decay: float = 0.1
     clip_norm: float = 1.0  # global-norm clipping; 0 disables
     grad_accum: int = 1  # micro-batches per update; train.batch_size is split among them
 
@@ -149,6 +151,10 @@ class TrainConfig:
     # A step whose loss or gradient is NaN/Inf is skipped (params unchanged); this many in a row
     # stop the run without saving them. 0: never stop.
     max_nonfinite_steps: int = 10
+    # With several processes, they agree on stopping (a signal) and time-based saves every this many
+    # steps; the host reads each answer one agreement later, so it never waits on the device for
+    # it. A signal then stops all processes at the same step within 2 x agree_every steps.
+    agree_every: int = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -485,6 +491,12 @@ def validate(c: Config) -> None:
              f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.kv_heads})")
     _require(m.resolved_position != "rope" or m.head_dim % 2 == 0,
              f"RoPE needs an even head dimension; model.d_model/model.n_heads = {m.head_dim}")
+    for key in ("dtype", "param_dtype"):
+        # float16 without loss scaling (which this trainer does not do) loses small gradients to
+        # underflow without any error; bfloat16 has float32's range and the same memory.
+        _require(getattr(m, key) != "float16",
+                 f"model.{key}=float16 needs loss scaling, which llm_jax does not do (small gradients would "
+                 f"silently underflow to zero); use model.{key}=bfloat16")
     _require(0.0 <= m.dropout < 1.0, f"config key 'model.dropout' must be in [0, 1), got {m.dropout}")
     tk = c.tokenizer
     # pad, unk, bos, eos, then the user's symbols, then 256 byte pieces with byte fallback.
@@ -524,6 +536,7 @@ def validate(c: Config) -> None:
     _require(k.every > 0, f"config key 'checkpoint.every' must be positive, got {k.every}")
     _require(k.keep > 0, f"config key 'checkpoint.keep' must be positive, got {k.keep}")
     _require(k.every_minutes >= 0, f"config key 'checkpoint.every_minutes' must be >= 0, got {k.every_minutes}")
+    _require(t.agree_every > 0, f"config key 'train.agree_every' must be positive, got {t.agree_every}")
     _require(t.max_nonfinite_steps >= 0,
              f"config key 'train.max_nonfinite_steps' must be >= 0, got {t.max_nonfinite_steps}")
 

@@ -1,9 +1,10 @@
 """Keeping a run alive: time-based saves, one stop/save decision for all processes, and the count
 of steps skipped as non-finite.
 
-The trainer asks these small objects once per step. None of them touches the train state: the
-non-finite update itself is skipped inside the jitted step (`steps.train_step`), and this module
-only counts what the step reports, one step behind the device like every other metric.
+The trainer asks these small objects once per step (the agreement acts every train.agree_every
+steps). None of them touches the train state: the non-finite update itself is skipped inside the
+jitted step (`steps.train_step`), and this module only counts what the step reports, one step
+behind the device like every other metric.
 """
 
 from __future__ import annotations
@@ -55,25 +56,33 @@ class ProcessAgreement:
 
     A signal reaches one process, and each host's clock reads differently, so no process may act
     on what it alone knows: the processes would then save different steps (or one would wait
-    forever in a save the others never start). Each step, every process contributes its flags
-    (stop requested here; on process 0, a time-based save due) to a tiny jitted max over all
-    devices. The answer for step s is read after step s+1 has been dispatched, when step s is
-    already done, so reading it never stalls the device; every process then acts on the same
-    answer at step s+1. A single process needs no exchange and acts on its own flags at once.
+    forever in a save the others never start). Every `every` steps (train.agree_every), each
+    process contributes its flags (stop requested here; on process 0, a time-based save due) to a
+    tiny jitted max over all devices. That answer is read at the next agreement step, `every` steps
+    later, when the device has long finished it: reading never stalls the host, which stays free to
+    dispatch ahead of the device, and the cross-host collective runs once per `every` steps. All
+    processes agree at the same steps and read the same answers, so they act at the same step; a
+    signal takes effect within 2 x `every` steps. A single process needs no exchange and acts on its
+    own flags at once.
     """
 
-    def __init__(self, mesh: Mesh):
-        self._multi = jax.process_count() > 1
+    def __init__(self, mesh: Mesh, every: int = 1, multi: bool | None = None):
+        self._multi = jax.process_count() > 1 if multi is None else multi  # `multi`: for tests
+        self.every = every
         self._in_flight: jax.Array | None = None
         if self._multi:
             self._sharding = NamedSharding(mesh, P(mesh.axis_names))  # one row of flags per device
             self._shape = (mesh.size, 2)
             self._combine = jax.jit(lambda flags: jnp.max(flags, axis=0), out_shardings=NamedSharding(mesh, P()))
 
-    def exchange(self, stop: bool, save: bool) -> Decision:
+    def exchange(self, step: int, stop: bool, save_due: Callable[[], bool]) -> Decision:
+        """The decision to act on at `step`. `save_due` is asked only at agreement steps, so a
+        time-based save it reports is never dropped between them."""
         if not self._multi:
-            return Decision(stop=stop, save=save)
-        row = np.array([[stop, save]], np.int32)
+            return Decision(stop=stop, save=save_due())
+        if step % self.every:
+            return Decision(stop=False, save=False)
+        row = np.array([[stop, save_due()]], np.int32)
         rows = [jax.device_put(row, d) for d in self._sharding.addressable_devices_indices_map(self._shape)]
         flags = jax.make_array_from_single_device_arrays(self._shape, self._sharding, rows)
         previous, self._in_flight = self._in_flight, self._combine(flags)

@@ -267,19 +267,76 @@ def xla_attention(q_BLHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, mask_
     return out_BLKGD.reshape(batch, length, n_heads, head_dim)
 
 
+def segment_runs(segment_ids_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Packed rows in cuDNN's ragged ("THD") description: (offsets [B, L+1], lengths [B, L]) int32.
+
+    Each run of equal segment ids is one sequence: its start in the row and its length, runs in
+    order, then -1 padding (the layout `q_offsets`/`q_seqlen` of jax's cuDNN attention take; L+1
+    and L: a row holds at most L runs). Linear in L, where a mask is quadratic. Trailing padding
+    (segment 0) is a run of its own, so it attends only to itself, as in `causal_segment_mask`.
+    The packer gives each document of a row its own id, so runs and documents are the same.
+    """
+    batch, length = segment_ids_BL.shape
+    starts_BL = jnp.concatenate([jnp.ones((batch, 1), bool), segment_ids_BL[:, 1:] != segment_ids_BL[:, :-1]], axis=1)
+    # Run starts in order, then `length` for every row position that starts no run.
+    start_BL = jnp.sort(jnp.where(starts_BL, jnp.arange(length, dtype=jnp.int32), length), axis=-1)
+    end_BL = jnp.concatenate([start_BL[:, 1:], jnp.full((batch, 1), length, jnp.int32)], axis=1)
+    is_run_BL = start_BL < length
+    lengths_BL = jnp.where(is_run_BL, end_BL - start_BL, -1).astype(jnp.int32)
+    offsets_BL1 = jnp.concatenate([jnp.where(is_run_BL, start_BL, -1), jnp.full((batch, 1), -1, jnp.int32)], axis=1)
+    return offsets_BL1.astype(jnp.int32), lengths_BL
+
+
 def fused_attention(q_BLHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array,
-                    segment_ids_BL: jax.Array | None) -> jax.Array:
-    """`jax.nn.dot_product_attention`: the cuDNN flash kernel on GPU for 16-bit dtypes (the only
-    ones it supports), its XLA implementation elsewhere. Causality goes in as `is_causal` so cuDNN
-    can skip the masked half; documents only as an extra mask."""
-    on_gpu = jax.default_backend() == "gpu"
-    implementation = "cudnn" if on_gpu and q_BLHD.dtype in (jnp.bfloat16, jnp.float16) else None
+                    segment_ids_BL: jax.Array | None, platform: str | None = None) -> jax.Array:
+    """`model.attention=cudnn`: cuDNN's fused flash attention on GPU for 16-bit dtypes (the only
+    ones it supports), JAX's XLA attention elsewhere (`jax.nn.dot_product_attention`).
+
+    On GPU, packed documents go in as cuDNN's own ragged sequences (`segment_runs`): the kernel
+    masks within each document and causally, and no [B, 1, L, L] mask or bias is ever built (a
+    mask would be quadratic in memory: as a bfloat16 bias 256 MiB at batch 32 x 2048). Without
+    segment ids causality is `is_causal`, so cuDNN skips the masked half.
+    """
+    platform = platform or traced_platform()
+    if platform == "tpu":
+        _warn_once("model.attention=cudnn on TPU is JAX's XLA attention with a dense document mask; "
+                   "use model.attention=splash there")
+    if platform != "gpu" or q_BLHD.dtype not in (jnp.bfloat16, jnp.float16):
+        return _masked_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, implementation=None)
+    if segment_ids_BL is None:
+        return jax.nn.dot_product_attention(q_BLHD, k_BSKD, v_BSKD, is_causal=True, implementation="cudnn")
+    try:
+        return _cudnn_packed_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL)
+    except NotImplementedError as e:  # e.g. the packed layout needs a Hopper GPU (H100/H200) or newer
+        _warn_once(f"cuDNN cannot take packed documents here ({e}); building a [B, 1, L, L] mask instead")
+        return _masked_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, implementation="cudnn")
+
+
+def _masked_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, implementation):
     mask_B1LL = None
     if segment_ids_BL is not None:
         mask_B1LL = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
-    return jax.nn.dot_product_attention(
-        q_BLHD, k_BSKD, v_BSKD, mask=mask_B1LL, is_causal=True, implementation=implementation
-    )
+    return jax.nn.dot_product_attention(q_BLHD, k_BSKD, v_BSKD, mask=mask_B1LL, is_causal=True,
+                                        implementation=implementation)
+
+
+def _cudnn_packed_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL):
+    # jax.nn.dot_product_attention takes only per-row lengths, not several sequences per row; its
+    # cuDNN module (jax 0.10) takes them as offsets and lengths per row ("packed" layout, Hopper+).
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    n_heads, n_kv = q_BLHD.shape[2], k_BSKD.shape[2]
+    if n_kv != n_heads:
+        # The packed layout strides key offsets by the *query* heads (jax 0.10's
+        # _fix_seqlen_offsets), so grouped-query keys and values are repeated to match: linear
+        # memory, B x L x H x D, against the quadratic mask this path avoids.
+        k_BSKD = jnp.repeat(k_BSKD, n_heads // n_kv, axis=2)
+        v_BSKD = jnp.repeat(v_BSKD, n_heads // n_kv, axis=2)
+    offsets_BL1, lengths_BL = segment_runs(segment_ids_BL)
+    return cudnn.dot_product_attention(
+        q_BLHD, k_BSKD, v_BSKD, q_seqlen=lengths_BL, kv_seqlen=lengths_BL, q_offsets=offsets_BL1,
+        kv_offsets=offsets_BL1, scale=1.0 / math.sqrt(q_BLHD.shape[-1]), mask_type=cudnn.MaskType.PADDING_CAUSAL,
+        qkv_layout="BTNH")
 
 
 def splash_attention_on(platform: str, q_BLHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array,

@@ -1,16 +1,32 @@
-"""The optax transformation: AdamW or LAMB, warmup + cosine schedule, clipping, decay mask."""
+"""The optax transformation: AdamW or LAMB, warmup + cosine schedule, clipping, decay mask.
+
+Precision: the optimizer always works in float32. With `model.param_dtype=bfloat16` it sees float32
+copies of the gradients and parameters, so both Adam moments are float32 (optax's `mu_dtype` covers
+only the first; the second would follow the parameters), and only the update is rounded to bfloat16
+when it is applied.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from llm_jax.config import OptimizerConfig
+from llm_jax.transformer import SCANNED_LAYERS
 
-# Parameters named like this are norm scales and biases: decaying them only hurts.
-NO_DECAY_NAMES = ("bias", "scale")
+# Weight decay pulls a weight towards zero. That is a prior for matmul kernels and token embeddings
+# (decayed), not for norm scales (zero would switch a channel off), biases (offsets, no scale to
+# regularise) or learned position embeddings (a lookup table read at every step: decay only shrinks
+# the position signal); none of those three is decayed.
+NO_DECAY_NAMES = ("bias", "scale")  # leaf names: Norm scale/bias, Dense bias
+NO_DECAY_MODULES = ("pos_embed",)  # module names: the learned position table
+
+
+def _names(path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
 def make_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -30,25 +46,97 @@ def make_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params: Any) -> Any:
-    """True for weights that get weight decay: everything but norm scales and biases."""
+    """True for weights that get weight decay: kernels and token embeddings (see NO_DECAY_NAMES)."""
 
     def wants_decay(path, _leaf) -> bool:
-        last = path[-1]
-        name = getattr(last, "key", getattr(last, "name", str(last)))
-        return str(name) not in NO_DECAY_NAMES
+        names = _names(path)
+        return names[-1] not in NO_DECAY_NAMES and not set(names) & set(NO_DECAY_MODULES)
 
     return jax.tree_util.tree_map_with_path(wants_decay, params)
 
 
-def make_optimizer(config: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Built once per run; the schedule is returned too so the trainer can log the learning rate."""
+def stacked_layers_mask(params: Any, scan_layers: bool) -> Any:
+    """True for leaves whose leading axis is the layer (the `scan_layers` stack in transformer.py)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: scan_layers and SCANNED_LAYERS in _names(path)[:1], params)
+
+
+def scale_by_layerwise_trust_ratio(scan_layers: bool) -> optax.GradientTransformation:
+    """LAMB's trust ratio ||param|| / ||update||, one per layer whatever the parameter layout.
+
+    optax.scale_by_trust_ratio takes one ratio per leaf. A scanned stack holds every layer in one
+    leaf [n_layers, ...], which would give all layers one ratio; for those leaves the norms are
+    taken over all axes but the leading one, so each layer keeps its own ratio, as unscanned.
+    """
+
+    def update_fn(updates, state, params):
+        if params is None:
+            raise ValueError(optax.NO_PARAMS_MSG)
+
+        def scale(update, param, stacked):
+            axes = tuple(range(1, param.ndim)) if stacked else None
+            param_norm = jnp.sqrt(jnp.sum(jnp.square(param), axis=axes, keepdims=stacked))
+            update_norm = jnp.sqrt(jnp.sum(jnp.square(update), axis=axes, keepdims=stacked))
+            ratio = param_norm / update_norm
+            # As in optax: a zero parameter or update leaves the update as it is.
+            ratio = jnp.where((param_norm == 0.0) | (update_norm == 0.0), jnp.ones_like(ratio), ratio)
+            return update * ratio
+
+        return jax.tree.map(scale, updates, params, stacked_layers_mask(params, scan_layers)), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def lamb(schedule: optax.Schedule, config: OptimizerConfig, scan_layers: bool) -> optax.GradientTransformation:
+    """optax.lamb's own chain, with the trust ratio per layer of a scanned stack."""
+    return optax.chain(
+        optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps),
+        optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+        scale_by_layerwise_trust_ratio(scan_layers),
+        optax.scale_by_learning_rate(schedule),
+    )
+
+
+def in_float32(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` on float32 copies of gradients and parameters: its state (Adam's moments) is float32
+    whatever `model.param_dtype` says, so low-precision parameters keep full-precision moments. The
+    update comes out float32 and `optax.apply_updates` rounds it to the parameter's dtype."""
+
+    def up(tree):
+        return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+    def init_fn(params):
+        return inner.init(up(params))
+
+    def update_fn(updates, state, params=None):
+        return inner.update(up(updates), state, None if params is None else up(params))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def describe_dtypes(params: Any, opt_state: Any, compute_dtype: str) -> str:
+    """One log line saying which dtype holds what, e.g. 'params bfloat16, optimizer moments float32, ...'."""
+
+    def floating(tree) -> str:
+        kinds = sorted({str(x.dtype) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)})
+        return "/".join(kinds) or "none"
+
+    return f"params {floating(params)}, optimizer moments {floating(opt_state)}, compute {compute_dtype}"
+
+
+def make_optimizer(config: OptimizerConfig, total_steps: int,
+                   scan_layers: bool = False) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Built once per run; the schedule is returned too so the trainer can log the learning rate.
+
+    `scan_layers`: the parameters hold the blocks as one stacked subtree (model.scan_layers), which
+    LAMB needs to know to keep one trust ratio per layer.
+    """
     schedule = make_schedule(config, total_steps)
     if config.name == "adamw":
-        core = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
-                           weight_decay=config.weight_decay, mask=decay_mask)
+        core = in_float32(optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+                                      weight_decay=config.weight_decay, mask=decay_mask))
     elif config.name == "lamb":
-        core = optax.lamb(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
-                          weight_decay=config.weight_decay, mask=decay_mask)
+        core = in_float32(lamb(schedule, config, scan_layers))
     else:  # validate() rejects other names before we get here
         raise ValueError(f"unknown optimizer {config.name!r}")
     if config.clip_norm > 0:

@@ -83,14 +83,24 @@ def update_unless_nonfinite(finite: jax.Array, tx: optax.GradientTransformation,
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx: optax.GradientTransformation,
                schedule: optax.Schedule, grad_accum: int = 1, use_dropout: bool = False,
-               axis_name: str | None = None):
+               axis_name: str | None = None, param_shardings: Any = None):
     """One optimizer update over the whole batch, accumulated over `grad_accum` micro-batches.
 
     Gradients of loss *sums* are accumulated and divided once by the total target count, so the
     update equals that of one big batch however the batch is split or padded. Under `jax.pmap`,
     `axis_name` names the device axis: sums are added over devices before that one division, so
     replicated data parallelism makes the same update as the global batch on one device.
+
+    With accumulation under FSDP, each weight must be gathered inside the loop, when its layer
+    runs, and each gradient kept in its parameter's shards: `param_shardings` (the sharded path;
+    None under pmap) pins every gradient to them explicitly, and the weights travel through the
+    loop's carry (see `accumulate`). Measured with `llm-jax plan`, docs/benchmarks.md.
     """
+    def like_params(grads):
+        if param_shardings is None:
+            return grads
+        return jax.lax.with_sharding_constraint(grads, param_shardings)
+
     rng = jax.random.fold_in(state.rng, state.step) if use_dropout else None
     if rng is not None and axis_name is not None:
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))  # each replica its own dropout
@@ -100,18 +110,24 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx: opt
         (loss_sum, weight_sum), grads = grad_fn(state.params, batch, model, rng)
     else:
         micro = _split_micro(batch, grad_accum)
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        zeros = like_params(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params))
 
         def accumulate(carry, xs):
-            grads_acc, loss_acc, weight_acc = carry
+            params, grads_acc, loss_acc, weight_acc = carry
             i, micro_batch = xs
             micro_rng = None if rng is None else jax.random.fold_in(rng, i)
-            (loss_sum, weight_sum), grads = grad_fn(state.params, micro_batch, model, micro_rng)
-            grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
-            return (grads_acc, loss_acc + loss_sum, weight_acc + weight_sum), None
+            # XLA hoists loop-invariant work out of loops: FSDP's all-gather of every weight would run
+            # once before the loop and hold all weights whole through it (measured: accumulation then
+            # needed more memory than no accumulation). Passing the weights through the carry behind a
+            # barrier makes them new in each iteration, so each layer is gathered when it is used.
+            params = jax.lax.optimization_barrier(params)
+            (loss_sum, weight_sum), grads = grad_fn(params, micro_batch, model, micro_rng)
+            grads = like_params(grads)
+            grads_acc = like_params(jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads))
+            return (params, grads_acc, loss_acc + loss_sum, weight_acc + weight_sum), None
 
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        (grads, loss_sum, weight_sum), _ = jax.lax.scan(accumulate, init, (jnp.arange(grad_accum), micro))
+        init = (state.params, zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (_, grads, loss_sum, weight_sum), _ = jax.lax.scan(accumulate, init, (jnp.arange(grad_accum), micro))
     if axis_name is not None:
         grads, loss_sum, weight_sum = jax.lax.psum((grads, loss_sum, weight_sum), axis_name)
 

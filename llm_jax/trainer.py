@@ -30,7 +30,7 @@ from llm_jax.config import Config, ConfigError, dump_config, to_dict
 from llm_jax.fault_tolerance import NonFiniteError, NonFiniteGuard, ProcessAgreement, SaveClock
 from llm_jax.generate import generate
 from llm_jax.metrics import MetricsWriter
-from llm_jax.optim import make_optimizer
+from llm_jax.optim import describe_dtypes, make_optimizer
 from llm_jax.steps import TrainState, eval_step, init_state, train_step
 from llm_jax.tokenizer import Tokenizer, load_or_train_tokenizer
 from llm_jax.transformer import Transformer, count_params
@@ -100,7 +100,7 @@ def build(config: Config, mesh: jax.sharding.Mesh | None = None, with_data: bool
         sources = data_lib.open_sources(config)
         tokenizer = load_or_train_tokenizer(config, workdir, sources)
     model = Transformer(config.model)
-    tx, schedule = make_optimizer(config.optimizer, config.train.steps)
+    tx, schedule = make_optimizer(config.optimizer, config.train.steps, scan_layers=config.model.scan_layers)
 
     rules = sharding.axis_rules(config)
     init_fn = functools.partial(init_state, model=model, tx=tx, seq_len=config.train.seq_len)
@@ -153,7 +153,8 @@ def compile_steps(setup: Setup) -> Steps:
                      to_loop=lambda s: pmap_mode.to_stacked(s, mesh), to_global=lambda s: pmap_mode.to_global(s, mesh))
     train_fn = jax.jit(
         functools.partial(train_step, model=setup.model, tx=setup.tx, schedule=setup.schedule,
-                          grad_accum=c.optimizer.grad_accum, use_dropout=c.model.dropout > 0),
+                          grad_accum=c.optimizer.grad_accum, use_dropout=c.model.dropout > 0,
+                          param_shardings=setup.state_shardings.params),
         in_shardings=(setup.state_shardings, batch_sharding),
         out_shardings=(setup.state_shardings, replicated),
         donate_argnums=0,
@@ -263,6 +264,7 @@ def train(config: Config) -> dict[str, Any]:
     log.info("model: %s, %.2fM parameters; mesh %s over %d devices", c.model.arch,
              count_params(setup.abstract_state.params) / 1e6, dict(setup.mesh.shape), setup.mesh.size)
     log.info("data: %s", data_lib.skip_summary(setup.sources))
+    log.info("dtypes: %s", describe_dtypes(setup.abstract_state.params, setup.abstract_state.opt_state, c.model.dtype))
     # Measured once (on CPU a ~0.1 s matmul) before the data pipeline's threads start, which would
     # share the cores with the measurement; only process 0 logs.
     peak_flops = flops.total_peak_flops() if is_main else None
@@ -305,7 +307,7 @@ def train(config: Config) -> dict[str, Any]:
     last_eval_step = -1
     guard = NonFiniteGuard(c.train.max_nonfinite_steps, total=int(metadata.get("nonfinite_steps", 0)))
     save_clock = SaveClock(c.checkpoint.every_minutes)  # process 0's clock decides, for all processes
-    agreement = ProcessAgreement(setup.mesh)
+    agreement = ProcessAgreement(setup.mesh, every=c.train.agree_every)
 
     def save(step: int) -> None:
         guard.read_through(step)
@@ -354,7 +356,7 @@ def train(config: Config) -> dict[str, Any]:
             step += 1
             guard.push(step, metrics["nonfinite"])  # reads the flag of step - 1, already done
             # A signal or a time-based save on one process acts on all of them, at the same step.
-            decision = agreement.exchange(stop.requested, is_main and save_clock.due())
+            decision = agreement.exchange(step, stop.requested, lambda: is_main and save_clock.due())
             stop_agreed = decision.stop
             if step == start + 1:  # the first step compiles: start the throughput clock after it
                 jax.block_until_ready(metrics)

@@ -21,6 +21,10 @@ from llm_jax import cpu_kernels
 from llm_jax.config import ModelConfig
 from llm_jax.layers import DecoderBlock, Dense, Embed, constrain, make_norm, sinusoidal_positions, to_dtype
 
+# Name of the scanned stack (`scan_layers`): every leaf under it has a leading [n_layers] axis. The
+# optimizer reads it to keep LAMB's trust ratios per layer (optim.py).
+SCANNED_LAYERS = "layers"
+
 # Positional indices (self = 0) of DecoderBlock.__call__'s Python-valued arguments.
 _STATIC_BLOCK_ARGS = (4, 5)  # deterministic, decode
 
@@ -93,7 +97,7 @@ class Transformer(nn.Module):
                 length=cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x_BLE, _ = stack(cfg, name="layers")(x_BLE, positions_BL, segment_ids_BL, deterministic, decode)
+            x_BLE, _ = stack(cfg, name=SCANNED_LAYERS)(x_BLE, positions_BL, segment_ids_BL, deterministic, decode)
         else:
             for i in range(cfg.n_layers):
                 x_BLE, _ = block(cfg, name=f"layer_{i}")(x_BLE, positions_BL, segment_ids_BL, deterministic, decode)

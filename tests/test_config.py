@@ -91,6 +91,17 @@ def test_config_errors_are_one_line(override, fragment):
     assert "\n" not in message
 
 
+@pytest.mark.parametrize("key", ["model.dtype", "model.param_dtype"])
+def test_float16_without_loss_scaling_is_refused(key, capsys):
+    with pytest.raises(ConfigError, match=f"{key}=float16 needs loss scaling.*use {key}=bfloat16"):
+        load_config(None, [f"{key}=float16"])
+    from llm_jax import cli
+
+    assert cli.main(["train", f"{key}=float16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "loss scaling" in err and "\n" not in err
+
+
 def test_missing_and_invalid_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")

@@ -24,7 +24,7 @@ from llm_jax import checkpoint as ckpt
 from llm_jax import cli, trainer
 from llm_jax.config import ConfigError, ModelConfig
 from llm_jax.export import export_run
-from llm_jax.fault_tolerance import NonFiniteError, SaveClock
+from llm_jax.fault_tolerance import NonFiniteError, ProcessAgreement, SaveClock
 from llm_jax.metrics import read_metrics
 from llm_jax.steps import train_step
 from llm_jax.trainer import train
@@ -131,6 +131,31 @@ def test_save_clock_is_due_after_the_interval_and_restarts_on_save():
     assert not SaveClock(every_minutes=0, now=lambda: now[0] + 1e9).due()  # 0: off
 
 
+def test_processes_agree_every_k_steps_and_read_the_answer_k_steps_later(monkeypatch):
+    """The exchange path of several processes, run in one: the host dispatches one collective per
+    `every` steps and reads only answers dispatched `every` steps earlier, never the newest."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    agreement = ProcessAgreement(mesh, every=5, multi=True)
+    dispatched, read = [], []
+    combine = agreement._combine
+    monkeypatch.setattr(agreement, "_combine", lambda flags: dispatched.append(step) or combine(flags))
+    real_get = jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda x: read.append(step) or real_get(x))
+    asked = []
+    decisions = {}
+    for step in range(1, 21):
+        stop_here = step >= 7  # a signal arrives at step 7
+        decisions[step] = agreement.exchange(step, stop_here, lambda: asked.append(step) or step == 3)
+    assert dispatched == asked == [5, 10, 15, 20]  # the save clock is asked only when it can be heard
+    assert read == [10, 15, 20]  # each answer read one agreement later
+    # Step 10 reads the flags of step 5 (no stop yet); step 15 those of step 10, with the stop.
+    assert [s for s, d in decisions.items() if d.stop] == [15, 20]
+    assert not any(d.save for d in decisions.values())  # the clock was due at step 3, never asked then
+
+    single = ProcessAgreement(mesh, every=5, multi=False)  # one process: its own flags, at once
+    assert single.exchange(3, True, lambda: True).stop and single.exchange(3, False, lambda: True).save
+
+
 def test_time_based_saves_between_step_saves(tmp_path, corpus):  # noqa: F811
     train(_config(tmp_path, corpus, "train.steps=12", "checkpoint.every=1000", "checkpoint.every_minutes=0.0001",
                   "checkpoint.keep=20"))
@@ -200,7 +225,7 @@ def test_two_processes_save_the_same_step_when_one_gets_sigterm(tmp_path, corpus
     workdir = tmp_path / "run"
     # Time-based saves run too: a save decided on one process only would hang the other one.
     args = _cli_args(tmp_path, corpus, "train.log_every=1", "checkpoint.every=100000",
-                     "checkpoint.every_minutes=0.01")
+                     "checkpoint.every_minutes=0.01", "train.agree_every=4")
     procs = multiprocess.launch([*args, "train.steps=100000"], num_processes=2, devices_per_process=2)
     deadline = time.time() + 180
     while time.time() < deadline and all(p.poll() is None for p in procs) and len(_train_rows(workdir)) < 3:
@@ -212,6 +237,7 @@ def test_two_processes_save_the_same_step_when_one_gets_sigterm(tmp_path, corpus
     stops = [re.findall(r"stopping at step (\d+) on a signal", output) for _, output in results]
     assert len(stops[0]) == len(stops[1]) == 1 and stops[0] == stops[1], [o[-2000:] for _, o in results]
     step = int(stops[0][0])
+    assert step % 4 == 0  # the processes agree every train.agree_every steps, and act there
     assert _checkpoint_steps(workdir)[-1] == step
     assert len(list((workdir / "checkpoints" / str(step) / "data").iterdir())) >= 2  # one file per process
 

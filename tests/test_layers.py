@@ -2,6 +2,7 @@
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from llm_jax.layers import (
     apply_rope,
     causal_segment_mask,
     fused_attention,
+    segment_runs,
     sinusoidal_positions,
     to_dtype,
     xla_attention,
@@ -153,6 +155,83 @@ def test_fused_attention_matches_xla_attention(with_segments):
     expected = jax.jit(xla_attention)(q, k, v, causal_segment_mask(segment_ids, length))
     out = jax.jit(fused_attention)(q, k, v, segment_ids)
     np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_segment_runs_describe_the_packed_documents():
+    """The offsets and lengths handed to cuDNN mean the same mask as causal_segment_mask."""
+    length = 12
+    segment_ids = jnp.array([[1, 1, 1, 2, 2, 3, 3, 3, 3, 0, 0, 0],  # three documents, then padding
+                             [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],  # one document
+                             [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]])  # one token each: L runs
+    offsets, lengths = jax.jit(segment_runs)(segment_ids)
+    assert offsets.shape == (3, length + 1) and lengths.shape == (3, length)
+    np.testing.assert_array_equal(offsets[0, :5], [0, 3, 5, 9, -1])
+    np.testing.assert_array_equal(lengths[0, :5], [3, 2, 4, 3, -1])
+    np.testing.assert_array_equal(offsets[1, :2], [0, -1])
+    np.testing.assert_array_equal(lengths[2], np.ones(length))
+    run_of = np.full((3, length), -1)
+    for b in range(3):
+        for r, (start, size) in enumerate(zip(np.asarray(offsets[b]), np.asarray(lengths[b]))):
+            if size > 0:
+                run_of[b, start:start + size] = r
+    assert (run_of >= 0).all()  # every token lies in exactly one run
+    index = np.arange(length)
+    mask = (run_of[:, :, None] == run_of[:, None, :]) & (index[:, None] >= index[None, :])
+    np.testing.assert_array_equal(mask, np.asarray(causal_segment_mask(segment_ids, length))[:, 0])
+
+
+def _equations(jaxpr) -> list:
+    """Every equation of a jaxpr, those of its sub-jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        found.append(eqn)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += _equations(sub)
+    return found
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_cudnn_with_segments_builds_no_square_mask(monkeypatch, kv_heads):
+    """Traced as on a GPU (cuDNN's version and compute-capability checks answered as on a Hopper;
+    nothing runs), forward and backward hold nothing [.., L, L]: the documents reach the kernel
+    as offsets and lengths. Before, a [B, 1, L, L] mask and bias were built."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(cudnn, "check_compute_capability", lambda capability: True)
+    monkeypatch.setattr(cudnn, "is_cuda_compute_capability_equal", lambda capability: False)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    batch, length, heads, head_dim = 2, 256, 4, 64
+    q = jnp.zeros((batch, length, heads, head_dim), jnp.bfloat16)
+    kv = jnp.zeros((batch, length, kv_heads, head_dim), jnp.bfloat16)
+    segment_ids = jnp.ones((batch, length), jnp.int32)
+
+    def loss(q, k, v):
+        return fused_attention(q, k, v, segment_ids).astype(jnp.float32).sum()
+
+    equations = _equations(jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, kv, kv).jaxpr)
+    names = {eqn.primitive.name for eqn in equations}
+    # The fused kernel is what was traced, forward and backward.
+    assert {"dot_product_attention_fwd_wrapper", "dot_product_attention_bwd_wrapper"} <= names
+    square = [(eqn.primitive.name, var.aval.shape) for eqn in equations for var in eqn.outvars
+              if tuple(getattr(var.aval, "shape", ())[-2:]) == (length, length)]
+    assert square == []
+
+
+def test_cudnn_before_hopper_falls_back_to_a_mask(monkeypatch):
+    """cuDNN's packed layout needs compute capability 9.0: on an older GPU the documents become a
+    dense mask again (with a warning) rather than an error."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(cudnn, "check_compute_capability", lambda capability: capability == "8.0")
+    monkeypatch.setattr(cudnn, "is_cuda_compute_capability_equal", lambda capability: False)
+    q = jnp.zeros((1, 16, 2, 64), jnp.bfloat16)
+    segment_ids = jnp.ones((1, 16), jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda q: fused_attention(q, q, q, segment_ids, platform="gpu"))(q).jaxpr
+    equations = _equations(jaxpr)
+    assert "dot_product_attention_fwd_wrapper" in {eqn.primitive.name for eqn in equations}
+    assert any(tuple(getattr(v.aval, "shape", ())[-2:]) == (16, 16) for eqn in equations for v in eqn.outvars)
 
 
 @pytest.mark.parametrize("arch,names", [("gpt2", {"fc", "proj"}), ("llama", {"gate", "up", "proj"})])

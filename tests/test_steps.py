@@ -37,12 +37,21 @@ def test_gradient_accumulation_equals_one_big_batch():
     batch = _batch(pad_last=3)
     step = functools.partial(train_step, model=model, tx=tx, schedule=schedule)
     whole, m_whole = jax.jit(functools.partial(step, grad_accum=1))(state, batch)
-    split, m_split = jax.jit(functools.partial(step, grad_accum=2))(state, batch)
-    np.testing.assert_allclose(m_split["loss"], m_whole["loss"], rtol=1e-5)
-    np.testing.assert_allclose(m_split["grad_norm"], m_whole["grad_norm"], rtol=1e-4)
-    for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(split.params)):
-        np.testing.assert_allclose(a, b, atol=1e-5)  # Adam steps are ~1e-2: a real mismatch shows
-    assert int(split.step) == 1
+    # The sharded path pins the gradients to the parameters' shardings (here one device: all whole).
+    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), state.params)
+    split, m_split = jax.jit(functools.partial(step, grad_accum=2, param_shardings=shardings))(state, batch)
+    # pmap: the same step with a device axis and no shardings.
+    stacked = jax.tree.map(lambda x: x[None], (state, batch))
+    pmapped, m_pmapped = jax.pmap(functools.partial(step, grad_accum=2, axis_name="d"), axis_name="d")(*stacked)
+    pmapped, m_pmapped = jax.tree.map(lambda x: x[0], (pmapped, m_pmapped))
+    for other, m_other in ((split, m_split), (pmapped, m_pmapped)):
+        np.testing.assert_allclose(m_other["loss"], m_whole["loss"], rtol=1e-5)
+        np.testing.assert_allclose(m_other["grad_norm"], m_whole["grad_norm"], rtol=1e-4)
+        for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(other.params)):
+            # Adam steps are ~1e-2, so a real mismatch shows; Adam divides by sqrt(v), so a weight
+            # with a near-zero gradient turns summation-order rounding into ~2e-5.
+            np.testing.assert_allclose(a, b, atol=1e-4)
+        assert int(other.step) == 1
 
 
 def test_train_steps_lower_the_loss_on_a_fixed_batch():
