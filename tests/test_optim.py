@@ -1,3 +1,4 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -62,3 +63,11 @@ def test_adamw_clips_by_global_norm():
     # Adam normalises away the scale, so the first step is the same: clipping kept it finite.
     np.testing.assert_allclose(up_huge["w"], up_small["w"], rtol=1e-4)
     assert optax.tree.norm(up_huge) > 0
+
+
+def test_clipping_on_or_off_gives_the_same_state_tree():
+    """A run resumes with clip_norm changed between 0 and a positive value: the state tree is the same."""
+    params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}}
+    trees = [jax.tree.structure(make_optimizer(OptimizerConfig(clip_norm=clip), 10)[0].init(params))
+             for clip in (0.0, 1.0)]
+    assert trees[0] == trees[1]
