@@ -422,7 +422,7 @@ def _check_same_model(path: Path, model: ModelConfig) -> None:
     saved = load_config(path / EXPORT_CONFIG).model
     for field in dataclasses.fields(ModelConfig):
         ours, theirs = getattr(model, field.name), getattr(saved, field.name)
-        if field.name not in RUNTIME_MODEL_KEYS and ours != theirs:
+        if field.name not in SAME_TREE_MODEL_KEYS and ours != theirs:
             raise ConfigError(f"init_from: {path} holds a model with model.{field.name}={theirs!r}, not {ours!r}; "
                               "use the same model settings")
 
@@ -430,13 +430,19 @@ def _check_same_model(path: Path, model: ModelConfig) -> None:
 def load_exported_params(path: str | Path, model: ModelConfig, abstract_params: Any) -> Any:
     """The exported parameters at `path`, placed with the shardings of `abstract_params`.
 
-    The model config must match the export's (apart from RUNTIME_MODEL_KEYS): one-line ConfigError.
+    The model config must match the export's (apart from SAME_TREE_MODEL_KEYS): one-line ConfigError.
+    Scanned and unrolled layers restore into each other, as in a run's own checkpoints.
     """
     path = _export_dir(path)
     _check_same_model(path, model)
     try:
         with ocp.StandardCheckpointer() as checkpointer:
-            return checkpointer.restore(path / EXPORT_PARAMS, abstract_params)
+            saved = checkpointer.metadata(path / EXPORT_PARAMS).item_metadata
+            convert = saved is not None and (checkpoint_tree.flat(saved.tree).keys()
+                                             != checkpoint_tree.flat(abstract_params).keys())
+            target = checkpoint_tree.restore_target(saved.tree, abstract_params) if convert else abstract_params
+            params = checkpointer.restore(path / EXPORT_PARAMS, target)
     except Exception as e:  # orbax raises many types for damaged or incompatible files
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"init_from: {path / EXPORT_PARAMS} cannot be restored: {first_line}") from e
+    return checkpoint_tree.to_expected_layout(params, abstract_params) if convert else params

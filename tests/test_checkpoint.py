@@ -16,8 +16,12 @@ from test_trainer import _config, corpus  # noqa: F401 - the corpus fixture
 from llm_jax import checkpoint as ckpt
 from llm_jax import cli, trainer
 from llm_jax.config import ConfigError
+from llm_jax.export import export_run
 from llm_jax.metrics import read_metrics
 from llm_jax.trainer import train
+
+
+DAMAGED = "damaged_checkpoints"  # the public name, beside checkpoints/
 
 
 def _checkpoint_steps(workdir: Path) -> list[int]:
@@ -97,7 +101,7 @@ def test_scan_layers_flipped_on_resume_continues_like_an_uninterrupted_run(tmp_p
     assert sorted(resumed) == sorted(expected) == list(range(1, 9))
     for step in expected:
         assert resumed[step] == pytest.approx(expected[step], rel=1e-6), step
-    assert not (parts / "run" / ckpt.DAMAGED_DIR).exists()
+    assert not (parts / "run" / DAMAGED).exists()
 
 
 def test_a_changed_model_or_optimizer_exits_2_with_one_line_and_moves_nothing(base_run, tmp_path, corpus, capsys):  # noqa: F811
@@ -119,7 +123,7 @@ def test_a_changed_model_or_optimizer_exits_2_with_one_line_and_moves_nothing(ba
     assert "params/embed/embedding is float32[300,64] in the checkpoint, float32[300,32]" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err[-3000:]
     assert _files(workdir / "checkpoints") == before
-    assert not (workdir / ckpt.DAMAGED_DIR).exists()
+    assert not (workdir / DAMAGED).exists()
 
     assert cli.main(_cli_args(tmp_path, corpus, "train.steps=9")) == 0  # the original command resumes
     assert sorted(_losses(workdir)) == list(range(1, 10))
@@ -150,7 +154,7 @@ def test_a_storage_error_is_reported_and_moves_nothing(base_run, tmp_path, corpu
     assert "checkpoints/8" in str(raised.value)  # the newest was tried, and nothing else
     checkpointer.close()
     assert _files(workdir / "checkpoints") == before
-    assert not (workdir / ckpt.DAMAGED_DIR).exists()
+    assert not (workdir / DAMAGED).exists()
 
 
 def test_a_lost_checkpoint_directory_is_reported_and_moves_nothing(base_run, tmp_path, corpus):  # noqa: F811
@@ -161,14 +165,14 @@ def test_a_lost_checkpoint_directory_is_reported_and_moves_nothing(base_run, tmp
     (workdir / "checkpoints").rename(tmp_path / "elsewhere")  # an unmounted volume, after the listing
     with pytest.raises(ckpt.CheckpointError, match="storage error"):
         checkpointer.restore_latest(abstract_state, None)
-    assert not (workdir / ckpt.DAMAGED_DIR).exists()
+    assert not (workdir / DAMAGED).exists()
     assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == ["4", "8"]
 
 
 def test_a_newer_damaged_step_stops_the_run_unless_ignore_damaged(base_run, tmp_path, corpus):  # noqa: F811
     workdir = _copy_run(base_run, tmp_path)
-    (workdir / ckpt.DAMAGED_DIR).mkdir()
-    (workdir / "checkpoints" / "8").rename(workdir / ckpt.DAMAGED_DIR / "8-20260101-000000")
+    (workdir / DAMAGED).mkdir()
+    (workdir / "checkpoints" / "8").rename(workdir / DAMAGED / "8-20260101-000000")
     with pytest.raises(ckpt.CheckpointError, match=r"holds step 8, newer than every good checkpoint .*step 4.*"
                                                    r"checkpoint.ignore_damaged=true"):
         train(_config(tmp_path, corpus, "train.steps=10"))
@@ -186,7 +190,7 @@ def test_when_every_checkpoint_is_damaged_the_run_does_not_start_over(base_run, 
     with pytest.raises(ckpt.CheckpointError, match="set checkpoint.ignore_damaged=true"):
         train(_config(tmp_path, corpus, "train.steps=10"))
     assert _checkpoint_steps(workdir) == []  # both set aside, kept
-    assert len(list((workdir / ckpt.DAMAGED_DIR).iterdir())) == 2
+    assert len(list((workdir / DAMAGED).iterdir())) == 2
     with pytest.raises(ckpt.CheckpointError, match="holds step 8"):  # the rerun says so again
         train(_config(tmp_path, corpus, "train.steps=10"))
 
@@ -216,4 +220,14 @@ def test_eval_restores_read_only_with_the_same_rules(base_run, tmp_path):  # noq
     np.testing.assert_array_equal(scanned["layers"]["mlp"]["fc"]["kernel"][1], params["layer_1"]["mlp"]["fc"]["kernel"])
     with pytest.raises(ConfigError, match="does not fit this config: params/embed/embedding"):
         trainer.restore_for_inference(workdir, ["model.d_model=32"])
-    assert _files(workdir / "checkpoints") == before and not (workdir / ckpt.DAMAGED_DIR).exists()
+    assert _files(workdir / "checkpoints") == before and not (workdir / DAMAGED).exists()
+
+
+def test_init_from_an_unrolled_export_into_scanned_layers(base_run, tmp_path, corpus):  # noqa: F811
+    out = tmp_path / "exported"
+    export_run(base_run / "run", out)
+    config = _config(tmp_path, corpus, "model.scan_layers=true")
+    params = ckpt.load_exported_params(out, config.model, trainer.build(config, with_data=False).abstract_state.params)
+    _, unrolled, _ = trainer.restore_for_inference(base_run / "run")
+    np.testing.assert_array_equal(params["layers"]["attn"]["query"]["kernel"][0],
+                                  unrolled["layer_0"]["attn"]["query"]["kernel"])
