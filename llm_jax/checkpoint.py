@@ -211,10 +211,10 @@ class Checkpointer:
                        ignore_damaged: bool = False) -> tuple[Any, dict] | None:
         """The newest checkpoint that restores, or None when there is none.
 
-        A damaged checkpoint is reported, set aside (never deleted) and an older one is used. A run must
-        not quietly lose training, so unless `ignore_damaged` (checkpoint.ignore_damaged) a training run
-        refuses to start below a damaged step, set aside now or by an earlier run, from step 0 or
-        from an older checkpoint than one an earlier run set aside.
+        A damaged checkpoint is reported, set aside (never deleted) and an older one is used. Training
+        must never be lost without a word, so unless `ignore_damaged` (checkpoint.ignore_damaged) a
+        training run stops with a one-line CheckpointError when an earlier run left a damaged step newer
+        than every good checkpoint, or when every checkpoint is damaged (it would start over at step 0).
         """
         steps = self.all_steps()
         damaged = self.damaged_steps()
