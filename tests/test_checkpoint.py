@@ -195,12 +195,12 @@ def test_when_every_checkpoint_is_damaged_the_run_does_not_start_over(base_run, 
         train(_config(tmp_path, corpus, "train.steps=10"))
 
 
-def test_clip_norm_and_the_data_source_may_change_on_resume(tmp_path, corpus, caplog):  # noqa: F811
+def test_clip_norm_compute_settings_and_the_data_may_change_on_resume(tmp_path, corpus, caplog):  # noqa: F811
     run = ["train.steps=4", "optimizer.clip_norm=0", "checkpoint.every=4"]
     train(_config(tmp_path, corpus, *run))
     caplog.set_level(logging.INFO, logger="llm_jax")
-    summary = train(_config(tmp_path, corpus, "train.steps=6", "optimizer.clip_norm=1.0",
-                            f"data.path={corpus}/doc0*.txt"))
+    summary = train(_config(tmp_path, corpus, "train.steps=6", "optimizer.clip_norm=1.0", "model.dtype=bfloat16",
+                            "model.remat=full", f"data.path={corpus}/doc0*.txt"))
     assert summary["step"] == 6 and "resumed from step 4" in caplog.text
     assert re.search(r"the data changed since step 4: data.path '\S*/\*.txt' -> '\S*/doc0\*.txt'", caplog.text)
     # and back: a checkpoint saved with clipping restores into a run without it
