@@ -100,7 +100,8 @@ def difference(saved: dict[Path, Spec], expected: dict[Path, Spec]) -> str | Non
             prefix, count = _absent_subtree(path, expected, saved)
             return f"this config has {_name(prefix)} ({_arrays(count)}) that the checkpoint does not"
         if saved[path] != expected[path]:
-            return f"{_name(path)} is {_format(saved[path])} in the checkpoint, {_format(expected[path])} in this config"
+            return (f"{_name(path)} is {_format(saved[path])} in the checkpoint, "
+                    f"{_format(expected[path])} in this config")
     return None  # not reached: the trees differ somewhere
 
 

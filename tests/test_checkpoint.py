@@ -89,7 +89,8 @@ def _copy_run(base: Path, tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("first", [False, True])
-def test_scan_layers_flipped_on_resume_continues_like_an_uninterrupted_run(tmp_path, corpus, first, caplog):  # noqa: F811
+def test_scan_layers_flipped_on_resume_continues_like_an_uninterrupted_run(tmp_path, corpus, first,  # noqa: F811
+                                                                           caplog):
     # Scanned layers draw other initial values than unrolled ones: compare with a whole run of the first setting.
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert cli.main(_cli_args(whole, corpus, "train.steps=8", f"model.scan_layers={first}")) == 0
@@ -104,7 +105,8 @@ def test_scan_layers_flipped_on_resume_continues_like_an_uninterrupted_run(tmp_p
     assert not (parts / "run" / DAMAGED).exists()
 
 
-def test_a_changed_model_or_optimizer_exits_2_with_one_line_and_moves_nothing(base_run, tmp_path, corpus, capsys):  # noqa: F811
+def test_a_changed_model_or_optimizer_exits_2_with_one_line_and_moves_nothing(base_run, tmp_path,  # noqa: F811
+                                                                             corpus, capsys):
     workdir = _copy_run(base_run, tmp_path)
     before = _files(workdir / "checkpoints")
     capsys.readouterr()

@@ -58,8 +58,10 @@ def test_a_difference_is_named_in_one_phrase(changed, expected):
 def test_a_missing_optimizer_subtree_is_named():
     saved = _unrolled_state()
     other = {**saved, "opt_state": (*saved["opt_state"], {"count": jnp.array(0)})}
-    assert ct.difference(_specs(saved), _specs(other)) == "this config has opt_state/1 (1 array) that the checkpoint does not"
-    assert ct.difference(_specs(other), _specs(saved)) == "the checkpoint has opt_state/1 (1 array) that this config does not"
+    assert ct.difference(_specs(saved), _specs(other)) == \
+        "this config has opt_state/1 (1 array) that the checkpoint does not"
+    assert ct.difference(_specs(other), _specs(saved)) == \
+        "the checkpoint has opt_state/1 (1 array) that this config does not"
 
 
 def test_a_dtype_change_is_a_difference():
