@@ -155,7 +155,10 @@ def restore_target(saved_tree: Any, abstract_state: Any) -> Any:
 
 
 def to_expected_layout(restored: Any, abstract_state: Any) -> Any:
-    """The restored tree (checkpoint layout) as a tree like `abstract_state`, on its shardings."""
+    """The restored tree (checkpoint layout) as a tree like `abstract_state`, on its shardings.
+
+    One compiled copy: for that moment both layouts are in device memory (about twice the state).
+    """
     values = flat(restored)
     expected = flat(abstract_state)
     paths = list(expected)
