@@ -12,6 +12,7 @@ Export layout: `OUT/{params/, config.yaml, tokenizer/, export.json}`.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from llm_jax import checkpoint_tree
 from llm_jax.config import CheckpointConfig, Config, ConfigError, ModelConfig, dump_config, load_config
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,25 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint could be restored; the message is one line."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """The files of a checkpoint are unreadable or truncated: the one reason to set it aside."""
+
+
+# Restore rules. A checkpoint whose tree (names, shapes, dtypes) does not fit the config is a config
+# error, found from its metadata before anything is restored. Of the errors while reading, only those
+# that say the bytes are bad mean damage; a storage error may pass (permissions fixed, disk freed, the
+# mount back) and moves nothing; anything else is reported and leaves the checkpoint where it is.
+_STORAGE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO,
+                             errno.ESTALE, errno.ETIMEDOUT})
+_STORAGE_CODES = ("PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "UNAUTHENTICATED")
+# TensorStore's words for bytes that are missing or do not decode (truncated, zeroed, garbled, deleted).
+_DAMAGE_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "FAILED_PRECONDITION", "NOT_FOUND")
+_DAMAGE_TYPES = (json.JSONDecodeError, UnicodeDecodeError, EOFError, FileNotFoundError)
+
+
+DAMAGED_DIR = "damaged_checkpoints"  # beside checkpoints/: unreadable checkpoints set aside, never deleted
 
 
 class IteratorCheckpoint:
@@ -76,9 +97,11 @@ class Checkpointer:
     safe beside a training run writing to the same directory.
     """
 
-    def __init__(self, directory: str | Path, config: CheckpointConfig, read_only: bool = False):
+    def __init__(self, directory: str | Path, config: CheckpointConfig, read_only: bool = False,
+                 run_config: dict | None = None):
         self.directory = Path(directory).absolute()
         self.read_only = read_only
+        self.run_config = run_config  # this run's resolved config: names the settings behind a mismatch
         self.keep_best = config.keep_best
         keep = {"max_to_keep": config.keep}
         if config.keep_best:
@@ -149,47 +172,123 @@ class Checkpointer:
         self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
     def restore(self, step: int, abstract_state: Any, data: IteratorCheckpoint | None) -> tuple[Any, dict]:
-        """Restores onto the shardings of `abstract_state` (a tree of ShapeDtypeStructs)."""
+        """Restores onto the shardings of `abstract_state` (a tree of ShapeDtypeStructs).
+
+        ConfigError: the checkpoint's tree does not fit (nothing was read but metadata).
+        DamagedCheckpointError: its files are unreadable or truncated. CheckpointError: anything else,
+        such as a storage error that may pass. Scanned and unrolled layers restore into each other.
+        """
+        saved_tree = self.check_fits(step, abstract_state)
+        convert = checkpoint_tree.flat(saved_tree).keys() != checkpoint_tree.flat(abstract_state).keys()
+        target = checkpoint_tree.restore_target(saved_tree, abstract_state) if convert else abstract_state
         items = {
-            "state": ocp.args.StandardRestore(abstract_state),
+            "state": ocp.args.StandardRestore(target),
             "metadata": ocp.args.JsonRestore(),
         }
         if data is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except Exception as e:  # orbax raises many types for damaged or incompatible files
-            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise CheckpointError(f"checkpoint {self.directory / str(step)} cannot be restored: {first_line}") from e
-        return restored["state"], dict(restored["metadata"])
+        except Exception as e:  # orbax raises many types: sorted into damage and the rest
+            raise self._failure(step, e) from e
+        state = restored["state"]
+        if convert:
+            state = checkpoint_tree.to_expected_layout(state, abstract_state)
+            log.info("checkpoint %d: layers converted between the scanned and unrolled layouts", step)
+        return state, dict(restored["metadata"])
 
-    def restore_latest(self, abstract_state: Any, data: IteratorCheckpoint | None) -> tuple[Any, dict] | None:
+    def check_fits(self, step: int, abstract_state: Any) -> Any:
+        """The checkpoint's own state tree (orbax metadata: names, shapes, dtypes), after checking that it
+        restores into `abstract_state`; a one-line ConfigError names the first difference."""
+        try:
+            saved = self.manager.item_metadata(step).get("state")
+        except Exception as e:  # e.g. truncated _METADATA, a missing manifest, no permission
+            raise self._failure(step, e) from e
+        if saved is None:  # the state item is gone or its metadata file is missing
+            raise DamagedCheckpointError(f"checkpoint {self.directory / str(step)} has no readable state metadata")
+        saved_tree = saved.tree
+        difference = checkpoint_tree.difference(checkpoint_tree.specs(checkpoint_tree.flat(saved_tree)),
+                                                checkpoint_tree.specs(checkpoint_tree.flat(abstract_state)))
+        if difference is not None:
+            changed = changed_settings(self.saved_config(step), self.run_config, ("model", "optimizer"),
+                                       ignore=SAME_TREE_MODEL_KEYS)
+            because = f" (changed since: {', '.join(changed)})" if changed else ""
+            raise ConfigError(f"checkpoint {self.directory / str(step)} does not fit this config: {difference}"
+                              f"{because}; use the settings the run was trained with, a new workdir, or "
+                              "init_from=<an `llm-jax export` of this run>")
+        return saved_tree
+
+    def saved_config(self, step: int) -> dict | None:
+        """The resolved config saved with a checkpoint (its metadata item), or None if unreadable."""
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+            return dict(restored["metadata"]).get("config")
+        except Exception:  # only used to explain a mismatch; damage is found by the restore itself
+            return None
+
+    def restore_latest(self, abstract_state: Any, data: IteratorCheckpoint | None,
+                       ignore_damaged: bool = False) -> tuple[Any, dict] | None:
         """The newest checkpoint that restores, or None when there is none.
 
-        A damaged newest checkpoint is reported and skipped (never deleted); an older one is used.
+        A damaged checkpoint is reported, set aside (never deleted) and an older one is used. Training
+        must never be lost without a word, so unless `ignore_damaged` (checkpoint.ignore_damaged) a
+        training run stops with a one-line CheckpointError when an earlier run left a damaged step newer
+        than every good checkpoint, or when every checkpoint is damaged (it would start over at step 0).
         """
+        steps = self.all_steps()
+        damaged = self.damaged_steps()
+        if not self.read_only and not ignore_damaged and damaged and damaged[-1] > max(steps, default=-1):
+            newest = f"the newest in checkpoints/ is step {steps[-1]}" if steps else "checkpoints/ holds none"
+            raise CheckpointError(
+                f"{self.directory.parent / DAMAGED_DIR} holds step {damaged[-1]}, newer than every good checkpoint "
+                f"({newest}); to resume from {f'step {steps[-1]}' if steps else 'step 0'} anyway, "
+                "set checkpoint.ignore_damaged=true")
         failures = []
-        for step in reversed(self.all_steps()):
+        for step in reversed(steps):
             try:
                 return self.restore(step, abstract_state, data)
-            except CheckpointError as e:
+            except DamagedCheckpointError as e:
                 if self.read_only:
                     log.warning("%s; trying an older one", e)
                 else:
                     moved_to = self._set_aside(step)
                     log.warning("%s; moved it to %s and trying an older one", e, moved_to)
                 failures.append(str(e))
-        if failures:
-            raise CheckpointError(failures[0])
+        if failures and (self.read_only or not ignore_damaged):
+            advice = "" if self.read_only else (f"; every checkpoint was set aside in {DAMAGED_DIR}/; to start "
+                                                 "again from step 0, set checkpoint.ignore_damaged=true")
+            raise CheckpointError(failures[0] + advice)
         return None
+
+    def damaged_steps(self) -> list[int]:
+        """The steps set aside in damaged_checkpoints/ (by this run or earlier ones), in order."""
+        folder = self.directory.parent / DAMAGED_DIR
+        names = [p.name.split("-")[0] for p in folder.iterdir()] if folder.is_dir() else []
+        return sorted(int(n) for n in names if n.isdigit())
+
+    def _failure(self, step: int, error: BaseException) -> CheckpointError:
+        """A one-line error for a failed read: damage (set aside) or not (left in place)."""
+        where = self.directory / str(step)
+        kind, cause = _error_kind(error)
+        reason = _first_line(cause)
+        if kind == "storage" or not _is_dir(where):  # a lost mount reads as missing files
+            return CheckpointError(f"checkpoint {where} cannot be read, a storage error: {reason}; nothing was "
+                                   "moved: fix the storage and run again")
+        if kind == "damage":
+            return DamagedCheckpointError(f"checkpoint {where} is damaged: {reason}")
+        return CheckpointError(f"checkpoint {where} cannot be restored: {reason}; it was left in place")
 
     def _set_aside(self, step: int) -> Path:
         """Moves a checkpoint that cannot be restored out of Orbax's sight (it would block a new
         save of the same step) into `damaged_checkpoints/` beside it: kept, never deleted."""
-        target = self.directory.parent / "damaged_checkpoints" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        target = self.directory.parent / DAMAGED_DIR / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
         if jax.process_index() == 0:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(self.directory / str(step)), str(target))
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(self.directory / str(step)), str(target))
+            except OSError as e:
+                raise CheckpointError(f"cannot move the damaged checkpoint {self.directory / str(step)} to "
+                                      f"{target}: {e}") from e
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"llm_jax_set_aside_{step}")
         self.manager.reload()
@@ -213,6 +312,55 @@ def _eval_loss(metrics: dict) -> float:
     return float(metrics["eval_loss"])
 
 
+def changed_settings(saved: dict | None, current: dict | None, sections: tuple[str, ...],
+                     ignore: tuple[str, ...] = ()) -> list[str]:
+    """`section.key old -> new` for each setting of `sections` that differs between two resolved configs."""
+    changed = []
+    for section in sections:
+        old, new = (saved or {}).get(section) or {}, (current or {}).get(section) or {}
+        for key in sorted(set(old) & set(new)):
+            if old[key] != new[key] and key not in ignore:
+                changed.append(f"{section}.{key} {old[key]!r} -> {new[key]!r}")
+    return changed
+
+
+def _causes(error: BaseException):
+    """The error, its causes and contexts, and the members of exception groups (asyncio)."""
+    todo, seen = [error], set()
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+
+
+def _error_kind(error: BaseException) -> tuple[str, BaseException]:
+    """("storage" | "damage" | "other", the error that says so). Storage wins: bytes that cannot be
+    read for lack of permission or space say nothing about whether they are damaged."""
+    causes = list(_causes(error))
+    for e in causes:
+        if (isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS) or str(e).startswith(_STORAGE_CODES):
+            return "storage", e
+    for e in causes:
+        if isinstance(e, _DAMAGE_TYPES) or str(e).startswith(_DAMAGE_CODES):
+            return "damage", e
+    return "other", error
+
+
+def _first_line(error: BaseException) -> str:
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a stale mount
+        return False
+
+
 # ----------------------------------------------------------------------------- exported parameters
 
 EXPORT_PARAMS = "params"
@@ -221,6 +369,8 @@ EXPORT_TOKENIZER = "tokenizer"
 # Model keys that change how the model runs, not what its parameters are: a run started from
 # exported parameters may set them differently (e.g. dropout for fine-tuning).
 RUNTIME_MODEL_KEYS = ("dropout", "dtype", "remat", "attention", "init_std")
+# Model keys that leave a run's checkpoints restorable as they are (scan_layers: converted on restore).
+SAME_TREE_MODEL_KEYS = (*RUNTIME_MODEL_KEYS, "scan_layers")
 
 
 def export_params(out: str | Path, params: Any, config: Config, tokenizer_dir: Path, info: dict) -> Path:
@@ -278,7 +428,7 @@ def _check_same_model(path: Path, model: ModelConfig) -> None:
     saved = load_config(path / EXPORT_CONFIG).model
     for field in dataclasses.fields(ModelConfig):
         ours, theirs = getattr(model, field.name), getattr(saved, field.name)
-        if field.name not in RUNTIME_MODEL_KEYS and ours != theirs:
+        if field.name not in SAME_TREE_MODEL_KEYS and ours != theirs:
             raise ConfigError(f"init_from: {path} holds a model with model.{field.name}={theirs!r}, not {ours!r}; "
                               "use the same model settings")
 
@@ -286,13 +436,19 @@ def _check_same_model(path: Path, model: ModelConfig) -> None:
 def load_exported_params(path: str | Path, model: ModelConfig, abstract_params: Any) -> Any:
     """The exported parameters at `path`, placed with the shardings of `abstract_params`.
 
-    The model config must match the export's (apart from RUNTIME_MODEL_KEYS): one-line ConfigError.
+    The model config must match the export's (apart from SAME_TREE_MODEL_KEYS): one-line ConfigError.
+    Scanned and unrolled layers restore into each other, as in a run's own checkpoints.
     """
     path = _export_dir(path)
     _check_same_model(path, model)
     try:
         with ocp.StandardCheckpointer() as checkpointer:
-            return checkpointer.restore(path / EXPORT_PARAMS, abstract_params)
+            saved = checkpointer.metadata(path / EXPORT_PARAMS).item_metadata
+            convert = saved is not None and (checkpoint_tree.flat(saved.tree).keys()
+                                             != checkpoint_tree.flat(abstract_params).keys())
+            target = checkpoint_tree.restore_target(saved.tree, abstract_params) if convert else abstract_params
+            params = checkpointer.restore(path / EXPORT_PARAMS, target)
     except Exception as e:  # orbax raises many types for damaged or incompatible files
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"init_from: {path / EXPORT_PARAMS} cannot be restored: {first_line}") from e
+    return checkpoint_tree.to_expected_layout(params, abstract_params) if convert else params

@@ -164,6 +164,9 @@ class CheckpointConfig:
     async_save: bool = True
     every_minutes: float = 0.0  # also save when this much time has passed since the last save; 0: off
     keep_best: bool = False  # also keep the checkpoint of the lowest eval loss (every eval step is saved)
+    # A run refuses to start below a step set aside in damaged_checkpoints/ (from an older checkpoint,
+    # or from step 0 when none is left): training would be lost without a word. true: start anyway.
+    ignore_damaged: bool = False
 
 
 # Logical axis name -> mesh axis (or axes). Data, not code: a new layout is a config change.

@@ -11,7 +11,7 @@ from typing import Any
 
 from llm_jax import checkpoint as ckpt
 from llm_jax import trainer
-from llm_jax.config import ConfigError, load_config
+from llm_jax.config import ConfigError, load_config, to_dict
 from llm_jax.transformer import count_params
 
 
@@ -25,7 +25,8 @@ def export_run(workdir: str | Path, out: str | Path, best: bool = False) -> dict
     config = load_config(config_path, [f"workdir={workdir}", "parallel.mode=jit", "mesh.data=-1", "mesh.fsdp=1",
                                        "mesh.tensor=1"])
     setup = trainer.build(config, with_data=False)
-    checkpointer = ckpt.Checkpointer(workdir / "checkpoints", config.checkpoint, read_only=True)
+    checkpointer = ckpt.Checkpointer(workdir / "checkpoints", config.checkpoint, read_only=True,
+                                     run_config=to_dict(config))
     try:
         if best:
             step = checkpointer.best_step()

@@ -139,6 +139,7 @@ def make_optimizer(config: OptimizerConfig, total_steps: int,
         core = in_float32(lamb(schedule, config, scan_layers))
     else:  # validate() rejects other names before we get here
         raise ValueError(f"unknown optimizer {config.name!r}")
-    if config.clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(config.clip_norm), core), schedule
-    return core, schedule
+    # Always a chain of two: clip_norm=0 (no clipping) and clip_norm>0 then give the same optimizer-state
+    # tree (both states are EmptyState), so a run resumes whichever way the setting was changed.
+    clip = optax.clip_by_global_norm(config.clip_norm) if config.clip_norm > 0 else optax.identity()
+    return optax.chain(clip, core), schedule

@@ -20,7 +20,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 from flax import linen as nn
 
 from llm_jax import checkpoint as ckpt
@@ -73,20 +72,25 @@ class Setup:
 
 
 def check_workdir_matches(config: Config, workdir: Path) -> None:
-    """A resumed run must build the same model as the run that wrote the workdir."""
-    saved_path = workdir / "config.yaml"
-    if not saved_path.exists():
+    """A resumed run must build the state tree of the checkpoints in `workdir` (names, shapes, dtypes).
+
+    The restore makes the same check (one mechanism); this one runs first, before any work and before
+    config.yaml is replaced. Settings that leave the tree alone or only relayout it (scan_layers,
+    remat, attention, dtype, the mesh) may change; a checkpoint whose files are damaged is left to
+    the restore, which sets it aside.
+    """
+    directory = workdir / "checkpoints"
+    if not directory.is_dir():
         return
+    checkpointer = ckpt.Checkpointer(directory, config.checkpoint, read_only=True, run_config=to_dict(config))
     try:
-        saved = yaml.safe_load(saved_path.read_text()) or {}
-    except yaml.YAMLError:
-        return  # an unreadable old config is replaced; the checkpoint restore still checks shapes
-    saved_model = saved.get("model", {})
-    for key, value in to_dict(config)["model"].items():
-        if key in saved_model and saved_model[key] != value and key not in ("scan_layers", "remat", "attention"):
-            raise ConfigError(
-                f"workdir {workdir} holds a run with model.{key}={saved_model[key]!r}, not {value!r}; "
-                "use a new workdir or the same model settings")
+        step = checkpointer.latest_step()
+        if step is not None:  # the model and optimizer alone: cheap, no data is read
+            checkpointer.check_fits(step, build(config, with_data=False).abstract_state)
+    except ckpt.DamagedCheckpointError:
+        pass
+    finally:
+        checkpointer.close()
 
 
 def build(config: Config, mesh: jax.sharding.Mesh | None = None, with_data: bool = True) -> Setup:
@@ -250,6 +254,10 @@ def _progress_bar(config: Config, start: int, enabled: bool):
                 mininterval=1.0)
 
 
+# Data settings that change how batches are made, not which: no warning on resume.
+_DATA_RUNTIME_KEYS = ("workers", "prefetch", "prepared_dir", "num_shards")
+
+
 def train(config: Config) -> dict[str, Any]:
     """Runs (or resumes) the training job of `config`; returns the final summary."""
     is_main = jax.process_index() == 0
@@ -274,13 +282,14 @@ def train(config: Config) -> dict[str, Any]:
     iter_ckpt = ckpt.IteratorCheckpoint(lambda: data_lib.iterator_state(train_iter),
                                         lambda s: data_lib.restore_iterator_state(train_iter, s))
     eval_batches = held_out_batches(setup)
-    checkpointer = ckpt.Checkpointer(workdir / "checkpoints", c.checkpoint)
+    checkpointer = ckpt.Checkpointer(workdir / "checkpoints", c.checkpoint, run_config=to_dict(c))
     # A checkpoint saved by another number of processes holds no data state for this process: the
     # train state is restored alone, then the data restarts from every old process's position.
     latest = checkpointer.latest_step()
     own_data = latest is None or data_lib.has_own_saved_state(
         checkpointer.directory / str(latest) / "data", jax.process_index(), jax.process_count())
-    restored = checkpointer.restore_latest(setup.abstract_state, iter_ckpt if own_data else None)
+    restored = checkpointer.restore_latest(setup.abstract_state, iter_ckpt if own_data else None,
+                                           ignore_damaged=c.checkpoint.ignore_damaged)
     if restored is None:
         state = create_state(setup)
         if c.init_from:  # exported parameters, a fresh optimizer and step 0
@@ -292,6 +301,11 @@ def train(config: Config) -> dict[str, Any]:
         state, metadata = restored
         start = int(metadata["step"])
         log.info("resumed from step %d (%s)", start, checkpointer.directory / str(start))
+        # Not an error (a run may move on to new data), but the batches are no longer those an
+        # uninterrupted run would have seen: say so.
+        changed = ckpt.changed_settings(metadata.get("config"), to_dict(c), ("data",), ignore=_DATA_RUNTIME_KEYS)
+        if changed:
+            log.warning("the data changed since step %d: %s", start, ", ".join(changed))
         if not own_data:
             data_lib.restore_from_checkpoint_dir(train_iter, checkpointer.directory / str(start) / "data")
     log.info("per-device bytes: params %d, optimizer state %d",
@@ -428,9 +442,12 @@ def restore_for_inference(workdir: str | Path, overrides=()) -> tuple[Setup, Any
     config = load_config(config_path, [f"workdir={workdir}", "parallel.mode=jit", *overrides])
     setup = build(config)
     # Read-only: safe while a training run still writes to this directory.
-    checkpointer = ckpt.Checkpointer(workdir / "checkpoints", config.checkpoint, read_only=True)
-    restored = checkpointer.restore_latest(setup.abstract_state, None)
-    checkpointer.close()
+    checkpointer = ckpt.Checkpointer(workdir / "checkpoints", config.checkpoint, read_only=True,
+                                     run_config=to_dict(config))
+    try:  # the tree is compared first, as in training: a mismatch is a ConfigError
+        restored = checkpointer.restore_latest(setup.abstract_state, None)
+    finally:
+        checkpointer.close()
     if restored is None:
         raise ConfigError(f"{workdir} has no checkpoint yet (checkpoints/ is empty)")
     state, metadata = restored

@@ -1,14 +1,30 @@
-"""A damaged newest checkpoint is reported, set aside (never deleted) and an older one is used."""
+"""Restore rules. Settings that keep the values restore transparently (scan_layers both ways, clip_norm,
+the data); a config whose tree does not fit is a one-line config error and moves nothing; only damaged
+files are set aside (never deleted) and an older checkpoint is used; storage errors move nothing; a
+damaged step newer than every good one stops the run unless checkpoint.ignore_damaged."""
 
+import errno
 import logging
+import re
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
-
 from test_trainer import _config, corpus  # noqa: F401 - the corpus fixture
 
+from llm_jax import checkpoint as ckpt
+from llm_jax import cli, trainer
+from llm_jax.config import ConfigError
+from llm_jax.export import export_run
 from llm_jax.metrics import read_metrics
 from llm_jax.trainer import train
+
+DAMAGED = "damaged_checkpoints"  # the public name, beside checkpoints/
+
+
+def _checkpoint_steps(workdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
 def _truncate_state_files(step_dir: Path) -> int:
@@ -27,7 +43,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, corpus, 
 
     summary = train(_config(tmp_path, corpus, "train.steps=25"))
     assert summary["step"] == 25
-    assert "cannot be restored" in caplog.text
+    assert "is damaged" in caplog.text
     rows = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert rows == [5, 10, 15, 20, 15, 20, 25]  # resumed after step 10, not from scratch
     steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
@@ -53,3 +69,185 @@ def test_a_read_only_checkpointer_opens_without_warnings(tmp_path, caplog, keep_
     with caplog.at_level("WARNING"):
         logging.getLogger("absl").warning("Given directory is read only=%s", "x")
     assert "Given directory is read only=x" in caplog.text
+
+
+# ----------------------------------------------------------------------------- restore rules
+
+
+def _cli_args(root: Path, corpus: Path, *extra: str) -> list[str]:  # noqa: F811
+    """`llm-jax train` arguments of the tiny run that test_trainer._config builds."""
+    return ["train", "configs/tiny.yaml", f"workdir={root / 'run'}", "data.source=text", f"data.path={corpus}/*.txt",
+            f"data.prepared_dir={root / 'prepared'}", "model.vocab_size=300", "tokenizer.sample_bytes=100000",
+            "train.progress=false", "train.seq_len=32", "train.batch_size=8", "train.log_every=1",
+            "train.eval_every=100", "checkpoint.every=4", "optimizer.lr=3e-3", "optimizer.warmup_steps=5",
+            "optimizer.decay_steps=8", "train.sample_tokens=2", *extra]
+
+
+def _losses(workdir: Path) -> dict[int, float]:
+    rows = [r for r in read_metrics(workdir / "metrics.jsonl") if "loss" in r]
+    assert len({r["step"] for r in rows}) == len(rows), "a step was trained twice"
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def _files(directory: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, corpus):  # noqa: F811
+    """One finished 8-step run with checkpoints at steps 4 and 8; tests work on copies of it."""
+    root = tmp_path_factory.mktemp("base")
+    assert cli.main(_cli_args(root, corpus, "train.steps=8")) == 0
+    return root
+
+
+def _copy_run(base: Path, tmp_path: Path) -> Path:
+    shutil.copytree(base / "run", tmp_path / "run")
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("first", [False, True])
+def test_scan_layers_flipped_on_resume_continues_like_an_uninterrupted_run(tmp_path, corpus, first,  # noqa: F811
+                                                                           caplog):
+    # Scanned layers draw other initial values than unrolled ones: compare with a whole run of the first setting.
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert cli.main(_cli_args(whole, corpus, "train.steps=8", f"model.scan_layers={first}")) == 0
+    assert cli.main(_cli_args(parts, corpus, "train.steps=4", f"model.scan_layers={first}")) == 0
+    caplog.set_level(logging.INFO, logger="llm_jax")
+    assert cli.main(_cli_args(parts, corpus, "train.steps=8", f"model.scan_layers={not first}")) == 0
+    assert "resumed from step 4" in caplog.text
+    expected, resumed = _losses(whole / "run"), _losses(parts / "run")
+    assert sorted(resumed) == sorted(expected) == list(range(1, 9))
+    for step in expected:
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-6), step
+    assert not (parts / "run" / DAMAGED).exists()
+
+
+def test_a_changed_model_or_optimizer_exits_2_with_one_line_and_moves_nothing(base_run, tmp_path,  # noqa: F811
+                                                                             corpus, capsys):
+    workdir = _copy_run(base_run, tmp_path)
+    before = _files(workdir / "checkpoints")
+    capsys.readouterr()
+    for change, named in [("model.d_model=128", "model.d_model 64 -> 128"),
+                          ("optimizer.name=lamb", "optimizer.name 'adamw' -> 'lamb'"),
+                          ("model.param_dtype=bfloat16", "model.param_dtype")]:
+        assert cli.main(_cli_args(tmp_path, corpus, "train.steps=12", change)) == cli.EXIT_USAGE
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("llm-jax")]
+        assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+        assert "does not fit this config" in errors[0] and named in errors[0], errors[0]
+    # Without the run's config.yaml the checkpoint's own tree still says what differs.
+    (workdir / "config.yaml").unlink()
+    assert cli.main(_cli_args(tmp_path, corpus, "train.steps=12", "model.d_model=32")) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "params/embed/embedding is float32[300,64] in the checkpoint, float32[300,32]" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err[-3000:]
+    assert _files(workdir / "checkpoints") == before
+    assert not (workdir / DAMAGED).exists()
+
+    assert cli.main(_cli_args(tmp_path, corpus, "train.steps=9")) == 0  # the original command resumes
+    assert sorted(_losses(workdir)) == list(range(1, 10))
+
+
+def _permission_denied() -> Exception:
+    """What orbax raises when TensorStore may not open a file of the checkpoint (seen with a 000 file)."""
+    error = Exception("Encountered error while reading array index: (slice(0, 300, 1), slice(0, 64, 1))")
+    error.__cause__ = ValueError('PERMISSION_DENIED: Error reading "params.embed.embedding/0.0" in OCDBT database: '
+                                 'Failed to open: Permission denied [os_error_code=13]')
+    return error
+
+
+@pytest.mark.parametrize("error", [_permission_denied(), OSError(errno.ENOSPC, "No space left on device")])
+def test_a_storage_error_is_reported_and_moves_nothing(base_run, tmp_path, corpus, error):  # noqa: F811
+    workdir = _copy_run(base_run, tmp_path)
+    before = _files(workdir / "checkpoints")
+    config = _config(tmp_path, corpus)
+    checkpointer = ckpt.Checkpointer(workdir / "checkpoints", config.checkpoint)
+
+    def fail(*args, **kwargs):
+        raise error
+
+    checkpointer.manager.restore = fail
+    with pytest.raises(ckpt.CheckpointError, match="storage error") as raised:
+        checkpointer.restore_latest(trainer.build(config, with_data=False).abstract_state, None)
+    assert not isinstance(raised.value, ckpt.DamagedCheckpointError) and "\n" not in str(raised.value)
+    assert "checkpoints/8" in str(raised.value)  # the newest was tried, and nothing else
+    checkpointer.close()
+    assert _files(workdir / "checkpoints") == before
+    assert not (workdir / DAMAGED).exists()
+
+
+def test_a_lost_checkpoint_directory_is_reported_and_moves_nothing(base_run, tmp_path, corpus):  # noqa: F811
+    workdir = _copy_run(base_run, tmp_path)
+    config = _config(tmp_path, corpus)
+    abstract_state = trainer.build(config, with_data=False).abstract_state
+    checkpointer = ckpt.Checkpointer(workdir / "checkpoints", config.checkpoint)
+    (workdir / "checkpoints").rename(tmp_path / "elsewhere")  # an unmounted volume, after the listing
+    with pytest.raises(ckpt.CheckpointError, match="storage error"):
+        checkpointer.restore_latest(abstract_state, None)
+    assert not (workdir / DAMAGED).exists()
+    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == ["4", "8"]
+
+
+def test_a_newer_damaged_step_stops_the_run_unless_ignore_damaged(base_run, tmp_path, corpus):  # noqa: F811
+    workdir = _copy_run(base_run, tmp_path)
+    (workdir / DAMAGED).mkdir()
+    (workdir / "checkpoints" / "8").rename(workdir / DAMAGED / "8-20260101-000000")
+    with pytest.raises(ckpt.CheckpointError, match=r"holds step 8, newer than every good checkpoint .*step 4.*"
+                                                   r"checkpoint.ignore_damaged=true"):
+        train(_config(tmp_path, corpus, "train.steps=10"))
+    assert _checkpoint_steps(workdir) == [4]
+    summary = train(_config(tmp_path, corpus, "train.steps=10", "checkpoint.ignore_damaged=true"))
+    assert summary["step"] == 10
+    rows = [r["step"] for r in read_metrics(workdir / "metrics.jsonl") if "loss" in r]
+    assert rows[-2:] == [5, 10] and rows.count(5) == 2  # resumed after step 4, not from scratch
+
+
+def test_when_every_checkpoint_is_damaged_the_run_does_not_start_over(base_run, tmp_path, corpus):  # noqa: F811
+    workdir = _copy_run(base_run, tmp_path)
+    for step in (4, 8):
+        assert _truncate_state_files(workdir / "checkpoints" / str(step)) > 0
+    with pytest.raises(ckpt.CheckpointError, match="set checkpoint.ignore_damaged=true"):
+        train(_config(tmp_path, corpus, "train.steps=10"))
+    assert _checkpoint_steps(workdir) == []  # both set aside, kept
+    assert len(list((workdir / DAMAGED).iterdir())) == 2
+    with pytest.raises(ckpt.CheckpointError, match="holds step 8"):  # the rerun says so again
+        train(_config(tmp_path, corpus, "train.steps=10"))
+
+
+def test_clip_norm_compute_settings_and_the_data_may_change_on_resume(tmp_path, corpus, caplog):  # noqa: F811
+    run = ["train.steps=4", "optimizer.clip_norm=0", "checkpoint.every=4"]
+    train(_config(tmp_path, corpus, *run))
+    caplog.set_level(logging.INFO, logger="llm_jax")
+    summary = train(_config(tmp_path, corpus, "train.steps=6", "optimizer.clip_norm=1.0", "model.dtype=bfloat16",
+                            "model.remat=full", f"data.path={corpus}/doc0*.txt"))
+    assert summary["step"] == 6 and "resumed from step 4" in caplog.text
+    assert re.search(r"the data changed since step 4: data.path '\S*/\*.txt' -> '\S*/doc0\*.txt'", caplog.text)
+    # and back: a checkpoint saved with clipping restores into a run without it
+    config = _config(tmp_path, corpus, "optimizer.clip_norm=0")
+    reader = ckpt.Checkpointer(tmp_path / "run" / "checkpoints", config.checkpoint, read_only=True)
+    _, metadata = reader.restore_latest(trainer.build(config, with_data=False).abstract_state, None)
+    reader.close()
+    assert metadata["step"] == 6
+
+
+def test_eval_restores_read_only_with_the_same_rules(base_run, tmp_path):  # noqa: F811
+    workdir = _copy_run(base_run, tmp_path)
+    before = _files(workdir / "checkpoints")
+    _, params, step = trainer.restore_for_inference(workdir)
+    _, scanned, scanned_step = trainer.restore_for_inference(workdir, ["model.scan_layers=true"])
+    assert step == scanned_step == 8
+    np.testing.assert_array_equal(scanned["layers"]["mlp"]["fc"]["kernel"][1], params["layer_1"]["mlp"]["fc"]["kernel"])
+    with pytest.raises(ConfigError, match="does not fit this config: params/embed/embedding"):
+        trainer.restore_for_inference(workdir, ["model.d_model=32"])
+    assert _files(workdir / "checkpoints") == before and not (workdir / DAMAGED).exists()
+
+
+def test_init_from_an_unrolled_export_into_scanned_layers(base_run, tmp_path, corpus):  # noqa: F811
+    out = tmp_path / "exported"
+    export_run(base_run / "run", out)
+    config = _config(tmp_path, corpus, "model.scan_layers=true")
+    params = ckpt.load_exported_params(out, config.model, trainer.build(config, with_data=False).abstract_state.params)
+    _, unrolled, _ = trainer.restore_for_inference(base_run / "run")
+    np.testing.assert_array_equal(params["layers"]["attn"]["query"]["kernel"][0],
+                                  unrolled["layer_0"]["attn"]["query"]["kernel"])

@@ -161,3 +161,11 @@ def test_adamw_clips_by_global_norm():
     # Clipped, the huge gradient equals the small one: two equal gradients, update -lr * sign.
     np.testing.assert_allclose(second_update(huge), second_update(small), rtol=1e-5)
     np.testing.assert_allclose(second_update(small), -1.0, rtol=1e-5)
+
+
+def test_clipping_on_or_off_gives_the_same_state_tree():
+    """A run resumes with clip_norm changed between 0 and a positive value: the state tree is the same."""
+    params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}}
+    trees = [jax.tree.structure(make_optimizer(OptimizerConfig(clip_norm=clip), 10)[0].init(params))
+             for clip in (0.0, 1.0)]
+    assert trees[0] == trees[1]
