@@ -123,8 +123,8 @@ def test_scan_layers_flipped_on_resume_continues_like_an_uninterrupted_run(tmp_p
     assert not (parts / "run" / DAMAGED).exists()
 
 
-def test_a_changed_model_or_optimizer_exits_2_with_one_line_and_moves_nothing(base_run, tmp_path,  # noqa: F811
-                                                                             corpus, capsys):
+def test_a_changed_model_or_optimizer_exits_2_with_one_line_and_moves_nothing(base_run, tmp_path,
+                                                                             corpus, capsys):  # noqa: F811
     workdir = _copy_run(base_run, tmp_path)
     before = _files(workdir / "checkpoints")
     capsys.readouterr()

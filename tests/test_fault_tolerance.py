@@ -145,7 +145,7 @@ def test_processes_agree_every_k_steps_and_read_the_answer_k_steps_later(monkeyp
     decisions = {}
     for step in range(1, 21):
         stop_here = step >= 7  # a signal arrives at step 7
-        decisions[step] = agreement.exchange(step, stop_here, lambda: asked.append(step) or step == 3)
+        decisions[step] = agreement.exchange(step, stop_here, lambda: asked.append(step) or step == 3)  # noqa: B023
     assert dispatched == asked == [5, 10, 15, 20]  # the save clock is asked only when it can be heard
     assert read == [10, 15, 20]  # each answer read one agreement later
     # Step 10 reads the flags of step 5 (no stop yet); step 15 those of step 10, with the stop.

@@ -76,8 +76,8 @@ def test_lamb_trust_ratio_is_per_layer_when_layers_are_scanned():
         return (layer + 1) ** 2 * jax.random.normal(key, leaf.shape, jnp.float32)
 
     paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]]
-    params = treedef.unflatten([draw(keys[i], l, p) for i, (l, p) in enumerate(zip(leaves, paths))])
-    grads = treedef.unflatten([jax.random.normal(keys[len(leaves) + i], l.shape) for i, l in enumerate(leaves)])
+    params = treedef.unflatten([draw(keys[i], leaf, p) for i, (leaf, p) in enumerate(zip(leaves, paths))])
+    grads = treedef.unflatten([jax.random.normal(keys[len(leaves) + i], leaf.shape) for i, leaf in enumerate(leaves)])
 
     def scan(tree):
         layers = [tree[f"layer_{i}"] for i in range(n_layers)]
@@ -92,7 +92,7 @@ def test_lamb_trust_ratio_is_per_layer_when_layers_are_scanned():
     updates, _ = tx.update(grads, tx.init(params), params)
     updates_scanned, _ = tx_scanned.update(scanned_grads, tx_scanned.init(scanned_params), scanned_params)
     for i in range(n_layers):
-        per_layer = jax.tree.map(lambda x: x[i], updates_scanned["layers"])
+        per_layer = jax.tree.map(lambda x: x[i], updates_scanned["layers"])  # noqa: B023 - used at once
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), per_layer, updates[f"layer_{i}"])
     for name in ("embed", "pos_embed", "final_norm"):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0),
