@@ -25,7 +25,7 @@ from flax import linen as nn
 
 from llm_jax import checkpoint as ckpt
 from llm_jax import data as data_lib
-from llm_jax import flops, pmap_mode, sharding
+from llm_jax import flops, pmap_mode, run_lock, sharding
 from llm_jax.config import Config, ConfigError, dump_config, to_dict
 from llm_jax.fault_tolerance import NonFiniteError, NonFiniteGuard, ProcessAgreement, SaveClock
 from llm_jax.generate import generate
@@ -233,7 +233,15 @@ def _progress_bar(config: Config, start: int, enabled: bool):
 
 
 def train(config: Config) -> dict[str, Any]:
-    """Runs (or resumes) the training job of `config`; returns the final summary."""
+    """Runs (or resumes) the training job of `config`; returns the final summary.
+
+    The workdir's lock comes first: a second run on a busy workdir leaves it untouched.
+    """
+    with run_lock.hold(config.workdir):
+        return _train(config)
+
+
+def _train(config: Config) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     workdir = Path(config.workdir)
     if config.init_from:
