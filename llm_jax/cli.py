@@ -32,17 +32,20 @@ def _setup_logging() -> None:
 
 def _cmd_train(args) -> int:
     from llm_jax.config import load_config
+    from llm_jax.stop_signal import StopSignal
 
-    config_path, overrides = _split_config_args(args.rest)
-    config = load_config(config_path, overrides)  # errors before any JAX work starts
-    from llm_jax import distributed, trainer
+    with StopSignal() as startup:  # a signal before the first step: nothing to save, the run ends at once
+        config_path, overrides = _split_config_args(args.rest)
+        config = load_config(config_path, overrides)  # errors before any JAX work starts
+        from llm_jax import distributed, trainer
 
-    distributed.initialize(config.distributed)
-    import jax
+        distributed.initialize(config.distributed)
+        import jax
 
-    if jax.process_index() != 0:  # one log for the run: the others speak only of trouble
-        logging.getLogger().setLevel(logging.WARNING)
-    summary = trainer.train(config)
+        if jax.process_index() != 0:  # one log for the run: the others speak only of trouble
+            logging.getLogger().setLevel(logging.WARNING)
+        summary = trainer.train(config)  # handles signals itself, in the loop after the current step
+        startup.running()
     if jax.process_index() == 0:
         if summary["stopped_early"]:
             print(f"stopped at step {summary['step']}; the checkpoint is saved, run the same command to resume")
@@ -230,17 +233,34 @@ def main(argv: list[str] | None = None) -> int:
     from llm_jax import host_memory
 
     host_memory.tune_malloc_for_xla_cpu()  # before JAX starts its CPU client's threads
+    from llm_jax import faults
     from llm_jax.checkpoint import CheckpointError
     from llm_jax.fault_tolerance import NonFiniteError
+    from llm_jax.stop_signal import StartupInterrupted
 
+    for handler in logging.getLogger().handlers:  # a machine fault is told once, below, not by every thread
+        if not any(isinstance(f, faults.QuietMachineFaults) for f in handler.filters):
+            handler.addFilter(faults.QuietMachineFaults())
+    faults.quiet_aborted_saves()
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, faults.MachineFault) as e:
         print(f"llm-jax {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except NonFiniteError as e:
         print(f"llm-jax {args.command}: error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
+    except StartupInterrupted as e:  # preemption is normal: nothing was started, nothing is lost
+        print(f"llm-jax {args.command}: {e}", file=sys.stderr)
+        return 0
+    except Exception as e:
+        # A fault of the machine (disk full, read-only path, a file where a folder should be) in any
+        # layer, Python's or tensorstore's: one line naming the path; anything else is a bug to show.
+        error = faults.os_error_in(e)
+        if error is None:
+            raise
+        print(f"llm-jax {args.command}: error: {faults.describe(error)}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import logging
 import math
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from llm_jax.generate import generate
 from llm_jax.metrics import MetricsWriter
 from llm_jax.optim import make_optimizer
 from llm_jax.steps import TrainState, eval_step, init_state, train_step
+from llm_jax.stop_signal import StopSignal
 from llm_jax.tokenizer import Tokenizer, load_or_train_tokenizer
 from llm_jax.transformer import Transformer, count_params
 
@@ -199,30 +199,6 @@ def _max_decode_len(config: Config) -> int:
     return max(config.model.max_len, config.train.seq_len)
 
 
-class StopSignal:
-    """SIGTERM/SIGINT ask the loop to stop after the current step; a second SIGINT interrupts."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, _frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("received %s: stopping after this step and saving a checkpoint", signal.Signals(signum).name)
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
-
-
 def _progress_bar(config: Config, start: int, enabled: bool):
     if not enabled:
         return None
@@ -235,13 +211,14 @@ def _progress_bar(config: Config, start: int, enabled: bool):
 def train(config: Config) -> dict[str, Any]:
     """Runs (or resumes) the training job of `config`; returns the final summary.
 
-    The workdir's lock comes first: a second run on a busy workdir leaves it untouched.
+    The workdir's lock comes first: a second run on a busy workdir leaves it untouched. A signal
+    before the first step ends the run at once (StartupInterrupted); in the loop, after its step.
     """
-    with run_lock.hold(config.workdir):
-        return _train(config)
+    with StopSignal() as stop, run_lock.hold(config.workdir), contextlib.ExitStack() as on_exit:
+        return _train(config, stop, on_exit)
 
 
-def _train(config: Config) -> dict[str, Any]:
+def _train(config: Config, stop: StopSignal, on_exit: contextlib.ExitStack) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     workdir = Path(config.workdir)
     if config.init_from:
@@ -289,6 +266,7 @@ def _train(config: Config) -> dict[str, Any]:
     steps = compile_steps(setup)
     state = steps.to_loop(state)
     writer = MetricsWriter(workdir, enabled=is_main)
+    on_exit.callback(writer.close)  # on a failure too: its event file thread must end before the process
     tokens_per_step = c.train.batch_size * c.train.seq_len
     bar = _progress_bar(c, start, enabled=is_main and c.train.progress)
     wall_start = time.time()
@@ -334,7 +312,8 @@ def _train(config: Config) -> dict[str, Any]:
 
     step = start
     stop_agreed = False
-    with StopSignal() as stop, setup.context():
+    stop.running()
+    with setup.context():
         while step < c.train.steps and not stop_agreed and not guard.diverged:
             t0 = time.perf_counter()
             local = next(train_iter)
