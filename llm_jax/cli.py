@@ -234,8 +234,6 @@ def main(argv: list[str] | None = None) -> int:
 
     host_memory.tune_malloc_for_xla_cpu()  # before JAX starts its CPU client's threads
     from llm_jax import faults
-    from llm_jax.checkpoint import CheckpointError
-    from llm_jax.fault_tolerance import NonFiniteError
     from llm_jax.stop_signal import StartupInterrupted
 
     for handler in logging.getLogger().handlers:  # a machine fault is told once, below, not by every thread
@@ -244,24 +242,38 @@ def main(argv: list[str] | None = None) -> int:
     faults.quiet_aborted_saves()
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, faults.MachineFault) as e:
-        print(f"llm-jax {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except NonFiniteError as e:
-        print(f"llm-jax {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_DIVERGED
     except StartupInterrupted as e:  # preemption is normal: nothing was started, nothing is lost
         print(f"llm-jax {args.command}: {e}", file=sys.stderr)
         return 0
     except Exception as e:
-        # A fault of the machine (disk full, read-only path, a file where a folder should be) in any
-        # layer, Python's or tensorstore's: one line naming the path; anything else is a bug to show.
-        error = faults.os_error_in(e)
-        if error is None:
-            raise
-        print(f"llm-jax {args.command}: error: {faults.describe(error)}", file=sys.stderr)
-        return EXIT_USAGE
+        code, line = _failure(e)  # re-raises what is neither the user's nor the machine's fault: a bug
+        print(f"llm-jax {args.command}: error: {line}", file=sys.stderr)
+        return code
 
+
+def _failure(e: Exception) -> tuple[int, str]:
+    """(exit code, one line) of a command that failed with `e`; re-raises a bug, to show its traceback.
+
+    Classes that bring JAX are imported only once something failed: `train` handles signals from
+    its first line, and a Ctrl-C while main imported JAX would still have ended in a traceback.
+    """
+    from llm_jax import faults
+
+    if isinstance(e, (ConfigError, FileNotFoundError, faults.MachineFault)):
+        return EXIT_USAGE, str(e)
+    from llm_jax.checkpoint import CheckpointError
+    from llm_jax.fault_tolerance import NonFiniteError
+
+    if isinstance(e, CheckpointError):
+        return EXIT_USAGE, str(e)
+    if isinstance(e, NonFiniteError):
+        return EXIT_DIVERGED, str(e)
+    # A fault of the machine (disk full, read-only path, a file where a folder should be) in any
+    # layer, Python's or tensorstore's: one line naming the path and what to do.
+    error = faults.os_error_in(e)
+    if error is None:
+        raise e
+    return EXIT_USAGE, faults.describe(error)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,6 +15,8 @@ import re
 import sys
 import threading
 
+from llm_jax.stop_signal import StartupInterrupted
+
 # What the user can do about each kind of fault. The run itself is never the problem: its saved
 # checkpoints stay, and the same command resumes once the cause is fixed.
 _HINTS = {
@@ -96,6 +98,8 @@ def quiet_aborted_saves() -> None:
             excepthook(kind, value, traceback)
 
     def quiet_unraisablehook(unraisable):
+        if isinstance(unraisable.exc_value, StartupInterrupted):
+            return  # a signal that landed in a callback: its request is honoured when the start-up ends
         if not (_is_late_callback(unraisable.exc_value) or os_error_in(unraisable.exc_value) is not None):
             unraisablehook(unraisable)
 

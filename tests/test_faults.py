@@ -173,6 +173,15 @@ def test_a_signal_during_start_up_ends_at_once_and_a_second_sigint_interrupts():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(5)
+    with StopSignal():  # the command line's
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except StartupInterrupted:
+            pass  # swallowed where it landed, as a garbage-collector callback does
+        with StopSignal() as stop:  # the trainer's: the request is kept, and honoured as the loop starts
+            with pytest.raises(StartupInterrupted, match="stopped by SIGTERM during start-up"):
+                stop.running()
     with StopSignal() as stop:
         stop.running()  # in the loop: the step finishes, then the run saves and stops
         os.kill(os.getpid(), signal.SIGTERM)
