@@ -162,6 +162,29 @@ def test_a_killed_preparation_leaves_no_incomplete_folder_behind(tmp_path, corpu
     assert [p.name for p in (data_dir / "llm_jax_local_corpus").iterdir()] == ["1.0.0"]
 
 
+def test_data_prepare_killed_midway_leaves_no_incomplete_folder_after_the_next_run(tmp_path):
+    big = tmp_path / "big"  # large enough that the preparation takes a while to write
+    big.mkdir()
+    for i in range(1500):
+        (big / f"doc{i:04d}.txt").write_text(f"document {i} " + "the cat sat on the mat " * 150 + "\n")
+    args = ["data", "prepare", "configs/tiny.yaml", f"workdir={tmp_path / 'run'}", "data.source=text",
+            f"data.path={big}/*.txt", f"data.prepared_dir={tmp_path / 'prepared'}", "model.vocab_size=300",
+            "tokenizer.sample_bytes=100000", "train.progress=false"]
+    proc = subprocess.Popen([sys.executable, "-m", "llm_jax.cli", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not list((tmp_path / "prepared").glob("*/*/incomplete.*")):
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    assert list((tmp_path / "prepared").glob("*/*/incomplete.*")), "the kill came too late to test anything"
+    done = subprocess.run([sys.executable, "-m", "llm_jax.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not list((tmp_path / "prepared").glob("*/*/incomplete.*"))
+    assert [p.name for p in (tmp_path / "prepared").glob("*/*/*")] == ["1.0.0"]
+
+
 # ----------------------------------------------------------------------------- signals during start-up
 
 
