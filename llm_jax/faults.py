@@ -26,7 +26,7 @@ _HINTS = {
     errno.EACCES: "no permission: fix the permissions or use another path",
     errno.EPERM: "not permitted: fix the permissions or use another path",
     errno.ENOTDIR: "a file stands where a folder is needed: move it away or use another path",
-    errno.EEXIST: "a file stands where a folder is needed: move it away or use another path",
+    errno.EEXIST: "something is already there: move it away or use another path",
     errno.EISDIR: "a folder stands where a file is needed: move it away or use another path",
     errno.EIO: "the disk reports an input/output error: check it",
 }
@@ -39,7 +39,7 @@ class MachineFault(RuntimeError):
 
 
 def os_error_in(exc: BaseException | None) -> OSError | None:
-    """The OSError behind `exc`: itself, one in its chain of causes, or an errno that tensorstore
+    """The OSError behind `exc`: itself, one among its causes, or an errno that tensorstore
     wrote into its message (with the path it names). None when the failure is not the machine's."""
     seen = set()
     while exc is not None and id(exc) not in seen:
@@ -51,7 +51,9 @@ def os_error_in(exc: BaseException | None) -> OSError | None:
             number = int(code.group(1))
             paths = _TENSORSTORE_PATH.findall(str(exc))
             return OSError(number, os.strerror(number), paths[-1] if paths else None)
-        exc = exc.__cause__ or exc.__context__
+        # Only explicit causes (`raise ... from`): an error raised while another was being handled
+        # (`__context__`) may be a bug of its own, which must not pass for a full disk.
+        exc = exc.__cause__
     return None
 
 
