@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 TRAIN = "train"
 VALIDATION = "validation"
+_LOCK_NAME = ".prepare.lock"  # in the dataset's folder, held while it is being prepared
 
 
 class LlmJaxLocalCorpus(tfds.core.GeneratorBasedBuilder):
@@ -214,8 +215,8 @@ def _preparing(data_dir: Path) -> Iterator[None]:
     wait for each other, and the later ones reuse what the first prepared. Held, it also makes the
     `incomplete.*` folders of a preparation that was killed (TFDS writes there, then renames) safe
     to remove: no one else is writing them."""
-    data_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(data_dir.with_name(data_dir.name + ".lock"), "a") as lock:  # beside it: survives a rebuild
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / _LOCK_NAME, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
         for stale in data_dir.glob("*/incomplete.*"):
             log.info("removing %s, left by a preparation that did not finish", stale)
@@ -254,7 +255,13 @@ def _removed_if_damaged(builder: LlmJaxLocalCorpus, data_dir: Path) -> bool:
     if damage is None:
         return False
     log.warning("the prepared dataset %s is damaged (%s): preparing it again", data_dir, damage)
-    shutil.rmtree(data_dir)
+    for child in data_dir.iterdir():
+        if child.name == _LOCK_NAME:
+            continue  # held by this process: a new lock file would let a second preparer in
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
     return True
 
 
