@@ -11,11 +11,14 @@ Export layout: `OUT/{params/, config.yaml, tokenizer/, export.json}`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
 import logging
 import math
+import os
+import re
 import shutil
 import tempfile
 import time
@@ -29,7 +32,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from llm_jax import checkpoint_tree
+from llm_jax import checkpoint_tree, faults
 from llm_jax.config import CheckpointConfig, Config, ConfigError, ModelConfig, dump_config, load_config
 
 log = logging.getLogger(__name__)
@@ -102,6 +105,10 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         self.read_only = read_only
         self.run_config = run_config  # this run's resolved config: names the settings behind a mismatch
+        self._last_save: int | None = None  # the step of the save that may still be in flight
+        if not read_only and self.directory.exists() and not self.directory.is_dir():
+            # Orbax would only fail at the first save, after the steps before it were trained.
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(self.directory))
         self.keep_best = config.keep_best
         keep = {"max_to_keep": config.keep}
         if config.keep_best:
@@ -169,7 +176,31 @@ class Checkpointer:
         if data is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data)
         metrics = {"eval_loss": eval_loss} if eval_loss is not None and math.isfinite(eval_loss) else None
-        self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+        with self._save_faults(step):  # also reports a failure of the previous async save
+            self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+        self._last_save = step
+
+    @contextlib.contextmanager
+    def _save_faults(self, step: int | None = None):
+        """A save that fails on the machine (disk full, read-only, no permission) ends the run in one
+        line that names the step and the checkpoints kept. Orbax leaves the failed save under its
+        temporary name, which the next run cleans up; no finished checkpoint is touched."""
+        try:
+            yield
+        except Exception as e:
+            error = faults.os_error_in(e)
+            if error is None:
+                raise
+            # The save that failed: the one its path names (an async save fails at the next call).
+            named = re.search(r"/(\d+)\.orbax-checkpoint-tmp", str(error.filename or ""))
+            failed = int(named.group(1)) if named else step if step is not None else self._last_save
+            with contextlib.suppress(Exception):  # let Orbax's threads end before the process does
+                self.manager.close()
+            kept = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit()) \
+                if self.directory.is_dir() else []
+            raise faults.MachineFault(
+                f"checkpoint {failed} could not be saved: {faults.describe(error)}; "
+                f"the checkpoints saved before it are kept (steps: {', '.join(map(str, kept)) or 'none'})") from e
 
     def restore(self, step: int, abstract_state: Any, data: IteratorCheckpoint | None) -> tuple[Any, dict]:
         """Restores onto the shardings of `abstract_state` (a tree of ShapeDtypeStructs).
@@ -296,10 +327,12 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Blocks until async saves are on disk."""
-        self.manager.wait_until_finished()
+        with self._save_faults():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        with self._save_faults():
+            self.manager.wait_until_finished()
         self.manager.close()
 
 

@@ -33,17 +33,20 @@ def _setup_logging() -> None:
 
 def _cmd_train(args) -> int:
     from llm_jax.config import load_config
+    from llm_jax.stop_signal import StopSignal
 
-    config_path, overrides = _split_config_args(args.rest)
-    config = load_config(config_path, overrides)  # errors before any JAX work starts
-    from llm_jax import distributed, trainer
+    with StopSignal() as startup:  # a signal before the first step: nothing to save, the run ends at once
+        config_path, overrides = _split_config_args(args.rest)
+        config = load_config(config_path, overrides)  # errors before any JAX work starts
+        from llm_jax import distributed, trainer
 
-    distributed.initialize(config.distributed)
-    import jax
+        distributed.initialize(config.distributed)
+        import jax
 
-    if jax.process_index() != 0:  # one log for the run: the others speak only of trouble
-        logging.getLogger().setLevel(logging.WARNING)
-    summary = trainer.train(config)
+        if jax.process_index() != 0:  # one log for the run: the others speak only of trouble
+            logging.getLogger().setLevel(logging.WARNING)
+        summary = trainer.train(config)  # handles signals itself, in the loop after the current step
+        startup.running()
     if jax.process_index() == 0:
         if summary["stopped_early"]:
             print(f"stopped at step {summary['step']}; the checkpoint is saved, run the same command to resume")
@@ -270,18 +273,47 @@ def main(argv: list[str] | None = None) -> int:
     from llm_jax import host_memory
 
     host_memory.tune_malloc_for_xla_cpu()  # before JAX starts its CPU client's threads
+    from llm_jax import faults
+    from llm_jax.stop_signal import StartupInterrupted
+
+    for handler in logging.getLogger().handlers:  # a machine fault is told once, below, not by every thread
+        if not any(isinstance(f, faults.QuietMachineFaults) for f in handler.filters):
+            handler.addFilter(faults.QuietMachineFaults())
+    faults.quiet_aborted_saves()
+    try:
+        return args.func(args)
+    except StartupInterrupted as e:  # preemption is normal: nothing was started, nothing is lost
+        print(f"llm-jax {args.command}: {e}", file=sys.stderr)
+        return 0
+    except Exception as e:
+        code, line = _failure(e)  # re-raises what is neither the user's nor the machine's fault: a bug
+        print(f"llm-jax {args.command}: error: {line}", file=sys.stderr)
+        return code
+
+
+def _failure(e: Exception) -> tuple[int, str]:
+    """(exit code, one line) of a command that failed with `e`; re-raises a bug, to show its traceback.
+
+    Classes that bring JAX are imported only once something failed: `train` handles signals from
+    its first line, and a Ctrl-C while main imported JAX would still have ended in a traceback.
+    """
+    from llm_jax import faults
+
+    if isinstance(e, (ConfigError, FileNotFoundError, faults.MachineFault)):
+        return EXIT_USAGE, str(e)
     from llm_jax.checkpoint import CheckpointError
     from llm_jax.fault_tolerance import NonFiniteError
 
-    try:
-        return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
-        print(f"llm-jax {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except NonFiniteError as e:
-        print(f"llm-jax {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_DIVERGED
-
+    if isinstance(e, CheckpointError):
+        return EXIT_USAGE, str(e)
+    if isinstance(e, NonFiniteError):
+        return EXIT_DIVERGED, str(e)
+    # A fault of the machine (disk full, read-only path, a file where a folder should be) in any
+    # layer, Python's or tensorstore's: one line naming the path and what to do.
+    error = faults.os_error_in(e)
+    if error is None:
+        raise e
+    return EXIT_USAGE, faults.describe(error)
 
 if __name__ == "__main__":
     sys.exit(main())

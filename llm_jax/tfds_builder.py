@@ -14,12 +14,14 @@ preparation therefore never looks complete; it is redone on the next run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import logging
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 
 TRAIN = "train"
 VALIDATION = "validation"
+_LOCK_NAME = ".prepare.lock"  # in the dataset's folder, held while it is being prepared
 
 
 class LlmJaxLocalCorpus(tfds.core.GeneratorBasedBuilder):
@@ -182,30 +185,13 @@ def prepare_corpus(corpus: corpus_lib.Corpus, prepared_dir: str | os.PathLike | 
     """
     data_dir = prepared_data_dir(corpus, prepared_dir)
     builder = _open(data_dir, corpus)
-    reused = _is_prepared(builder)
+    reused = _is_prepared(builder) and _damage(builder) is None
     if not reused:
-        log.info("preparing %s corpus (%d files) as a TFDS dataset in %s", corpus.kind, len(corpus.files), data_dir)
-        data_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            plan = plan_corpus(corpus, progress)
-            shards = _shard_count(num_shards, plan)
-            # TFDS's own bars (one 250-character line per shard) only where someone watches a terminal.
-            tfds.display_progress_bar(progress and sys.stderr.isatty())
-            _open(data_dir, corpus, plan).download_and_prepare(
-                file_format="array_record",
-                download_dir=os.fspath(data_dir / "downloads"),
-                download_config=tfds.download.DownloadConfig(num_shards=shards),
-            )
-        except ConfigError:
-            shutil.rmtree(data_dir, ignore_errors=True)  # no documents: leave nothing to reuse
-            raise
-        except OSError:
-            # Another process (a second host on a shared disk) may have finished the same
-            # preparation first; its rename then wins and ours fails. Use theirs if it is complete.
-            if not _is_prepared(_open(data_dir, None)):
-                raise
-        shutil.rmtree(data_dir / "downloads", ignore_errors=True)  # always empty: nothing is downloaded
-        builder = _open(data_dir, corpus)  # re-read so info and metadata come from disk
+        with _preparing(data_dir):  # another process may have prepared it while this one waited
+            builder = _open(data_dir, corpus)
+            reused = _is_prepared(builder) and not _removed_if_damaged(builder, data_dir)
+            if not reused:
+                builder = _prepare(corpus, data_dir, num_shards, progress)
     metadata = builder.info.metadata or {}
     prepared = PreparedCorpus(
         builder=builder,
@@ -222,6 +208,88 @@ def prepare_corpus(corpus: corpus_lib.Corpus, prepared_dir: str | os.PathLike | 
              describe_skips(prepared.skipped_reasons), sizes.get(TRAIN, 0), sizes.get(VALIDATION, 0),
              " (reused)" if reused else "")
     return prepared
+
+
+def _prepare(corpus: corpus_lib.Corpus, data_dir: Path, num_shards: int, progress: bool) -> LlmJaxLocalCorpus:
+    """Writes the dataset (the caller holds `_preparing(data_dir)`); returns it opened from disk."""
+    log.info("preparing %s corpus (%d files) as a TFDS dataset in %s", corpus.kind, len(corpus.files), data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        plan = plan_corpus(corpus, progress)
+        shards = _shard_count(num_shards, plan)
+        # TFDS's own bars (one 250-character line per shard) only where someone watches a terminal.
+        tfds.display_progress_bar(progress and sys.stderr.isatty())
+        _open(data_dir, corpus, plan).download_and_prepare(
+            file_format="array_record",
+            download_dir=os.fspath(data_dir / "downloads"),
+            download_config=tfds.download.DownloadConfig(num_shards=shards),
+        )
+    except ConfigError:
+        shutil.rmtree(data_dir, ignore_errors=True)  # no documents: leave nothing to reuse
+        raise
+    except OSError:
+        # Another process (a second host on a shared disk) may have finished the same
+        # preparation first; its rename then wins and ours fails. Use theirs if it is complete.
+        if not _is_prepared(_open(data_dir, None)):
+            raise
+    shutil.rmtree(data_dir / "downloads", ignore_errors=True)  # always empty: nothing is downloaded
+    return _open(data_dir, corpus)  # re-read so info and metadata come from disk
+
+
+@contextlib.contextmanager
+def _preparing(data_dir: Path) -> Iterator[None]:
+    """One preparation of `data_dir` at a time: processes of one host (or hosts sharing the disk)
+    wait for each other, and the later ones reuse what the first prepared. Held, it also makes the
+    `incomplete.*` folders of a preparation that was killed (TFDS writes there, then renames) safe
+    to remove: no one else is writing them."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / _LOCK_NAME, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
+        for stale in data_dir.glob("*/incomplete.*"):
+            log.info("removing %s, left by a preparation that did not finish", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        yield
+
+
+def _damage(builder: LlmJaxLocalCorpus) -> str | None:
+    """'FILE: why' for the first ArrayRecord file of a prepared dataset that is cut short or
+    unreadable (a full disk, a copy cut short), else None.
+
+    Reads each file's footer and record count only, so it is cheap enough for every run; without
+    it the damage would surface mid-run as 'Corrupted Riegeli/records file' in a data reader.
+    """
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    for info in builder.info.splits.values():
+        for path, expected in zip(info.filepaths, info.shard_lengths):
+            try:
+                reader = ArrayRecordReader(os.fspath(path))
+                try:
+                    found = reader.num_records()
+                finally:
+                    reader.close()
+            except (RuntimeError, OSError, ValueError) as e:
+                return f"{path}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}"
+            if found != expected:
+                return f"{path}: {found} records where {expected} were written"
+    return None
+
+
+def _removed_if_damaged(builder: LlmJaxLocalCorpus, data_dir: Path) -> bool:
+    """Removes a damaged prepared dataset so that it is prepared again (it is only a cache of the
+    corpus); True when it did."""
+    damage = _damage(builder)
+    if damage is None:
+        return False
+    log.warning("the prepared dataset %s is damaged (%s): preparing it again", data_dir, damage)
+    for child in data_dir.iterdir():
+        if child.name == _LOCK_NAME:
+            continue  # held by this process: a new lock file would let a second preparer in
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    return True
 
 
 def describe_skips(reasons: dict[str, int]) -> str:

@@ -27,6 +27,7 @@ import numpy as np
 import sentencepiece as spm
 
 from llm_jax.config import Config, ConfigError
+from llm_jax.faults import MachineFault
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +270,18 @@ def train_tokenizer_into(config: Config, sources: Any, out_dir: str | os.PathLik
     return summary
 
 
+def _load_own(model_path: Path) -> Tokenizer:
+    """The run's own tokenizer; a damaged one (a copy or a disk cut it short) is named, with the fix."""
+    try:
+        return Tokenizer(model_path)
+    except (RuntimeError, OSError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise MachineFault(
+            f"the run's tokenizer {model_path} is damaged ({reason}); delete it and run again: the run trains "
+            "it anew from the same corpus and settings, or copies tokenizer.path (e.g. an export's "
+            "tokenizer/spm.model)") from None
+
+
 def load_or_train_tokenizer(config: Config, workdir: str | os.PathLike, sources: Any) -> Tokenizer:
     """The run's tokenizer: WORKDIR/tokenizer/spm.model if present, else tokenizer.path, else trained.
 
@@ -280,7 +293,7 @@ def load_or_train_tokenizer(config: Config, workdir: str | os.PathLike, sources:
     model_path = out_dir / MODEL_NAME
     if model_path.is_file():
         log.info("loading tokenizer %s", model_path)
-        return _check_loaded(Tokenizer(model_path), config)
+        return _check_loaded(_load_own(model_path), config)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=".spm-", dir=out_dir))

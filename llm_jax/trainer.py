@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import logging
 import math
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -24,13 +23,14 @@ from flax import linen as nn
 
 from llm_jax import checkpoint as ckpt
 from llm_jax import data as data_lib
-from llm_jax import flops, pmap_mode, sharding
+from llm_jax import flops, pmap_mode, run_lock, sharding
 from llm_jax.config import Config, ConfigError, dump_config, to_dict
 from llm_jax.fault_tolerance import NonFiniteError, NonFiniteGuard, ProcessAgreement, SaveClock
 from llm_jax.generate import generate
 from llm_jax.metrics import MetricsWriter
 from llm_jax.optim import describe_dtypes, make_optimizer
 from llm_jax.steps import TrainState, eval_step, init_state, train_step
+from llm_jax.stop_signal import StopSignal
 from llm_jax.tokenizer import Tokenizer, load_or_train_tokenizer
 from llm_jax.transformer import Transformer, count_params
 
@@ -209,30 +209,6 @@ def _max_decode_len(config: Config) -> int:
     return max(config.model.max_len, config.train.seq_len)
 
 
-class StopSignal:
-    """SIGTERM/SIGINT ask the loop to stop after the current step; a second SIGINT interrupts."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, _frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("received %s: stopping after this step and saving a checkpoint", signal.Signals(signum).name)
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
-
-
 def _log_eval(bar, step: int, result: dict[str, float]) -> None:
     """One console line per evaluation, as it happens (metrics.jsonl has them too, but no one watches it)."""
     message = f"step {step}: eval loss {result['eval_loss']:.4f}, eval perplexity {result['eval_perplexity']:.2f}"
@@ -259,7 +235,16 @@ _DATA_RUNTIME_KEYS = ("workers", "prefetch", "prepared_dir", "num_shards")
 
 
 def train(config: Config) -> dict[str, Any]:
-    """Runs (or resumes) the training job of `config`; returns the final summary."""
+    """Runs (or resumes) the training job of `config`; returns the final summary.
+
+    The workdir's lock comes first: a second run on a busy workdir leaves it untouched. A signal
+    before the first step ends the run at once (StartupInterrupted); in the loop, after its step.
+    """
+    with StopSignal() as stop, run_lock.hold(config.workdir), contextlib.ExitStack() as on_exit:
+        return _train(config, stop, on_exit)
+
+
+def _train(config: Config, stop: StopSignal, on_exit: contextlib.ExitStack) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     workdir = Path(config.workdir)
     if config.init_from:
@@ -314,6 +299,7 @@ def train(config: Config) -> dict[str, Any]:
     steps = compile_steps(setup)
     state = steps.to_loop(state)
     writer = MetricsWriter(workdir, enabled=is_main)
+    on_exit.callback(writer.close)  # on a failure too: its event file thread must end before the process
     tokens_per_step = c.train.batch_size * c.train.seq_len
     bar = _progress_bar(c, start, enabled=is_main and c.train.progress)
     wall_start = time.time()
@@ -361,7 +347,8 @@ def train(config: Config) -> dict[str, Any]:
 
     step = start
     stop_agreed = False
-    with StopSignal() as stop, setup.context():
+    stop.running()
+    with setup.context():
         while step < c.train.steps and not stop_agreed and not guard.diverged:
             t0 = time.perf_counter()
             local = next(train_iter)
