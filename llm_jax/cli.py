@@ -33,19 +33,20 @@ def _setup_logging() -> None:
 
 def _cmd_train(args) -> int:
     from llm_jax.config import load_config
-    from llm_jax.stop_signal import StopSignal
+    from llm_jax.runtime.stop_signal import StopSignal
 
     with StopSignal() as startup:  # a signal before the first step: nothing to save, the run ends at once
         config_path, overrides = _split_config_args(args.rest)
         config = load_config(config_path, overrides)  # errors before any JAX work starts
-        from llm_jax import distributed, trainer
+        from llm_jax.parallel import distributed
+        from llm_jax.train import loop
 
         distributed.initialize(config.distributed)
         import jax
 
         if jax.process_index() != 0:  # one log for the run: the others speak only of trouble
             logging.getLogger().setLevel(logging.WARNING)
-        summary = trainer.train(config)  # handles signals itself, in the loop after the current step
+        summary = loop.train(config)  # handles signals itself, in the loop after the current step
         startup.running()
     if jax.process_index() == 0:
         if summary["stopped_early"]:
@@ -57,11 +58,11 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from llm_jax import trainer
+    from llm_jax.train import loop
 
-    setup, params, step = trainer.restore_for_inference(args.workdir, args.overrides)
-    steps = trainer.compile_steps(setup)
-    result = {"step": step, **trainer.evaluate(setup, steps.eval, params, trainer.held_out_batches(setup))}
+    setup, params, step = loop.restore_for_inference(args.workdir, args.overrides)
+    steps = loop.compile_steps(setup)
+    result = {"step": step, **loop.evaluate(setup, steps.eval, params, loop.held_out_batches(setup))}
     print(json.dumps(result))
     return 0
 
@@ -78,19 +79,19 @@ def _check_generate_options(args) -> None:
 
 def _cmd_generate(args) -> int:
     _check_generate_options(args)  # before the checkpoint is read: seconds, not a minute
-    from llm_jax import trainer
+    from llm_jax.train import loop
 
-    setup, params, _ = trainer.restore_for_inference(args.workdir)
+    setup, params, _ = loop.restore_for_inference(args.workdir)
     c = setup.config
-    text = trainer.sample_text(setup, params, args.prompt, max_new_tokens=args.max_new_tokens,
-                               temperature=c.train.temperature if args.temperature is None else args.temperature,
-                               top_k=c.train.top_k if args.top_k is None else args.top_k, seed=args.seed)
+    text = loop.sample_text(setup, params, args.prompt, max_new_tokens=args.max_new_tokens,
+                            temperature=c.train.temperature if args.temperature is None else args.temperature,
+                            top_k=c.train.top_k if args.top_k is None else args.top_k, seed=args.seed)
     print(text)
     return 0
 
 
 def _cmd_export(args) -> int:
-    from llm_jax.export import export_run
+    from llm_jax.commands.export import export_run
 
     print(json.dumps(export_run(args.workdir, args.out, best=args.best)))
     return 0
@@ -101,7 +102,7 @@ def _cmd_bench(args) -> int:
 
     config_path, overrides = _split_config_args(args.rest)
     config = load_config(config_path, overrides)
-    from llm_jax import bench
+    from llm_jax.commands import bench
 
     print(json.dumps(bench.run_bench(config, steps=args.steps, warmup=args.warmup)))
     return 0
@@ -129,7 +130,7 @@ def _cmd_tokenizer_train(args) -> int:
 
     config_path, overrides = _split_config_args(args.rest)
     config = load_config(config_path, [*overrides, *_tokenizer_options(args)])
-    from llm_jax import prepare
+    from llm_jax.commands import prepare
 
     print(json.dumps(prepare.tokenizer_train(config, args.out), indent=1))
     return 0
@@ -140,7 +141,7 @@ def _cmd_data_prepare(args) -> int:
 
     config_path, overrides = _split_config_args(args.rest)
     config = load_config(config_path, overrides)
-    from llm_jax import prepare
+    from llm_jax.commands import prepare
 
     print(json.dumps(prepare.data_prepare(config), indent=1))
     return 0
@@ -151,7 +152,7 @@ def _cmd_plan(args) -> int:
 
     config_path, overrides = _split_config_args(args.rest)
     config = load_config(config_path, overrides)
-    from llm_jax import plan
+    from llm_jax.commands import plan
 
     device_memory = plan.parse_bytes(args.device_memory) if args.device_memory else None
     if args.topology:
@@ -270,11 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
     _setup_logging()
-    from llm_jax import host_memory
+    from llm_jax.kernels import host_memory
 
     host_memory.tune_malloc_for_xla_cpu()  # before JAX starts its CPU client's threads
-    from llm_jax import faults
-    from llm_jax.stop_signal import StartupInterrupted
+    from llm_jax.runtime import faults
+    from llm_jax.runtime.stop_signal import StartupInterrupted
 
     for handler in logging.getLogger().handlers:  # a machine fault is told once, below, not by every thread
         if not any(isinstance(f, faults.QuietMachineFaults) for f in handler.filters):
@@ -297,12 +298,12 @@ def _failure(e: Exception) -> tuple[int, str]:
     Classes that bring JAX are imported only once something failed: `train` handles signals from
     its first line, and a Ctrl-C while main imported JAX would still have ended in a traceback.
     """
-    from llm_jax import faults
+    from llm_jax.runtime import faults
 
     if isinstance(e, (ConfigError, FileNotFoundError, faults.MachineFault)):
         return EXIT_USAGE, str(e)
-    from llm_jax.checkpoint import CheckpointError
-    from llm_jax.fault_tolerance import NonFiniteError
+    from llm_jax.train.checkpoint import CheckpointError
+    from llm_jax.train.fault_tolerance import NonFiniteError
 
     if isinstance(e, CheckpointError):
         return EXIT_USAGE, str(e)

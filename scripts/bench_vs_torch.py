@@ -9,7 +9,7 @@ final JSON line with the same numbers. Uses only the standard library, so any Py
     python scripts/bench_vs_torch.py --rounds 3 --steps 20
 
 `--torch-tuned-malloc` adds PyTorch runs with the glibc malloc settings that `llm-jax` makes for
-itself on CPU (llm_jax/host_memory.py), so the comparison can also be made on equal allocators.
+itself on CPU (llm_jax/kernels/host_memory.py), so the comparison can also be made on equal allocators.
 
 Interpreters: JAX_PY (default: this Python) must have llm_jax installed;
 TORCH_PY (default /tmp/torchvenv/bin/python) must have torch. Extra `key=value` arguments go to
@@ -43,7 +43,7 @@ def _last_json_line(stdout: str) -> dict:
     raise ValueError("no JSON line in the output")
 
 
-# glibc's malloc settings that `llm-jax` makes for itself on CPU (llm_jax/host_memory.py), as
+# glibc's malloc settings that `llm-jax` makes for itself on CPU (llm_jax/kernels/host_memory.py), as
 # environment variables, for a PyTorch run on equal terms.
 TUNED_MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
 

@@ -20,9 +20,10 @@ import time
 import jax
 import jax.numpy as jnp
 
-from llm_jax import sharding, trainer
-from llm_jax.bench import synthetic_batch
+from llm_jax.commands.bench import synthetic_batch
 from llm_jax.config import load_config
+from llm_jax.parallel import mesh as mesh_lib
+from llm_jax.train import loop
 
 NARROW = ["model.d_model=128", "model.n_heads=4", "model.d_ff=512", "model.vocab_size=2048", "model.max_len=128",
           "train.seq_len=128", "train.batch_size=8", "workdir=/tmp/llm_jax_compile_time"]
@@ -31,9 +32,9 @@ NARROW = ["model.d_model=128", "model.n_heads=4", "model.d_ff=512", "model.vocab
 def compile_seconds(overrides: list[str]) -> tuple[float, float]:
     """(trace + lower, XLA compile) seconds of the train step of a fresh build of this config."""
     config = load_config(None, overrides)
-    setup = trainer.build(config, with_data=False)
-    steps = trainer.compile_steps(setup)
-    batch_sharding = sharding.batch_sharding(setup.mesh)
+    setup = loop.build(config, with_data=False)
+    steps = loop.compile_steps(setup)
+    batch_sharding = mesh_lib.batch_sharding(setup.mesh)
     batch = {key: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding)
              for key, x in synthetic_batch(config).items()}
     with setup.context():

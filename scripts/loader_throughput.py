@@ -13,9 +13,9 @@ import json
 import tempfile
 import time
 
-from llm_jax import data
 from llm_jax.config import load_config
-from llm_jax.tokenizer import load_or_train_tokenizer
+from llm_jax.data import pipeline
+from llm_jax.data.tokenizer import load_or_train_tokenizer
 
 
 def main() -> None:
@@ -27,10 +27,10 @@ def main() -> None:
     overrides = args.rest[1:] if config_path else args.rest
     config = load_config(config_path, overrides)
 
-    sources = data.open_sources(config)
+    sources = pipeline.open_sources(config)
     with tempfile.TemporaryDirectory() as workdir:
         tokenizer = load_or_train_tokenizer(config, workdir, sources)
-        iterator = data.make_train_iterator(config, tokenizer, sources)
+        iterator = pipeline.make_train_iterator(config, tokenizer, sources)
         t0 = time.perf_counter()
         first = next(iterator)
         first_batch_s = time.perf_counter() - t0

@@ -65,7 +65,8 @@ def run_jax(repeats: int) -> dict:
     import jax.numpy as jnp
     import optax
 
-    from llm_jax import blocked_attention, cpu_kernels, host_memory, layers
+    from llm_jax.kernels import blocked_attention, cpu_kernels, host_memory
+    from llm_jax.models import layers
 
     host_memory.tune_malloc_for_xla_cpu()  # as `llm-jax` does
 

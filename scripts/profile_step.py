@@ -26,8 +26,9 @@ from pathlib import Path
 
 import jax
 
-from llm_jax import bench, host_memory
+from llm_jax.commands import bench
 from llm_jax.config import load_config
+from llm_jax.kernels import host_memory
 
 # `%name = f32[2,3]{1,0} opcode(...)`, `ROOT %name = (f32[], s32[]) tuple(...)`
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?\s([\w\-]+)\(")

@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from llm_jax import host_memory
-from llm_jax.bench import run_bench
+from llm_jax.commands.bench import run_bench
 from llm_jax.config import load_config
+from llm_jax.kernels import host_memory
 
 LONG_BABY_GPT = ["train.seq_len=1024", "model.max_len=1024", "train.batch_size=8"]
 

@@ -34,8 +34,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llm_jax import bench, host_memory, layers, steps
+from llm_jax.commands import bench
 from llm_jax.config import load_config
+from llm_jax.kernels import host_memory
+from llm_jax.models import layers
+from llm_jax.train import steps
 
 
 class Dense3D(layers.Dense):

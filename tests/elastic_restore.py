@@ -12,8 +12,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from llm_jax import bench, checkpoint, sharding, trainer
+from llm_jax.commands import bench
 from llm_jax.config import load_config
+from llm_jax.parallel import mesh as mesh_lib
+from llm_jax.train import checkpoint, loop
 
 SOURCE = (dict(data=1, fsdp=8, tensor=1), 8)
 TARGETS = {  # name: (mesh axes, device count)
@@ -29,12 +31,12 @@ def _setup(mesh_axes: dict, n_devices: int):
         "train.batch_size=8", "train.seq_len=32", "optimizer.lr=1e-2", "optimizer.warmup_steps=0",
         *[f"mesh.{k}={v}" for k, v in mesh_axes.items()]])
     devices = jax.devices()[:n_devices]
-    return trainer.build(config, mesh=sharding.make_mesh(config, devices), with_data=False)
+    return loop.build(config, mesh=mesh_lib.make_mesh(config, devices), with_data=False)
 
 
 def _next_loss(setup, state, steps=None) -> float:
     """The loss of one more step from `state`: a restored state must train on like the saved one."""
-    steps = steps or trainer.compile_steps(setup)
+    steps = steps or loop.compile_steps(setup)
     with setup.context():
         batch = bench.synthetic_batch(setup.config, seed=TRAINED_STEPS)
         _, metrics = steps.train(steps.to_loop(state), steps.put_batch(batch))
@@ -43,8 +45,8 @@ def _next_loss(setup, state, steps=None) -> float:
 
 def main(directory: Path) -> dict:
     source = _setup(*SOURCE)
-    state = trainer.create_state(source)
-    steps = trainer.compile_steps(source)
+    state = loop.create_state(source)
+    steps = loop.compile_steps(source)
     with source.context():
         for step in range(TRAINED_STEPS):
             state, _ = steps.train(state, steps.put_batch(bench.synthetic_batch(source.config, seed=step)))
@@ -52,7 +54,7 @@ def main(directory: Path) -> dict:
     saver.save(TRAINED_STEPS, state, None, {"step": TRAINED_STEPS})
     saver.close()
     saved = jax.device_get(state)
-    report = {"source": {"param_bytes_per_device": sharding.bytes_per_device(state.params),
+    report = {"source": {"param_bytes_per_device": mesh_lib.bytes_per_device(state.params),
                          "next_loss": _next_loss(source, state, steps)}}
 
     for name, (mesh_axes, n_devices) in TARGETS.items():
@@ -66,7 +68,7 @@ def main(directory: Path) -> dict:
             "identical": all(np.array_equal(a, b) for a, b in pairs),
             "max_abs_diff": max(float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) for a, b in pairs),
             "devices": len({d for x in jax.tree.leaves(restored) for d in x.sharding.device_set}),
-            "param_bytes_per_device": sharding.bytes_per_device(restored.params),
+            "param_bytes_per_device": mesh_lib.bytes_per_device(restored.params),
             "step": int(metadata["step"]),
         }
         if name == "single":  # one more compile is enough to show that training goes on

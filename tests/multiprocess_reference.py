@@ -14,18 +14,18 @@ import sys
 import jax
 import numpy as np
 
-from llm_jax import data as data_lib
-from llm_jax import trainer
 from llm_jax.config import load_config
+from llm_jax.data import pipeline as data_lib
+from llm_jax.train import loop
 
 
 def reference_losses(num_processes: int, steps: int, config_path: str, overrides: list[str]) -> list[float]:
     config = load_config(config_path, overrides)
-    setup = trainer.build(config)
+    setup = loop.build(config)
     iterators = [data_lib.make_train_iterator(config, setup.tokenizer, setup.sources, p, num_processes)
                  for p in range(num_processes)]
-    compiled = trainer.compile_steps(setup)
-    state = compiled.to_loop(trainer.create_state(setup))
+    compiled = loop.compile_steps(setup)
+    state = compiled.to_loop(loop.create_state(setup))
     losses = []
     with setup.context():
         for _ in range(steps):

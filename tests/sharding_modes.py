@@ -9,8 +9,10 @@ import json
 import jax
 import numpy as np
 
-from llm_jax import bench, sharding, trainer
+from llm_jax.commands import bench
 from llm_jax.config import load_config
+from llm_jax.parallel import mesh as mesh_lib
+from llm_jax.train import loop
 
 MODES = {
     "single": dict(data=1, fsdp=1, tensor=1),
@@ -30,9 +32,9 @@ def run(name: str, mode: dict) -> dict:
         "model.n_heads=8", "model.d_model=64", "train.batch_size=8", "train.seq_len=32", "optimizer.lr=1e-2",
         "optimizer.warmup_steps=2", f"train.steps={STEPS}", *[f"mesh.{k}={v}" for k, v in mode.items()]])
     devices = jax.devices()[:1] if mode == MODES["single"] else jax.devices()
-    setup = trainer.build(config, mesh=sharding.make_mesh(config, devices), with_data=False)
-    state = trainer.create_state(setup)
-    steps = trainer.compile_steps(setup)
+    setup = loop.build(config, mesh=mesh_lib.make_mesh(config, devices), with_data=False)
+    state = loop.create_state(setup)
+    steps = loop.compile_steps(setup)
     state = steps.to_loop(state)
     losses = []
     with setup.context():
@@ -41,8 +43,8 @@ def run(name: str, mode: dict) -> dict:
             state, metrics = steps.train(state, steps.put_batch(batch))
             losses.append(float(metrics["loss"]))
     state = steps.to_global(state)
-    return {"losses": losses, "param_bytes": sharding.bytes_per_device(state.params),
-            "opt_bytes": sharding.bytes_per_device(state.opt_state), "finite": bool(np.isfinite(losses).all())}
+    return {"losses": losses, "param_bytes": mesh_lib.bytes_per_device(state.params),
+            "opt_bytes": mesh_lib.bytes_per_device(state.opt_state), "finite": bool(np.isfinite(losses).all())}
 
 
 if __name__ == "__main__":

@@ -15,9 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm_jax import bench, sharding, splash_attention, trainer
+from llm_jax.commands import bench
 from llm_jax.config import DEFAULT_AXIS_RULES, load_config
-from llm_jax.layers import causal_segment_mask, xla_attention
+from llm_jax.kernels import splash_attention
+from llm_jax.models.layers import causal_segment_mask, xla_attention
+from llm_jax.parallel import mesh as mesh_lib
+from llm_jax.train import loop
 
 STEPS = 3
 
@@ -27,9 +30,9 @@ def run(attention: str, mesh: dict, devices: list) -> dict:
         f"model.attention={attention}", "model.n_heads=8", "model.n_kv_heads=4", "train.seq_len=128",
         "train.batch_size=8", "optimizer.lr=1e-2", "optimizer.warmup_steps=1", f"train.steps={STEPS}",
         *[f"mesh.{k}={v}" for k, v in mesh.items()]])
-    setup = trainer.build(config, mesh=sharding.make_mesh(config, devices), with_data=False)
-    steps = trainer.compile_steps(setup)
-    state = steps.to_loop(trainer.create_state(setup))
+    setup = loop.build(config, mesh=mesh_lib.make_mesh(config, devices), with_data=False)
+    steps = loop.compile_steps(setup)
+    state = steps.to_loop(loop.create_state(setup))
     losses, grad_norms = [], []
     with setup.context():
         for _ in range(STEPS):  # one batch, so the loss falls
@@ -44,7 +47,7 @@ def uneven_heads_difference() -> float:
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.standard_normal((2, 128, heads, 8)), jnp.float32) for heads in (4, 2, 2))
     segment_ids = jnp.asarray(np.repeat([[1, 2], [1, 1]], 64, axis=1), jnp.int32)
-    mesh = jax.make_mesh((2, 1, 4), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    mesh = jax.make_mesh((2, 1, 4), mesh_lib.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
     with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_AXIS_RULES):
         got = jax.jit(lambda q, k, v: splash_attention.causal_attention(q, k, v, segment_ids, interpret=True))(q, k, v)
     expected = xla_attention(q, k, v, causal_segment_mask(segment_ids, 128))

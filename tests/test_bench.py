@@ -3,9 +3,12 @@
 import jax
 import pytest
 
-from llm_jax import bench, cpu_kernels, flops, trainer
+from llm_jax.commands import bench
 from llm_jax.config import load_config
-from llm_jax.transformer import count_params
+from llm_jax.kernels import cpu_kernels
+from llm_jax.models import flops
+from llm_jax.models.decoder import count_params
+from llm_jax.train import loop
 
 
 def test_flops_per_token_of_the_baby_gpt_by_hand():
@@ -20,7 +23,7 @@ def test_matmul_weights_are_all_parameters_but_embeddings_and_norms():
     # llama: untied embeddings, no biases, grouped-query attention; RMSNorm scales are the only vectors.
     config = load_config(None, ["model.arch=llama", "model.n_layers=2", "model.d_model=64", "model.n_heads=4",
                                 "model.n_kv_heads=2", "model.d_ff=96", "model.vocab_size=300"])
-    setup = trainer.build(config, with_data=False)
+    setup = loop.build(config, with_data=False)
     m = config.model
     input_embedding = m.vocab_size * m.d_model
     norm_scales = (2 * m.n_layers + 1) * m.d_model
@@ -54,7 +57,7 @@ def test_known_accelerators_use_the_table_and_the_cpu_is_measured_once():
 def test_bench_reports_parameters_memory_and_cpu_time(tmp_path):
     config = load_config("configs/tiny.yaml", [f"workdir={tmp_path}"])
     report = bench.run_bench(config, steps=2, warmup=0)
-    assert report["params"] == count_params(trainer.build(config, with_data=False).abstract_state.params)
+    assert report["params"] == count_params(loop.build(config, with_data=False).abstract_state.params)
     assert 0 < report["temp_memory_bytes"] <= report["peak_memory_bytes"]
     assert report["step_cpu_time_s"] > 0
     assert report["mfu"] == pytest.approx(report["tokens_per_sec"] * report["flops_per_token"] / report["peak_flops"])

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_jax.blocked_attention import causal_attention
-from llm_jax.layers import causal_segment_mask, xla_attention
+from llm_jax.kernels.blocked_attention import causal_attention
+from llm_jax.models.layers import causal_segment_mask, xla_attention
 
 
 def _normal(seed, shape, dtype=jnp.float32):

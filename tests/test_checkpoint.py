@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 from test_trainer import _config, corpus  # noqa: F401 - the corpus fixture
 
-from llm_jax import checkpoint as ckpt
-from llm_jax import cli, trainer
+from llm_jax import cli
+from llm_jax.commands.export import export_run
 from llm_jax.config import ConfigError
-from llm_jax.export import export_run
-from llm_jax.metrics import read_metrics
-from llm_jax.trainer import train
+from llm_jax.train import checkpoint as ckpt
+from llm_jax.train import loop
+from llm_jax.train.loop import train
+from llm_jax.train.metrics import read_metrics
 
 DAMAGED = "damaged_checkpoints"  # the public name, beside checkpoints/
 
@@ -55,8 +56,8 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, corpus, 
 @pytest.mark.parametrize("keep_best", [False, True])
 def test_a_read_only_checkpointer_opens_without_warnings(tmp_path, caplog, keep_best):
     # eval, generate and export open checkpoints read-only on purpose: Orbax's notice of it is noise.
-    from llm_jax.checkpoint import Checkpointer
     from llm_jax.config import CheckpointConfig
+    from llm_jax.train.checkpoint import Checkpointer
 
     (tmp_path / "checkpoints").mkdir()
     with caplog.at_level("INFO"):
@@ -169,7 +170,7 @@ def test_a_storage_error_is_reported_and_moves_nothing(base_run, tmp_path, corpu
 
     checkpointer.manager.restore = fail
     with pytest.raises(ckpt.CheckpointError, match="storage error") as raised:
-        checkpointer.restore_latest(trainer.build(config, with_data=False).abstract_state, None)
+        checkpointer.restore_latest(loop.build(config, with_data=False).abstract_state, None)
     assert not isinstance(raised.value, ckpt.DamagedCheckpointError) and "\n" not in str(raised.value)
     assert "checkpoints/8" in str(raised.value)  # the newest was tried, and nothing else
     checkpointer.close()
@@ -180,7 +181,7 @@ def test_a_storage_error_is_reported_and_moves_nothing(base_run, tmp_path, corpu
 def test_a_lost_checkpoint_directory_is_reported_and_moves_nothing(base_run, tmp_path, corpus):  # noqa: F811
     workdir = _copy_run(base_run, tmp_path)
     config = _config(tmp_path, corpus)
-    abstract_state = trainer.build(config, with_data=False).abstract_state
+    abstract_state = loop.build(config, with_data=False).abstract_state
     checkpointer = ckpt.Checkpointer(workdir / "checkpoints", config.checkpoint)
     (workdir / "checkpoints").rename(tmp_path / "elsewhere")  # an unmounted volume, after the listing
     with pytest.raises(ckpt.CheckpointError, match="storage error"):
@@ -226,7 +227,7 @@ def test_clip_norm_compute_settings_and_the_data_may_change_on_resume(tmp_path, 
     # and back: a checkpoint saved with clipping restores into a run without it
     config = _config(tmp_path, corpus, "optimizer.clip_norm=0")
     reader = ckpt.Checkpointer(tmp_path / "run" / "checkpoints", config.checkpoint, read_only=True)
-    _, metadata = reader.restore_latest(trainer.build(config, with_data=False).abstract_state, None)
+    _, metadata = reader.restore_latest(loop.build(config, with_data=False).abstract_state, None)
     reader.close()
     assert metadata["step"] == 6
 
@@ -234,12 +235,12 @@ def test_clip_norm_compute_settings_and_the_data_may_change_on_resume(tmp_path, 
 def test_eval_restores_read_only_with_the_same_rules(base_run, tmp_path):  # noqa: F811
     workdir = _copy_run(base_run, tmp_path)
     before = _files(workdir / "checkpoints")
-    _, params, step = trainer.restore_for_inference(workdir)
-    _, scanned, scanned_step = trainer.restore_for_inference(workdir, ["model.scan_layers=true"])
+    _, params, step = loop.restore_for_inference(workdir)
+    _, scanned, scanned_step = loop.restore_for_inference(workdir, ["model.scan_layers=true"])
     assert step == scanned_step == 8
     np.testing.assert_array_equal(scanned["layers"]["mlp"]["fc"]["kernel"][1], params["layer_1"]["mlp"]["fc"]["kernel"])
     with pytest.raises(ConfigError, match="does not fit this config: params/embed/embedding"):
-        trainer.restore_for_inference(workdir, ["model.d_model=32"])
+        loop.restore_for_inference(workdir, ["model.d_model=32"])
     assert _files(workdir / "checkpoints") == before and not (workdir / DAMAGED).exists()
 
 
@@ -247,7 +248,7 @@ def test_init_from_an_unrolled_export_into_scanned_layers(base_run, tmp_path, co
     out = tmp_path / "exported"
     export_run(base_run / "run", out)
     config = _config(tmp_path, corpus, "model.scan_layers=true")
-    params = ckpt.load_exported_params(out, config.model, trainer.build(config, with_data=False).abstract_state.params)
-    _, unrolled, _ = trainer.restore_for_inference(base_run / "run")
+    params = ckpt.load_exported_params(out, config.model, loop.build(config, with_data=False).abstract_state.params)
+    _, unrolled, _ = loop.restore_for_inference(base_run / "run")
     np.testing.assert_array_equal(params["layers"]["attn"]["query"]["kernel"][0],
                                   unrolled["layer_0"]["attn"]["query"]["kernel"])

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_jax import checkpoint_tree as ct
+from llm_jax.train import checkpoint_tree as ct
 
 
 def _unrolled_state(n_layers=2, width=3):

@@ -1,4 +1,4 @@
-"""Tests of llm_jax.corpus: listing, reading, skipping and splitting local documents."""
+"""Tests of llm_jax.data.corpus: listing, reading, skipping and splitting local documents."""
 
 import json
 import os
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from llm_jax import corpus as corpus_lib
 from llm_jax.config import ConfigError, DataConfig
+from llm_jax.data import corpus as corpus_lib
 
 
 def _texts(corpus):

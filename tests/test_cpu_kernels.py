@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_jax import cpu_kernels, layers
 from llm_jax.config import ModelConfig
-from llm_jax.layers import causal_segment_mask, xla_attention
+from llm_jax.kernels import cpu_kernels
+from llm_jax.models import layers
+from llm_jax.models.layers import causal_segment_mask, xla_attention
 
 # The CI machine has a C++ compiler: there the kernels must build, so their tests never skip silently.
 needs_kernel = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,

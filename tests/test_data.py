@@ -1,4 +1,4 @@
-"""Tests of llm_jax.data and llm_jax.tfds_builder: packing, checkpointable iterators, process
+"""Tests of llm_jax.data.pipeline and llm_jax.data.tfds_builder: packing, checkpointable iterators, process
 slices, TFDS sources (mocked) and the one-time preparation of local corpora."""
 
 import collections
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from llm_jax import corpus as corpus_lib
-from llm_jax import data, tfds_builder
 from llm_jax.config import ConfigError, load_config
+from llm_jax.data import corpus as corpus_lib
+from llm_jax.data import pipeline, tfds_builder
 
 SEQ, BATCH = 8, 4
 
@@ -42,7 +42,7 @@ def toy_config(*overrides):
 
 
 def toy_sources(train_docs, eval_docs=()):
-    return data.DataSources(train=list(train_docs), eval=list(eval_docs), description="toy")
+    return pipeline.DataSources(train=list(train_docs), eval=list(eval_docs), description="toy")
 
 
 def expected_pairs(docs, tok=ToyTokenizer()):
@@ -55,8 +55,8 @@ def expected_pairs(docs, tok=ToyTokenizer()):
 
 def check_batch(batch, rows):
     """Layout invariants of one batch; returns its (input, target) pairs with weight 1."""
-    assert set(batch) == set(data.BATCH_KEYS)
-    for key in data.BATCH_KEYS:
+    assert set(batch) == set(pipeline.BATCH_KEYS)
+    for key in pipeline.BATCH_KEYS:
         assert batch[key].shape == (rows, SEQ), key
         assert batch[key].dtype == (np.float32 if key == "weights" else np.int32), key
     seg, pos = batch["segment_ids"], batch["positions"]
@@ -81,20 +81,20 @@ def check_batch(batch, rows):
 
 
 def test_document_pieces_overlap_by_one_token():
-    pieces = data.document_pieces(list(range(10, 20)), seq_len=4, bos_id=2, eos_id=3)
+    pieces = pipeline.document_pieces(list(range(10, 20)), seq_len=4, bos_id=2, eos_id=3)
     tokens = [2, *range(10, 20), 3]  # 12 tokens -> 11 targets -> pieces of 4, 4, 3
     assert [len(p["inputs"]) for p in pieces] == [4, 4, 3]
     assert [p["inputs"][0] for p in pieces] == [2, 13, 17]
     assert np.concatenate([p["targets"] for p in pieces]).tolist() == tokens[1:]
     assert np.concatenate([p["inputs"] for p in pieces]).tolist() == tokens[:-1]
-    (empty,) = data.document_pieces([], seq_len=4, bos_id=2, eos_id=3)
+    (empty,) = pipeline.document_pieces([], seq_len=4, bos_id=2, eos_id=3)
     assert empty["inputs"].tolist() == [2] and empty["targets"].tolist() == [3]
 
 
 def test_packed_eval_batches_keep_every_target_inside_its_document():
     docs = toy_docs(25)
     config = toy_config("train.eval_batches=1000")
-    batches = data.make_eval_batches(config, ToyTokenizer(), toy_sources(["1"], docs))
+    batches = pipeline.make_eval_batches(config, ToyTokenizer(), toy_sources(["1"], docs))
     pairs = collections.Counter()
     for batch in batches:
         pairs += check_batch(batch, BATCH)
@@ -109,23 +109,23 @@ def test_eval_batches_are_deterministic_limited_and_split_by_process():
     docs = toy_docs(40)
     config = toy_config("train.eval_batches=3")
     sources = toy_sources(["1"], docs)
-    first = data.make_eval_batches(config, ToyTokenizer(), sources)
-    again = data.make_eval_batches(config, ToyTokenizer(), sources)
+    first = pipeline.make_eval_batches(config, ToyTokenizer(), sources)
+    again = pipeline.make_eval_batches(config, ToyTokenizer(), sources)
     assert len(first) == 3
     for a, b in zip(first, again):
-        for key in data.BATCH_KEYS:
+        for key in pipeline.BATCH_KEYS:
             np.testing.assert_array_equal(a[key], b[key])
-    halves = [data.make_eval_batches(config, ToyTokenizer(), sources, p, 2) for p in (0, 1)]
+    halves = [pipeline.make_eval_batches(config, ToyTokenizer(), sources, p, 2) for p in (0, 1)]
     assert len(halves[0]) == len(halves[1]) == 3
     for whole, h0, h1 in zip(first, *halves):
         check_batch(h0, BATCH // 2)
         np.testing.assert_array_equal(np.concatenate([h0["inputs"], h1["inputs"]]), whole["inputs"])
-    assert not data.make_eval_batches(config, ToyTokenizer(), toy_sources(["1"], []))
+    assert not pipeline.make_eval_batches(config, ToyTokenizer(), toy_sources(["1"], []))
 
 
 def test_short_eval_split_is_padded_to_the_batch_shape():
     config = toy_config("train.eval_batches=5")
-    (batch,) = data.make_eval_batches(config, ToyTokenizer(), toy_sources(["1"], ["10 11 12"]))
+    (batch,) = pipeline.make_eval_batches(config, ToyTokenizer(), toy_sources(["1"], ["10 11 12"]))
     check_batch(batch, BATCH)
     assert batch["weights"].sum() == 4 and batch["weights"][1:].sum() == 0
 
@@ -135,7 +135,7 @@ def test_short_eval_split_is_padded_to_the_batch_shape():
 
 def test_train_batches_have_the_layout_and_real_pairs():
     docs = toy_docs(30)
-    it = data.make_train_iterator(toy_config(), ToyTokenizer(), toy_sources(docs))
+    it = pipeline.make_train_iterator(toy_config(), ToyTokenizer(), toy_sources(docs))
     allowed = expected_pairs(docs)
     for _ in range(40):  # more than one epoch
         pairs = check_batch(next(it), BATCH)
@@ -145,28 +145,28 @@ def test_train_batches_have_the_layout_and_real_pairs():
 def test_restored_iterator_gives_exactly_the_next_batches():
     docs = toy_docs(30)
     config, sources = toy_config(), toy_sources(docs)
-    it = data.make_train_iterator(config, ToyTokenizer(), sources)
+    it = pipeline.make_train_iterator(config, ToyTokenizer(), sources)
     for _ in range(37):  # past the end of the first epoch (about 25 batches)
         next(it)
-    state = data.iterator_state(it)
+    state = pipeline.iterator_state(it)
     state = json.loads(json.dumps(state))  # what a checkpoint stores
     expected = [next(it) for _ in range(12)]
 
-    restored = data.make_train_iterator(config, ToyTokenizer(), sources)
+    restored = pipeline.make_train_iterator(config, ToyTokenizer(), sources)
     fresh_first = next(restored)
-    data.restore_iterator_state(restored, state)
+    pipeline.restore_iterator_state(restored, state)
     got = [next(restored) for _ in range(12)]
     for want, have in zip(expected, got):
-        for key in data.BATCH_KEYS:
+        for key in pipeline.BATCH_KEYS:
             np.testing.assert_array_equal(want[key], have[key])
     assert not np.array_equal(fresh_first["inputs"], expected[0]["inputs"])  # the test can fail
 
 
 def test_same_seed_same_stream_other_seed_other_stream():
     docs = toy_docs(30)
-    a = next(data.make_train_iterator(toy_config(), ToyTokenizer(), toy_sources(docs)))
-    b = next(data.make_train_iterator(toy_config(), ToyTokenizer(), toy_sources(docs)))
-    c = next(data.make_train_iterator(toy_config("seed=8"), ToyTokenizer(), toy_sources(docs)))
+    a = next(pipeline.make_train_iterator(toy_config(), ToyTokenizer(), toy_sources(docs)))
+    b = next(pipeline.make_train_iterator(toy_config(), ToyTokenizer(), toy_sources(docs)))
+    c = next(pipeline.make_train_iterator(toy_config("seed=8"), ToyTokenizer(), toy_sources(docs)))
     np.testing.assert_array_equal(a["inputs"], b["inputs"])
     assert not np.array_equal(a["inputs"], c["inputs"])
 
@@ -175,17 +175,17 @@ def test_process_slices_are_disjoint_and_cover_each_epoch():
     n = 20
     docs = [f"{i}" for i in range(n)]
     config, sources = toy_config(), toy_sources(docs)
-    streams = [data.train_documents(config, sources, p, 2) for p in (0, 1)]
+    streams = [pipeline.train_documents(config, sources, p, 2) for p in (0, 1)]
     for epoch in range(2):
         part = [[s[i] for i in range(epoch * n // 2, (epoch + 1) * n // 2)] for s in streams]
         assert not set(part[0]) & set(part[1])
         assert sorted(part[0] + part[1], key=int) == docs
-    single = data.train_documents(config, sources)
+    single = pipeline.train_documents(config, sources)
     epoch0, epoch1 = [single[i] for i in range(n)], [single[i] for i in range(n, 2 * n)]
     assert sorted(epoch0, key=int) == docs and sorted(epoch1, key=int) == docs
     assert epoch0 != docs and epoch1 != epoch0  # shuffled, and reshuffled each epoch
     assert [single[i] for i in range(n)] == epoch0  # random access is deterministic
-    in_order = data.train_documents(toy_config("data.shuffle=false"), sources)
+    in_order = pipeline.train_documents(toy_config("data.shuffle=false"), sources)
     assert [in_order[i] for i in range(n)] == docs
 
 
@@ -195,16 +195,16 @@ def test_two_process_iterators_have_half_batches_of_their_own_documents():
     config, sources = toy_config("data.shuffle_window=1"), toy_sources(docs)
     seen = []
     for p in (0, 1):
-        batch = next(data.make_train_iterator(config, ToyTokenizer(), sources, p, 2))
+        batch = next(pipeline.make_train_iterator(config, ToyTokenizer(), sources, p, 2))
         check_batch(batch, BATCH // 2)
         ids = batch["inputs"][batch["inputs"] >= 10] // 1000
         seen.append(set(ids.tolist()))
-        stream = data.train_documents(config, sources, p, 2)
+        stream = pipeline.train_documents(config, sources, p, 2)
         mine = {int(stream[i].split()[0]) // 1000 for i in range(20) if stream[i]}
         assert seen[p] <= mine  # the first batch comes from this process's share
     assert not seen[0] & seen[1]
     with pytest.raises(ConfigError, match="train.batch_size"):
-        data.make_train_iterator(config, ToyTokenizer(), sources, 0, 3)
+        pipeline.make_train_iterator(config, ToyTokenizer(), sources, 0, 3)
 
 
 def test_piece_window_mixes_long_documents_within_a_batch():
@@ -213,7 +213,7 @@ def test_piece_window_mixes_long_documents_within_a_batch():
 
     def documents_per_batch(window):
         config = toy_config("train.batch_size=8", f"data.shuffle_window={window}")
-        batch = next(data.make_train_iterator(config, ToyTokenizer(), toy_sources(docs)))
+        batch = next(pipeline.make_train_iterator(config, ToyTokenizer(), toy_sources(docs)))
         return len(set((batch["inputs"][batch["inputs"] >= 10] // 1000).tolist()))
 
     assert documents_per_batch(1) <= 2
@@ -224,7 +224,7 @@ def test_piece_window_mixes_long_documents_within_a_batch():
 
 
 def test_text_source_decodes_bytes_and_str():
-    source = data.TextSource([{"text": b"caf\xc3\xa9"}, {"text": "plain"}, {"text": np.array(b"np")}], "text")
+    source = pipeline.TextSource([{"text": b"caf\xc3\xa9"}, {"text": "plain"}, {"text": np.array(b"np")}], "text")
     assert len(source) == 3 and [source[i] for i in range(3)] == ["café", "plain", "np"]
 
 
@@ -232,22 +232,22 @@ def test_tfds_source_through_mock_data():
     config = toy_config("data.source=tfds", "data.tfds_name=lm1b", "data.tfds_eval_split=test",
                         "train.eval_batches=2")
     with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
-        sources = data.open_sources(config)
+        sources = pipeline.open_sources(config)
         assert len(sources.train) == 12 and len(sources.eval) == 12
         assert isinstance(sources.train[0], str) and sources.train[0]
         assert "lm1b" in sources.description
-        batch = next(data.make_train_iterator(config, CharTokenizer(), sources))
+        batch = next(pipeline.make_train_iterator(config, CharTokenizer(), sources))
         check_batch(batch, BATCH)
-        assert len(data.make_eval_batches(config, CharTokenizer(), sources)) == 2
+        assert len(pipeline.make_eval_batches(config, CharTokenizer(), sources)) == 2
         with pytest.raises(ConfigError, match="data.text_key"):
-            data.open_sources(toy_config("data.source=tfds", "data.tfds_name=lm1b", "data.text_key=body"))
+            pipeline.open_sources(toy_config("data.source=tfds", "data.tfds_name=lm1b", "data.text_key=body"))
 
 
 def test_unknown_tfds_dataset_is_a_config_error(tmp_path):
     config = toy_config("data.source=tfds", "data.tfds_name=no_such_dataset_here",
                         f"data.tfds_data_dir={tmp_path}")
     with pytest.raises(ConfigError, match="data.tfds_name") as err:
-        data.open_sources(config)
+        pipeline.open_sources(config)
     assert "\n" not in str(err.value)
 
 
@@ -271,7 +271,7 @@ def test_local_corpus_is_prepared_once_and_reused(tmp_path):
     prep = tmp_path / "prep"
     config = toy_config("data.source=text", f"data.path={tmp_path / 'corpus' / '*.txt'}",
                         f"data.prepared_dir={prep}", "data.eval_fraction=0.3")
-    first = data.open_sources(config)
+    first = pipeline.open_sources(config)
     assert first.description.endswith("12 documents from 13 files (1 skipped)")
     got = sorted([first.train[i] for i in range(len(first.train))] + [first.eval[i] for i in range(len(first.eval))])
     assert got == sorted(texts) and len(first.eval) > 0
@@ -280,7 +280,7 @@ def test_local_corpus_is_prepared_once_and_reused(tmp_path):
     files = _files(prep)
     assert any(".array_record" in p.name for p in files)
 
-    second = data.open_sources(config)
+    second = pipeline.open_sources(config)
     assert _files(prep) == files  # nothing written again
     assert second.description == first.description
     assert [second.train[i] for i in range(len(second.train))] == [first.train[i] for i in range(len(first.train))]
@@ -289,7 +289,7 @@ def test_local_corpus_is_prepared_once_and_reused(tmp_path):
     assert prepared.reused and (prepared.documents, prepared.skipped) == (12, 1)
 
     (tmp_path / "corpus" / "new.txt").write_text("a new document\n")
-    third = data.open_sources(config)
+    third = pipeline.open_sources(config)
     assert len(list(prep.iterdir())) == 2  # a changed corpus gets its own preparation
     assert len(third.train) + len(third.eval) == 13
 
@@ -326,23 +326,23 @@ def test_corpus_without_documents_is_a_config_error(tmp_path):
     config = toy_config("data.source=text", f"data.path={tmp_path / 'corpus' / '*.txt'}",
                         f"data.prepared_dir={tmp_path / 'prep'}")
     with pytest.raises(ConfigError, match="yields no documents") as err:
-        data.open_sources(config)
+        pipeline.open_sources(config)
     assert "\n" not in str(err.value)
     assert not list((tmp_path / "prep").iterdir())  # nothing left that a rerun would reuse
     with pytest.raises(ConfigError, match="data.path"):
-        data.open_sources(toy_config("data.source=jsonl", f"data.path={tmp_path / 'none' / '*.jsonl'}"))
+        pipeline.open_sources(toy_config("data.source=jsonl", f"data.path={tmp_path / 'none' / '*.jsonl'}"))
 
 
 def test_default_corpus_opens_and_feeds_batches(tmp_path):
     config = toy_config(f"data.prepared_dir={tmp_path}")
-    sources = data.open_sources(config)
+    sources = pipeline.open_sources(config)
     n_docs = len(sources.train) + len(sources.eval)
     assert sources.description.startswith(f"default corpus: {n_docs} files (")
     assert len(sources.train) > 500 and len(sources.eval) > 0
     texts = [sources.eval[i] for i in range(len(sources.eval))]
     assert all(isinstance(t, str) and t.strip() for t in texts)
     assert any("import " in t or "def " in t for t in texts)  # Python source, decoded
-    batch = next(data.make_train_iterator(config, CharTokenizer(), sources))
+    batch = next(pipeline.make_train_iterator(config, CharTokenizer(), sources))
     check_batch(batch, BATCH)
 
 
@@ -352,18 +352,18 @@ def test_tiny_corpora_prepare_with_the_splits_they_can_have(tmp_path):
         (tmp_path / "three" / f"d{i}.txt").write_text(f"{10 + i} {20 + i}\n")
     config = toy_config("data.source=text", f"data.path={tmp_path / 'three' / '*.txt'}",
                         f"data.prepared_dir={tmp_path / 'prep'}")
-    sources = data.open_sources(config)  # 2% of 3 files is none: one is held out anyway
+    sources = pipeline.open_sources(config)  # 2% of 3 files is none: one is held out anyway
     assert (len(sources.train), len(sources.eval)) == (2, 1)
-    assert len(data.make_eval_batches(config, ToyTokenizer(), sources)) == 1
+    assert len(pipeline.make_eval_batches(config, ToyTokenizer(), sources)) == 1
 
     (tmp_path / "one").mkdir()
     (tmp_path / "one" / "only.txt").write_text("10 11 12\n")
     config = toy_config("data.source=text", f"data.path={tmp_path / 'one' / '*.txt'}",
                         f"data.prepared_dir={tmp_path / 'prep'}")
-    sources = data.open_sources(config)
+    sources = pipeline.open_sources(config)
     assert (len(sources.train), len(sources.eval)) == (1, 0)
-    assert data.make_eval_batches(config, ToyTokenizer(), sources) == []
-    check_batch(next(data.make_train_iterator(config, ToyTokenizer(), sources)), BATCH)
+    assert pipeline.make_eval_batches(config, ToyTokenizer(), sources) == []
+    check_batch(next(pipeline.make_train_iterator(config, ToyTokenizer(), sources)), BATCH)
 
 
 # ----------------------------------------------------------------------------- every process, every layout
@@ -374,9 +374,9 @@ def test_process_slices_are_disjoint_and_complete(count):
     n = 24
     docs = [f"{i}" for i in range(n)]
     config = toy_config()
-    for sources in (toy_sources(docs), data.mix_sources([toy_sources(docs[:16]), toy_sources(docs[16:])], [2, 1])):
-        stream = data.global_documents(config, sources)
-        slices = [data.train_documents(config, sources, p, count) for p in range(count)]
+    for sources in (toy_sources(docs), pipeline.mix_sources([toy_sources(docs[:16]), toy_sources(docs[16:])], [2, 1])):
+        stream = pipeline.global_documents(config, sources)
+        slices = [pipeline.train_documents(config, sources, p, count) for p in range(count)]
         per_process = 3 * n // count  # three epochs of the single-source stream
         taken = [[s[i] for i in range(per_process)] for s in slices]
         for p in range(count):  # process p holds positions p, p + P, ... of the shared stream
@@ -408,7 +408,7 @@ def docs_in(batches):
 def check_restart(config, sources, docs, old_batches, new_iterator, start):
     """The new layout restarts the shared stream at `start`: every document before it was fully fed
     by the old readers (none skipped), and the new readers read nothing before it."""
-    stream = data.global_documents(config, sources)
+    stream = pipeline.global_documents(config, sources)
     position_of = {int(stream[i].split()[0]) // 1000: i for i in range(len(docs))}  # first epoch
     before = {d for d, i in position_of.items() if i < start}
     assert before <= fully_fed(old_batches, docs)
@@ -422,14 +422,14 @@ def check_restart(config, sources, docs, old_batches, new_iterator, start):
 def test_changed_process_count_restarts_the_shared_stream_without_skipping(old_count, new_count):
     docs = long_docs(300)
     config, sources = toy_config("data.shuffle_window=8"), toy_sources(docs)
-    old_iterators = [data.make_train_iterator(config, ToyTokenizer(), sources, p, old_count)
+    old_iterators = [pipeline.make_train_iterator(config, ToyTokenizer(), sources, p, old_count)
                      for p in range(old_count)]
     old_batches = []
     for p, it in enumerate(old_iterators):  # the processes got unequally far: p reads 9 + 4p batches
         old_batches += [next(it) for _ in range(9 + 4 * p)]
-    states = {(p, old_count): data.iterator_state(it) for p, it in enumerate(old_iterators)}
+    states = {(p, old_count): pipeline.iterator_state(it) for p, it in enumerate(old_iterators)}
 
-    news = [data.make_train_iterator(config, ToyTokenizer(), sources, p, new_count) for p in range(new_count)]
+    news = [pipeline.make_train_iterator(config, ToyTokenizer(), sources, p, new_count) for p in range(new_count)]
     for it in news:
         it.restore_from_saved(states)
     start = news[0].layout.global_start
@@ -446,28 +446,28 @@ def test_changed_process_count_restarts_the_shared_stream_without_skipping(old_c
 def test_workers_resume_exactly_and_a_changed_worker_count_skips_nothing():
     docs = long_docs(300)
     config, sources = toy_config("data.shuffle_window=8", "data.workers=2"), toy_sources(docs)
-    it = data.make_train_iterator(config, ToyTokenizer(), sources)
+    it = pipeline.make_train_iterator(config, ToyTokenizer(), sources)
     allowed = expected_pairs(docs)
     old_batches = [next(it) for _ in range(24)]
     for batch in old_batches:
         assert not set(check_batch(batch, BATCH)) - set(allowed)
         assert type(batch["inputs"]) is np.ndarray  # copied out of the workers' shared memory
-    state = json.loads(json.dumps(data.iterator_state(it)))
+    state = json.loads(json.dumps(pipeline.iterator_state(it)))
     assert state["workers"] == 2
     expected = [next(it) for _ in range(6)]
     it.close()
 
-    restored = data.make_train_iterator(config, ToyTokenizer(), sources)
-    data.restore_iterator_state(restored, state)
+    restored = pipeline.make_train_iterator(config, ToyTokenizer(), sources)
+    pipeline.restore_iterator_state(restored, state)
     got = [next(restored) for _ in range(6)]
     restored.close()
     for want, have in zip(expected, got):
-        for key in data.BATCH_KEYS:
+        for key in pipeline.BATCH_KEYS:
             np.testing.assert_array_equal(want[key], have[key])
 
     # In-process now: the process restarts its stream at its slowest old worker, skipping nothing.
-    in_process = data.make_train_iterator(toy_config("data.shuffle_window=8"), ToyTokenizer(), sources)
-    data.restore_iterator_state(in_process, state)
+    in_process = pipeline.make_train_iterator(toy_config("data.shuffle_window=8"), ToyTokenizer(), sources)
+    pipeline.restore_iterator_state(in_process, state)
     assert in_process.layout.workers == 0 and in_process.layout.global_start == 0
     start = in_process.layout.local_start  # one process: its stream is the shared stream
     before, fed_twice = check_restart(config, sources, docs, old_batches, in_process, start)
@@ -485,9 +485,9 @@ def one_row_docs(source, n):
 def test_mixture_weights_hold_over_many_batches():
     weights = [5, 3, 2]
     parts = [toy_sources(one_row_docs(s, n), one_row_docs(s, 4)) for s, n in enumerate([300, 700, 110])]
-    sources = data.mix_sources(parts, weights)
+    sources = pipeline.mix_sources(parts, weights)
     config = toy_config("data.shuffle_window=64")
-    it = data.make_train_iterator(config, ToyTokenizer(), sources)
+    it = pipeline.make_train_iterator(config, ToyTokenizer(), sources)
     rows = collections.Counter()
     for _ in range(250):  # 1000 documents
         batch = next(it)
@@ -501,14 +501,14 @@ def test_mixture_weights_hold_over_many_batches():
 def test_mixture_resumes_exactly():
     # Sources of some hundred documents: grain's index shuffle is slow (ms) on a handful.
     parts = [toy_sources(toy_docs(200, seed=1)), toy_sources(one_row_docs(1, 300))]
-    sources, config = data.mix_sources(parts, [1, 3]), toy_config("data.shuffle_window=64")
-    it = data.make_train_iterator(config, ToyTokenizer(), sources)
+    sources, config = pipeline.mix_sources(parts, [1, 3]), toy_config("data.shuffle_window=64")
+    it = pipeline.make_train_iterator(config, ToyTokenizer(), sources)
     for _ in range(23):
         next(it)
-    state = json.loads(json.dumps(data.iterator_state(it)))
+    state = json.loads(json.dumps(pipeline.iterator_state(it)))
     expected = [next(it) for _ in range(8)]
-    restored = data.make_train_iterator(config, ToyTokenizer(), sources)
-    data.restore_iterator_state(restored, state)
+    restored = pipeline.make_train_iterator(config, ToyTokenizer(), sources)
+    pipeline.restore_iterator_state(restored, state)
     for want in expected:
         np.testing.assert_array_equal(want["inputs"], next(restored)["inputs"])
 
@@ -520,15 +520,15 @@ def test_mixture_of_local_corpora_through_the_config(tmp_path):
     config = toy_config("data.source=mixture", f"data.prepared_dir={tmp_path / 'prep'}", "data.eval_fraction=0.3",
                         f"data.mixture=[{{source: text, path: '{tmp_path}/text/*.txt', weight: 3}}, "
                         f"{{source: jsonl, path: '{tmp_path}/r.jsonl'}}]")
-    sources = data.open_sources(config)
+    sources = pipeline.open_sources(config)
     assert sources.description.startswith("mixture of 2 sources: 75% text corpus")
     assert (sources.documents, sources.skipped) == (20, {"empty": 1, "malformed json": 1})
-    assert data.skip_summary(sources) == "20 documents kept, 2 skipped: 1 empty, 1 malformed json"
-    check_batch(next(data.make_train_iterator(config, CharTokenizer(), sources)), BATCH)
-    assert data.make_eval_batches(config, CharTokenizer(), sources)
+    assert pipeline.skip_summary(sources) == "20 documents kept, 2 skipped: 1 empty, 1 malformed json"
+    check_batch(next(pipeline.make_train_iterator(config, CharTokenizer(), sources)), BATCH)
+    assert pipeline.make_eval_batches(config, CharTokenizer(), sources)
     bad = toy_config("data.source=mixture", f"data.mixture.0.path={tmp_path}/none/*.txt")
     with pytest.raises(ConfigError, match=r"^data.mixture.0: data.path=.* matches no files$"):
-        data.open_sources(bad)
+        pipeline.open_sources(bad)
 
 
 # ----------------------------------------------------------------------------- preparation details
@@ -551,6 +551,6 @@ def test_prepared_splits_have_the_asked_number_of_shards(tmp_path):
 def test_tfds_dataset_missing_from_its_data_dir_is_one_line(tmp_path):
     config = toy_config("data.source=tfds", "data.tfds_name=lm1b", f"data.tfds_data_dir={tmp_path / 'nowhere'}")
     with pytest.raises(ConfigError, match="not prepared in") as err:
-        data.open_sources(config)
+        pipeline.open_sources(config)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "nowhere").exists() or not any((tmp_path / "nowhere").rglob("*.array_record*"))

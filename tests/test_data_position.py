@@ -1,11 +1,11 @@
-"""Tests of llm_jax.data_position: the saved form of iterator states and the restart arithmetic."""
+"""Tests of llm_jax.data.position: the saved form of iterator states and the restart arithmetic."""
 
 import json
 
 import pytest
 
-from llm_jax import data_position as position
 from llm_jax.config import ConfigError
+from llm_jax.data import position
 
 
 def reader(pulled, window=True):

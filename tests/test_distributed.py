@@ -5,7 +5,7 @@ from pathlib import Path
 
 import yaml
 
-from llm_jax import distributed
+from llm_jax.parallel import distributed
 
 SLURM = {"SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "8"}
 

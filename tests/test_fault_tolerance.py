@@ -20,14 +20,15 @@ import pytest
 from test_steps import _batch, _setup
 from test_trainer import _config, corpus  # noqa: F401 - the corpus fixture
 
-from llm_jax import checkpoint as ckpt
-from llm_jax import cli, trainer
+from llm_jax import cli
+from llm_jax.commands.export import export_run
 from llm_jax.config import ConfigError, ModelConfig
-from llm_jax.export import export_run
-from llm_jax.fault_tolerance import NonFiniteError, ProcessAgreement, SaveClock
-from llm_jax.metrics import read_metrics
-from llm_jax.steps import train_step
-from llm_jax.trainer import train
+from llm_jax.train import checkpoint as ckpt
+from llm_jax.train import loop
+from llm_jax.train.fault_tolerance import NonFiniteError, ProcessAgreement, SaveClock
+from llm_jax.train.loop import train
+from llm_jax.train.metrics import read_metrics
+from llm_jax.train.steps import train_step
 
 ROOT = Path(__file__).parent.parent
 
@@ -105,7 +106,7 @@ def test_the_cli_exits_3_with_one_line_when_the_run_diverges(monkeypatch, capsys
     def diverge(config):
         raise NonFiniteError("3 steps in a row had a non-finite loss or gradient")
 
-    monkeypatch.setattr(trainer, "train", diverge)
+    monkeypatch.setattr(loop, "train", diverge)
     assert cli.main(["train", "train.steps=5"]) == cli.EXIT_DIVERGED == 3
     assert capsys.readouterr().err.strip().splitlines() == [
         "llm-jax train: error: 3 steps in a row had a non-finite loss or gradient"]
@@ -178,7 +179,7 @@ def test_keep_best_keeps_the_lowest_eval_loss_beside_the_newest(tmp_path, corpus
     reader = ckpt.Checkpointer(workdir / "checkpoints", config.checkpoint, read_only=True)
     assert reader.best_step() == best
     # Resume takes the newest, not the best.
-    _, metadata = reader.restore_latest(trainer.build(config, with_data=False).abstract_state, None)
+    _, metadata = reader.restore_latest(loop.build(config, with_data=False).abstract_state, None)
     assert metadata["step"] == 25
     reader.close()
 
@@ -214,7 +215,7 @@ def test_sigterm_at_step_12_exits_0_within_60s_and_the_rerun_continues(tmp_path,
     saved = _checkpoint_steps(workdir)
     assert len(saved) == 1 and saved[0] >= 12, err[-3000:]
 
-    caplog.set_level(logging.INFO, logger="llm_jax.trainer")
+    caplog.set_level(logging.INFO, logger="llm_jax.train.loop")
     summary = train(_config(tmp_path, corpus, f"train.steps={saved[0] + 3}", "train.log_every=1"))
     assert summary["step"] == saved[0] + 3
     assert f"resumed from step {saved[0]}" in caplog.text

@@ -17,10 +17,12 @@ import sentencepiece as spm
 from test_fault_tolerance import _checkpoint_steps, _cli_args
 from test_trainer import _config, corpus  # noqa: F401 - the corpus fixture
 
-from llm_jax import cli, tfds_builder, trainer
-from llm_jax import corpus as corpus_lib
-from llm_jax import data as data_lib
-from llm_jax.stop_signal import StartupInterrupted, StopSignal
+from llm_jax import cli
+from llm_jax.data import corpus as corpus_lib
+from llm_jax.data import pipeline as data_lib
+from llm_jax.data import tfds_builder
+from llm_jax.runtime.stop_signal import StartupInterrupted, StopSignal
+from llm_jax.train import loop
 
 ROOT = Path(__file__).parent.parent
 # What tensorstore (under Orbax) raises when a checkpoint write finds the disk full.
@@ -66,7 +68,7 @@ def test_a_fault_of_the_machine_in_any_layer_is_one_line_and_exit_2(monkeypatch,
     def fail(config):
         raise error
 
-    monkeypatch.setattr(trainer, "train", fail)
+    monkeypatch.setattr(loop, "train", fail)
     assert cli.main(["train", "train.steps=5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"llm-jax train: error: {fragment}"), err
@@ -76,7 +78,7 @@ def test_an_error_that_is_not_the_machines_still_shows_its_traceback(monkeypatch
     def fail(config):
         raise ValueError("a bug")
 
-    monkeypatch.setattr(trainer, "train", fail)
+    monkeypatch.setattr(loop, "train", fail)
     with pytest.raises(ValueError, match="a bug"):
         cli.main(["train", "train.steps=5"])
 
@@ -115,7 +117,7 @@ def test_a_file_where_the_checkpoints_folder_should_be_stops_the_run_before_trai
 
 def test_a_damaged_tokenizer_is_named_with_its_fix_and_deleting_it_trains_the_same_one(tmp_path, corpus,  # noqa: F811
                                                                                         capsys):
-    trainer.train(_config(tmp_path, corpus, "train.steps=2", "checkpoint.every=2"))
+    loop.train(_config(tmp_path, corpus, "train.steps=2", "checkpoint.every=2"))
     model = tmp_path / "run" / "tokenizer" / "spm.model"
     good = model.read_bytes()
     model.write_bytes(good[: len(good) // 2])  # a copy cut short
@@ -125,7 +127,7 @@ def test_a_damaged_tokenizer_is_named_with_its_fix_and_deleting_it_trains_the_sa
     assert _checkpoint_steps(tmp_path / "run") == [2]
 
     model.unlink()  # the fix the message gives: the same tokenizer comes back, the run resumes
-    assert trainer.train(_config(tmp_path, corpus, "train.steps=4"))["step"] == 4
+    assert loop.train(_config(tmp_path, corpus, "train.steps=4"))["step"] == 4
     assert _pieces(model.read_bytes()) == _pieces(good)  # the same ids (the file also holds its temp folder name)
 
 
@@ -144,7 +146,7 @@ def test_a_damaged_prepared_dataset_is_prepared_again(tmp_path, corpus, caplog):
     documents = list(data_lib.open_sources(config).train[i] for i in range(39))
     (shard,) = _prepared_dir(tmp_path, corpus).glob("*/1.0.0/*-train.array_record-*")
     shard.write_bytes(shard.read_bytes()[:100_000])  # what a full disk or a cut copy leaves
-    caplog.set_level(logging.WARNING, logger="llm_jax.tfds_builder")
+    caplog.set_level(logging.WARNING, logger="llm_jax.data.tfds_builder")
     sources = data_lib.open_sources(config)
     assert "is damaged" in caplog.text and "preparing it again" in caplog.text
     assert [sources.train[i] for i in range(len(sources.train))] == documents

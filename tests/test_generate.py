@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from llm_jax.config import ModelConfig
-from llm_jax.generate import generate, sample_logits
-from llm_jax.transformer import Transformer
+from llm_jax.infer.generate import generate, sample_logits
+from llm_jax.models.decoder import Transformer
 
 PROMPT = [5, 17, 3, 42]
 NEW = 8
@@ -117,7 +117,7 @@ def test_rejects_what_the_model_cannot_do():
 
 
 class _DigitTokenizer:
-    """Each character is one token (its digit value + 10); enough to drive `trainer.sample_text`."""
+    """Each character is one token (its digit value + 10); enough to drive `loop.sample_text`."""
 
     bos_id, eos_id = 1, 2
 
@@ -129,16 +129,17 @@ class _DigitTokenizer:
 
 
 def test_sample_text_says_when_it_generates_fewer_tokens_than_asked(caplog):
-    from llm_jax import sharding, trainer
     from llm_jax.config import Config
+    from llm_jax.parallel import mesh as mesh_lib
+    from llm_jax.train import loop
 
     model, params, _ = setup("gpt2")
     config = Config(model=model.config)
-    bare = trainer.Setup(config=config, workdir=None, mesh=sharding.make_mesh(config), model=model, tx=None,
-                         schedule=None, abstract_state=None, state_shardings=None, tokenizer=_DigitTokenizer(),
-                         sources=None)
+    bare = loop.Setup(config=config, workdir=None, mesh=mesh_lib.make_mesh(config), model=model, tx=None,
+                      schedule=None, abstract_state=None, state_shardings=None, tokenizer=_DigitTokenizer(),
+                      sources=None)
     with caplog.at_level("WARNING"):
-        text = trainer.sample_text(bare, params, "1234", max_new_tokens=100, temperature=0.0, top_k=0, seed=0)
+        text = loop.sample_text(bare, params, "1234", max_new_tokens=100, temperature=0.0, top_k=0, seed=0)
     # bos + 4 prompt tokens leave 11 of the model's 16 positions.
     assert len(text.split()) - 4 <= 11
     assert "generating 11 new tokens, not the 100 asked" in caplog.text

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from llm_jax import host_memory
+from llm_jax.kernels import host_memory
 
 glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 
@@ -15,7 +15,7 @@ glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallo
 # frees it, twice. Prints whether the tuning was made, then the page faults of the second time.
 _SECOND_ALLOCATION_FAULTS = """
 import ctypes, resource, threading
-from llm_jax import host_memory
+from llm_jax.kernels import host_memory
 print(host_memory.tune_malloc_for_xla_cpu())
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p

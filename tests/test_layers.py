@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from llm_jax.config import ModelConfig
-from llm_jax.layers import (
+from llm_jax.models.layers import (
     Dense,
     Mlp,
     Norm,

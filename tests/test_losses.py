@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_jax.losses import cross_entropy_sum, mean_loss
+from llm_jax.train.losses import cross_entropy_sum, mean_loss
 
 
 def test_padding_does_not_change_the_mean():

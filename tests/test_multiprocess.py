@@ -9,7 +9,7 @@ import pytest
 from multiprocess import REPO, launch, process_env, wait_all
 from test_trainer import corpus  # noqa: F401 - the corpus fixture
 
-from llm_jax.metrics import read_metrics
+from llm_jax.train.metrics import read_metrics
 
 STEPS = 6
 

@@ -6,8 +6,8 @@ import pytest
 from flax import linen as nn
 
 from llm_jax.config import ModelConfig, OptimizerConfig
-from llm_jax.optim import decay_mask, describe_dtypes, make_optimizer, make_schedule
-from llm_jax.transformer import Transformer
+from llm_jax.models.decoder import Transformer
+from llm_jax.train.optim import decay_mask, describe_dtypes, make_optimizer, make_schedule
 
 
 def _abstract_params(**model):

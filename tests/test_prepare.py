@@ -6,12 +6,12 @@ import json
 import pytest
 from test_trainer import WORDS, _config
 
-from llm_jax import corpus as corpus_lib
-from llm_jax import data_position, tfds_builder
 from llm_jax.cli import main
 from llm_jax.config import load_config
-from llm_jax.metrics import read_metrics
-from llm_jax.trainer import train
+from llm_jax.data import corpus as corpus_lib
+from llm_jax.data import position, tfds_builder
+from llm_jax.train.loop import train
+from llm_jax.train.metrics import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_prepare_then_train_reuses_both_and_logs_the_skips(tmp_path, messy_corpu
     # The same run resumed by two processes' worth of saved data states (as if it had run on two
     # hosts): the state restores, the data restarts from their positions, training goes on.
     data_dir = tmp_path / "run" / "checkpoints" / "10" / "data"
-    (saved,) = data_position.read_saved_states(data_dir).values()
+    (saved,) = position.read_saved_states(data_dir).values()
     (data_dir / "process_0-of-1.json").unlink()
     for p in range(2):
         (data_dir / f"process_{p}-of-2.json").write_text(json.dumps({**saved, "process_index": p, "process_count": 2}))

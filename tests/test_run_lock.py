@@ -14,8 +14,8 @@ import pytest
 from test_fault_tolerance import _checkpoint_steps, _cli_args, _train_rows
 from test_trainer import _config, corpus  # noqa: F401 - the corpus fixture
 
-from llm_jax import run_lock
-from llm_jax.trainer import train
+from llm_jax.train import run_lock
+from llm_jax.train.loop import train
 
 ROOT = Path(__file__).parent.parent
 

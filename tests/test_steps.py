@@ -6,9 +6,9 @@ import pytest
 from flax import linen as nn
 
 from llm_jax.config import ModelConfig, OptimizerConfig
-from llm_jax.optim import make_optimizer
-from llm_jax.steps import eval_step, init_state, train_step
-from llm_jax.transformer import Transformer
+from llm_jax.models.decoder import Transformer
+from llm_jax.train.optim import make_optimizer
+from llm_jax.train.steps import eval_step, init_state, train_step
 
 MODEL = ModelConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=4, d_ff=64, max_len=16)
 

@@ -1,4 +1,4 @@
-"""Tests of llm_jax.tokenizer: training on a tiny corpus, special ids, round trips, reuse, errors."""
+"""Tests of llm_jax.data.tokenizer: training on a tiny corpus, special ids, round trips, reuse, errors."""
 
 import json
 import pickle
@@ -8,8 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from llm_jax import tokenizer as tok_lib
 from llm_jax.config import ConfigError, load_config
+from llm_jax.data import tokenizer as tok_lib
 
 VOCAB = 320
 

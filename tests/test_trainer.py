@@ -4,8 +4,8 @@
 import pytest
 
 from llm_jax.config import ConfigError, load_config
-from llm_jax.metrics import read_metrics
-from llm_jax.trainer import train
+from llm_jax.train.loop import train
+from llm_jax.train.metrics import read_metrics
 
 WORDS = ("the cat sat on the mat and the dog ran to the park where the birds sang all day long "
          "while children played games in the warm sun before going home for dinner").split()

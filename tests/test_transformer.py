@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import Mesh
 
 from llm_jax.config import DEFAULT_AXIS_RULES, ModelConfig
-from llm_jax.transformer import Transformer, count_params
+from llm_jax.models.decoder import Transformer, count_params
 
 LOGICAL_NAMES = {name for name, _ in DEFAULT_AXIS_RULES}
 ROOT = Path(__file__).parent.parent

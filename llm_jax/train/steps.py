@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from llm_jax.losses import cross_entropy_sum, mean_loss
+from llm_jax.train.losses import cross_entropy_sum, mean_loss
 
 
 class TrainState(struct.PyTreeNode):

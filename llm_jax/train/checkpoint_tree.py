@@ -26,7 +26,7 @@ import numpy as np
 Path = tuple[str, ...]
 Spec = tuple[tuple[int, ...], str]  # (shape, dtype name)
 
-STACKED = "layers"  # the scanned subtree (transformer.py)
+STACKED = "layers"  # the scanned subtree (models/decoder.py)
 _UNROLLED = re.compile(r"layer_(\d+)")  # one unrolled layer
 
 

@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from llm_jax import cpu_kernels, splash_attention
-from llm_jax.blocked_attention import causal_attention
 from llm_jax.config import ModelConfig
+from llm_jax.kernels import cpu_kernels, splash_attention
+from llm_jax.kernels.blocked_attention import causal_attention
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

@@ -15,7 +15,7 @@ import re
 import sys
 import threading
 
-from llm_jax.stop_signal import StartupInterrupted
+from llm_jax.runtime.stop_signal import StartupInterrupted
 
 # What the user can do about each kind of fault. The run itself is never the problem: its saved
 # checkpoints stay, and the same command resumes once the cause is fixed.

@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llm_jax import checkpoint as ckpt
-from llm_jax import trainer
 from llm_jax.config import ConfigError, load_config, to_dict
-from llm_jax.transformer import count_params
+from llm_jax.models.decoder import count_params
+from llm_jax.train import checkpoint as ckpt
+from llm_jax.train import loop
 
 
 def export_run(workdir: str | Path, out: str | Path, best: bool = False) -> dict[str, Any]:
@@ -24,7 +24,7 @@ def export_run(workdir: str | Path, out: str | Path, best: bool = False) -> dict
     # The run's own model; the mesh of this machine (all devices data parallel), whatever the run used.
     config = load_config(config_path, [f"workdir={workdir}", "parallel.mode=jit", "mesh.data=-1", "mesh.fsdp=1",
                                        "mesh.tensor=1"])
-    setup = trainer.build(config, with_data=False)
+    setup = loop.build(config, with_data=False)
     checkpointer = ckpt.Checkpointer(workdir / "checkpoints", config.checkpoint, read_only=True,
                                      run_config=to_dict(config))
     try:

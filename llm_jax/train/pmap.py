@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from llm_jax.steps import train_step
+from llm_jax.train.steps import train_step
 
 AXIS = "devices"  # the pmap axis name the step reduces over
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_jax.config import ModelConfig
-from llm_jax.transformer import Transformer
+from llm_jax.models.decoder import Transformer
 
 
 def sample_logits(logits_BV: jax.Array, rng: jax.Array, temperature: jax.Array, top_k: int) -> jax.Array:

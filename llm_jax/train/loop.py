@@ -21,18 +21,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from llm_jax import checkpoint as ckpt
-from llm_jax import data as data_lib
-from llm_jax import flops, pmap_mode, run_lock, sharding
 from llm_jax.config import Config, ConfigError, dump_config, to_dict
-from llm_jax.fault_tolerance import NonFiniteError, NonFiniteGuard, ProcessAgreement, SaveClock
-from llm_jax.generate import generate
-from llm_jax.metrics import MetricsWriter
-from llm_jax.optim import describe_dtypes, make_optimizer
-from llm_jax.steps import TrainState, eval_step, init_state, train_step
-from llm_jax.stop_signal import StopSignal
-from llm_jax.tokenizer import Tokenizer, load_or_train_tokenizer
-from llm_jax.transformer import Transformer, count_params
+from llm_jax.data import pipeline as data_lib
+from llm_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
+from llm_jax.infer.generate import generate
+from llm_jax.models import flops
+from llm_jax.models.decoder import Transformer, count_params
+from llm_jax.parallel import mesh as mesh_lib
+from llm_jax.runtime.stop_signal import StopSignal
+from llm_jax.train import checkpoint as ckpt
+from llm_jax.train import pmap, run_lock
+from llm_jax.train.fault_tolerance import NonFiniteError, NonFiniteGuard, ProcessAgreement, SaveClock
+from llm_jax.train.metrics import MetricsWriter
+from llm_jax.train.optim import describe_dtypes, make_optimizer
+from llm_jax.train.steps import TrainState, eval_step, init_state, train_step
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ class Setup:
 
     @property
     def rules(self):
-        return sharding.axis_rules(self.config)
+        return mesh_lib.axis_rules(self.config)
 
     def context(self, split_batch: bool = True):
         """Mesh and logical-axis rules, active while tracing so activation constraints apply.
@@ -96,7 +98,7 @@ def check_workdir_matches(config: Config, workdir: Path) -> None:
 def build(config: Config, mesh: jax.sharding.Mesh | None = None, with_data: bool = True) -> Setup:
     """Everything a run needs before the first step, in data-flow order."""
     workdir = Path(config.workdir)
-    mesh = mesh if mesh is not None else sharding.make_mesh(config)
+    mesh = mesh if mesh is not None else mesh_lib.make_mesh(config)
     sources = tokenizer = None
     if with_data:
         if jax.process_index() == 0:
@@ -106,12 +108,12 @@ def build(config: Config, mesh: jax.sharding.Mesh | None = None, with_data: bool
     model = Transformer(config.model)
     tx, schedule = make_optimizer(config.optimizer, config.train.steps, scan_layers=config.model.scan_layers)
 
-    rules = sharding.axis_rules(config)
+    rules = mesh_lib.axis_rules(config)
     init_fn = functools.partial(init_state, model=model, tx=tx, seq_len=config.train.seq_len)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         # An abstract key: nothing runs here, so planning for devices this host lacks works too.
         boxed = jax.eval_shape(init_fn, jax.ShapeDtypeStruct((2,), jnp.uint32))
-    state_shardings = sharding.logical_shardings(boxed, mesh, rules)  # pmap: all replicated
+    state_shardings = mesh_lib.logical_shardings(boxed, mesh, rules)  # pmap: all replicated
     abstract_state = ckpt.abstract_with_shardings(nn.unbox(boxed), state_shardings)
     return Setup(config, workdir, mesh, model, tx, schedule, abstract_state, state_shardings, tokenizer, sources)
 
@@ -143,18 +145,18 @@ def compile_steps(setup: Setup) -> Steps:
     """Train and eval steps with explicit shardings; the train state is donated."""
     c = setup.config
     mesh = setup.mesh
-    batch_sharding = sharding.batch_sharding(mesh)
-    replicated = sharding.replicated(mesh)
+    batch_sharding = mesh_lib.batch_sharding(mesh)
+    replicated = mesh_lib.replicated(mesh)
     eval_fn = jax.jit(
         functools.partial(eval_step, model=setup.model),
         in_shardings=(setup.state_shardings.params, batch_sharding),
         out_shardings=replicated,
     )
     if c.parallel.mode == "pmap":
-        train_fn = pmap_mode.compile_train_step(setup.model, setup.tx, setup.schedule, mesh=mesh,
-                                                grad_accum=c.optimizer.grad_accum, use_dropout=c.model.dropout > 0)
-        return Steps(train=train_fn, eval=eval_fn, put_batch=lambda b: pmap_mode.put_batch(b, mesh),
-                     to_loop=lambda s: pmap_mode.to_stacked(s, mesh), to_global=lambda s: pmap_mode.to_global(s, mesh))
+        train_fn = pmap.compile_train_step(setup.model, setup.tx, setup.schedule, mesh=mesh,
+                                           grad_accum=c.optimizer.grad_accum, use_dropout=c.model.dropout > 0)
+        return Steps(train=train_fn, eval=eval_fn, put_batch=lambda b: pmap.put_batch(b, mesh),
+                     to_loop=lambda s: pmap.to_stacked(s, mesh), to_global=lambda s: pmap.to_global(s, mesh))
     train_fn = jax.jit(
         functools.partial(train_step, model=setup.model, tx=setup.tx, schedule=setup.schedule,
                           grad_accum=c.optimizer.grad_accum, use_dropout=c.model.dropout > 0,
@@ -163,7 +165,7 @@ def compile_steps(setup: Setup) -> Steps:
         out_shardings=(setup.state_shardings, replicated),
         donate_argnums=0,
     )
-    return Steps(train=train_fn, eval=eval_fn, put_batch=lambda b: sharding.global_batch(b, batch_sharding),
+    return Steps(train=train_fn, eval=eval_fn, put_batch=lambda b: mesh_lib.global_batch(b, batch_sharding),
                  to_loop=lambda s: s, to_global=lambda s: s)
 
 
@@ -175,12 +177,12 @@ def held_out_batches(setup: Setup) -> list[dict[str, np.ndarray]]:
 
 def evaluate(setup: Setup, eval_fn, params, eval_batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
     """Mean loss and perplexity over the held-out batches (sums first, one division)."""
-    batch_sharding = sharding.batch_sharding(setup.mesh)
+    batch_sharding = mesh_lib.batch_sharding(setup.mesh)
     loss_sum = jnp.zeros(())
     weight_sum = jnp.zeros(())
     with setup.context():
         for local in eval_batches:
-            batch_loss, batch_weight = eval_fn(params, sharding.global_batch(local, batch_sharding))
+            batch_loss, batch_weight = eval_fn(params, mesh_lib.global_batch(local, batch_sharding))
             loss_sum, weight_sum = loss_sum + batch_loss, weight_sum + batch_weight
     loss_sum, weight_sum = jax.device_get((loss_sum, weight_sum))
     loss = float(loss_sum) / max(float(weight_sum), 1.0)
@@ -294,7 +296,7 @@ def _train(config: Config, stop: StopSignal, on_exit: contextlib.ExitStack) -> d
         if not own_data:
             data_lib.restore_from_checkpoint_dir(train_iter, checkpointer.directory / str(start) / "data")
     log.info("per-device bytes: params %d, optimizer state %d",
-             sharding.bytes_per_device(state.params), sharding.bytes_per_device(state.opt_state))
+             mesh_lib.bytes_per_device(state.params), mesh_lib.bytes_per_device(state.opt_state))
 
     steps = compile_steps(setup)
     state = steps.to_loop(state)

@@ -17,9 +17,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm_jax import cpu_kernels
 from llm_jax.config import ModelConfig
-from llm_jax.layers import DecoderBlock, Dense, Embed, constrain, make_norm, sinusoidal_positions, to_dtype
+from llm_jax.kernels import cpu_kernels
+from llm_jax.models.layers import DecoderBlock, Dense, Embed, constrain, make_norm, sinusoidal_positions, to_dtype
 
 # Name of the scanned stack (`scan_layers`): every leaf under it has a leading [n_layers] axis. The
 # optimizer reads it to keep LAMB's trust ratios per layer (optim.py).

@@ -15,8 +15,8 @@ import jax
 import numpy as np
 
 from llm_jax.config import Config, ConfigError
-from llm_jax.flops import flops_per_token, mfu, total_peak_flops
-from llm_jax.transformer import count_params
+from llm_jax.models.decoder import count_params
+from llm_jax.models.flops import flops_per_token, mfu, total_peak_flops
 
 
 def synthetic_batch(config: Config, seed: int = 0) -> dict[str, np.ndarray]:
@@ -55,14 +55,14 @@ def _temp_memory_bytes(compiled) -> int | None:
 
 def compile_train_step(config: Config):
     """(setup, compiled train step, fresh state, synthetic device batch, compile seconds)."""
-    from llm_jax import trainer
+    from llm_jax.train import loop
 
     if config.parallel.mode == "pmap":
         raise ConfigError("llm-jax bench times the compiled sharded step: use parallel.mode=jit "
                           "(mesh.data=-1 is the same data parallelism)")
-    setup = trainer.build(config, with_data=False)
-    state = trainer.create_state(setup)
-    run_steps = trainer.compile_steps(setup)
+    setup = loop.build(config, with_data=False)
+    state = loop.create_state(setup)
+    run_steps = loop.compile_steps(setup)
     batch = run_steps.put_batch(synthetic_batch(config, config.seed))
     with setup.context():
         t0 = time.perf_counter()

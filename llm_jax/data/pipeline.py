@@ -28,11 +28,10 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
-from llm_jax import corpus as corpus_lib
-from llm_jax import data_position as position
-from llm_jax import tfds_builder
 from llm_jax.config import Config, ConfigError, DataConfig, MixtureSource
-from llm_jax.tokenizer import Tokenizer
+from llm_jax.data import corpus as corpus_lib
+from llm_jax.data import position, tfds_builder
+from llm_jax.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -14,11 +14,11 @@ from typing import Any
 
 import tqdm
 
-from llm_jax import corpus as corpus_lib
-from llm_jax import data as data_lib
-from llm_jax import tfds_builder
 from llm_jax.config import Config, ConfigError, DataConfig
-from llm_jax.tokenizer import MODEL_NAME, Tokenizer, load_or_train_tokenizer, train_tokenizer_into
+from llm_jax.data import corpus as corpus_lib
+from llm_jax.data import pipeline as data_lib
+from llm_jax.data import tfds_builder
+from llm_jax.data.tokenizer import MODEL_NAME, Tokenizer, load_or_train_tokenizer, train_tokenizer_into
 
 log = logging.getLogger(__name__)
 

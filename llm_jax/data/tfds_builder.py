@@ -29,8 +29,8 @@ import tensorflow_datasets as tfds
 import tqdm
 from etils import epath
 
-from llm_jax import corpus as corpus_lib
 from llm_jax.config import ConfigError
+from llm_jax.data import corpus as corpus_lib
 
 log = logging.getLogger(__name__)
 

@@ -93,16 +93,17 @@ def abstract_batch(config: Config, batch_sharding) -> dict[str, jax.ShapeDtypeSt
 
 def run_plan(config: Config, devices: list, device_memory: int | None = None) -> dict[str, Any]:
     """Compiles the train step for `devices` and reports the memory of the most loaded device."""
-    from llm_jax import sharding, trainer
-    from llm_jax.transformer import count_params
+    from llm_jax.models.decoder import count_params
+    from llm_jax.parallel import mesh as mesh_lib
+    from llm_jax.train import loop
 
     if config.parallel.mode == "pmap":
         raise ConfigError("llm-jax plan compiles the sharded step: use parallel.mode=jit "
                           "(mesh.data=-1 holds the same replicated state as pmap)")
-    mesh = sharding.make_mesh(config, devices)
-    setup = trainer.build(config, mesh=mesh, with_data=False)
-    steps = trainer.compile_steps(setup)
-    batch = abstract_batch(config, sharding.batch_sharding(mesh))
+    mesh = mesh_lib.make_mesh(config, devices)
+    setup = loop.build(config, mesh=mesh, with_data=False)
+    steps = loop.compile_steps(setup)
+    batch = abstract_batch(config, mesh_lib.batch_sharding(mesh))
     kind = getattr(devices[0], "device_kind", devices[0].platform)
     if device_memory is None:
         device_memory = next((size for name, size in sorted(DEVICE_MEMORY.items(), key=lambda kv: -len(kv[0]))

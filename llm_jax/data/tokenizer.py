@@ -27,7 +27,7 @@ import numpy as np
 import sentencepiece as spm
 
 from llm_jax.config import Config, ConfigError
-from llm_jax.faults import MachineFault
+from llm_jax.runtime.faults import MachineFault
 
 log = logging.getLogger(__name__)
 

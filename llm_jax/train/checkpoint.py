@@ -32,8 +32,9 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from llm_jax import checkpoint_tree, faults
 from llm_jax.config import CheckpointConfig, Config, ConfigError, ModelConfig, dump_config, load_config
+from llm_jax.runtime import faults
+from llm_jax.train import checkpoint_tree
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from llm_jax.config import OptimizerConfig
-from llm_jax.transformer import SCANNED_LAYERS
+from llm_jax.models.decoder import SCANNED_LAYERS
 
 # Weight decay pulls a weight towards zero. That is a prior for matmul kernels and token embeddings
 # (decayed), not for norm scales (zero would switch a channel off), biases (offsets, no scale to
@@ -56,7 +56,7 @@ def decay_mask(params: Any) -> Any:
 
 
 def stacked_layers_mask(params: Any, scan_layers: bool) -> Any:
-    """True for leaves whose leading axis is the layer (the `scan_layers` stack in transformer.py)."""
+    """True for leaves whose leading axis is the layer (the `scan_layers` stack in models/decoder.py)."""
     return jax.tree_util.tree_map_with_path(
         lambda path, _: scan_layers and SCANNED_LAYERS in _names(path)[:1], params)
 

@@ -1,0 +1,1 @@
+"""The commands beside train: bench, plan, export, and data/tokenizer preparation."""

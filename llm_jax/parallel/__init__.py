@@ -1,0 +1,1 @@
+"""How a run spreads over devices and hosts: the mesh and its logical axis rules, jax.distributed."""

@@ -1,0 +1,1 @@
+"""Training: optimizer, losses, pure steps, the loop that compiles them, checkpoints and run safety."""
