@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from llm_jax.models.families import FAMILIES, Family
+
 
 class ConfigError(ValueError):
     """A config the run cannot use. The message is one line naming the key."""
@@ -26,7 +28,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Everything the model sees; nothing else reaches the Linen modules."""
 
-    arch: str = "gpt2"  # gpt2 | llama
+    arch: str = "gpt2"  # a family of models/families.py: gpt2 | llama
     vocab_size: int = 2048
     n_layers: int = 4
     d_model: int = 256
@@ -34,8 +36,8 @@ class ModelConfig:
     n_kv_heads: int | None = None  # None: n_heads (multi-head); fewer: grouped-query attention
     d_ff: int = 1024
     max_len: int = 1024  # longest sequence the learned position table supports
-    position: str | None = None  # learned | sinusoidal | rope; None: gpt2 -> learned, llama -> rope
-    tie_embeddings: bool | None = None  # None: gpt2 -> tied, llama -> untied
+    position: str | None = None  # learned | sinusoidal | rope; None: the family's (gpt2 learned, llama rope)
+    tie_embeddings: bool | None = None  # None: the family's (gpt2 tied, llama untied)
     dropout: float = 0.0
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of parameters
@@ -56,16 +58,16 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
     @property
+    def family(self) -> Family:
+        return FAMILIES[self.arch]
+
+    @property
     def resolved_position(self) -> str:
-        if self.position is not None:
-            return self.position
-        return "rope" if self.arch == "llama" else "learned"
+        return self.family.position if self.position is None else self.position
 
     @property
     def resolved_tie_embeddings(self) -> bool:
-        if self.tie_embeddings is not None:
-            return self.tie_embeddings
-        return self.arch == "gpt2"
+        return self.family.tie_embeddings if self.tie_embeddings is None else self.tie_embeddings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,7 +222,7 @@ class Config:
 
 
 CHOICES = {
-    "model.arch": ("gpt2", "llama"),
+    "model.arch": tuple(FAMILIES),
     "model.position": ("learned", "sinusoidal", "rope", None),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16", "float16"),

@@ -48,7 +48,7 @@ def _block_class(config: ModelConfig) -> type[nn.Module]:
 
 
 class Transformer(nn.Module):
-    """Decoder-only LM (gpt2 or llama flavour, chosen by `config.arch`).
+    """Decoder-only LM; `config.arch` names its family (models/families.py): norms, biases, MLP, positions.
 
     Returns float32 logits whatever the compute dtype, so the loss never sees bfloat16.
     """

@@ -40,7 +40,7 @@ def matmul_param_count(config: Config) -> int:
     m = config.model
     d, f, h = m.d_model, m.d_ff, m.head_dim
     attn = d * (m.n_heads * h) * 2 + d * (m.kv_heads * h) * 2
-    mlp = d * f * (3 if m.arch == "llama" else 2)
+    mlp = d * f * m.family.mlp_matrices
     return m.n_layers * (attn + mlp) + d * m.vocab_size
 
 

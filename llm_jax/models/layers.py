@@ -200,7 +200,7 @@ class Norm(nn.Module):
 
 
 def make_norm(config: ModelConfig, name: str) -> nn.Module:
-    return Norm(rms=config.arch == "llama", eps=config.norm_eps, dtype=to_dtype(config.dtype),
+    return Norm(rms=config.family.norm == "rms", eps=config.norm_eps, dtype=to_dtype(config.dtype),
                 param_dtype=to_dtype(config.param_dtype), name=name)
 
 
@@ -375,7 +375,7 @@ class Attention(nn.Module):
                  decode: bool) -> jax.Array:
         cfg = self.config
         dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
-        use_bias = cfg.arch == "gpt2"
+        use_bias = cfg.family.bias
 
         def proj(name, n_heads, heads_axis):
             return Dense(features=(n_heads, cfg.head_dim), kernel_axes=("embed", heads_axis, "head_dim"),
@@ -439,8 +439,12 @@ class Attention(nn.Module):
 # ----------------------------------------------------------------------------- MLP and block
 
 
+# The MLP activations a family may name (models/families.py).
+ACTIVATIONS = {"gelu_tanh": functools.partial(nn.gelu, approximate=True), "silu": nn.silu}
+
+
 class Mlp(nn.Module):
-    """gpt2: Linear-GELU-Linear with biases. llama: SwiGLU (silu(gate) * up, then down), no biases."""
+    """Plain: fc, activation, proj (gpt2: GELU). Gated: activation(gate) * up, then proj (llama: SwiGLU)."""
 
     config: ModelConfig
 
@@ -448,18 +452,19 @@ class Mlp(nn.Module):
     def __call__(self, x_BLE: jax.Array) -> jax.Array:
         cfg = self.config
         dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
-        use_bias = cfg.arch == "gpt2"
+        use_bias = cfg.family.bias
 
         def dense(name, features, axes, std):
             return Dense(features=(features,), kernel_axes=axes, use_bias=use_bias, init_std=std,
                          dtype=dtype, param_dtype=param_dtype, name=name)
 
-        if cfg.arch == "llama":
+        activation = ACTIVATIONS[cfg.family.activation]
+        if cfg.family.gated_mlp:
             gate_BLF = dense("gate", cfg.d_ff, ("embed", "mlp"), cfg.init_std)(x_BLE)
             up_BLF = dense("up", cfg.d_ff, ("embed", "mlp"), cfg.init_std)(x_BLE)
-            h_BLF = nn.silu(gate_BLF) * up_BLF
+            h_BLF = activation(gate_BLF) * up_BLF
         else:
-            h_BLF = nn.gelu(dense("fc", cfg.d_ff, ("embed", "mlp"), cfg.init_std)(x_BLE), approximate=True)
+            h_BLF = activation(dense("fc", cfg.d_ff, ("embed", "mlp"), cfg.init_std)(x_BLE))
         h_BLF = constrain(h_BLF, ("batch", "length", "mlp"))
         return dense("proj", cfg.d_model, ("mlp", "embed"), output_init_std(cfg))(h_BLF)
 

@@ -1,0 +1,46 @@
+"""The family registry: every family builds, and the network it builds is the one its entry describes."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from llm_jax.config import CHOICES, Config, ModelConfig
+from llm_jax.models.decoder import Transformer
+from llm_jax.models.families import FAMILIES
+from llm_jax.models.flops import matmul_param_count
+
+
+def test_every_family_is_a_choice_of_model_arch():
+    assert set(CHOICES["model.arch"]) == set(FAMILIES)
+
+
+@pytest.mark.parametrize("arch", sorted(FAMILIES))
+def test_defaults_come_from_the_family(arch):
+    family = FAMILIES[arch]
+    config = ModelConfig(arch=arch)
+    assert config.resolved_position == family.position
+    assert config.resolved_tie_embeddings == family.tie_embeddings
+    assert ModelConfig(arch=arch, position="sinusoidal").resolved_position == "sinusoidal"
+    assert ModelConfig(arch=arch, tie_embeddings=not family.tie_embeddings).resolved_tie_embeddings \
+        == (not family.tie_embeddings)
+
+
+@pytest.mark.parametrize("arch", sorted(FAMILIES))
+def test_the_built_network_follows_the_family(arch):
+    family = FAMILIES[arch]
+    model_config = ModelConfig(arch=arch, vocab_size=64, n_layers=1, d_model=16, n_heads=2, d_ff=24, max_len=8)
+    variables = Transformer(model_config).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    params = nn.unbox(variables["params"])
+    block = params["layer_0"]
+    mlp_kernels = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(block["mlp"])
+                   if path[-1].key == "kernel"]
+    assert len(mlp_kernels) == family.mlp_matrices
+    has_bias = any(path[-1].key == "bias" for path, _ in jax.tree_util.tree_leaves_with_path(block["attn"]))
+    assert has_bias == family.bias
+    assert ("bias" in block["attn_norm"]) == (family.norm == "layer")
+    # The FLOPs count sees the same matrices the network has (all but the input embedding lookup).
+    config = Config(model=model_config)
+    matmul_weights = sum(leaf.size for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+                         if path[-1].key == "kernel" or (family.tie_embeddings and path[0].key == "embed"))
+    assert matmul_param_count(config) == matmul_weights
