@@ -105,8 +105,8 @@ class DataConfig:
     eval_fraction: float = 0.02  # share of local documents held out for evaluation
     shuffle: bool = True
     # Pieces of documents are mixed in a window this large before packing, so that one batch holds
-    # pieces of many documents rather than consecutive pieces of one long file (split evenly between
-    # the virtual shards).
+    # pieces of many documents rather than consecutive pieces of one long file (one window per
+    # virtual shard).
     shuffle_window: int = 2048
     text_unit: str = "file"  # file | line: what one document is in a text corpus
     # A local document with a line longer than this many bytes (minified code, base64 blobs) is skipped

@@ -39,7 +39,9 @@ def toy_docs(n, seed=0):
 
 
 def toy_config(*overrides):
-    return load_config(None, [f"train.seq_len={SEQ}", f"train.batch_size={BATCH}", "seed=7", *overrides])
+    # A small piece window: each virtual shard fills its own before the first batch.
+    return load_config(None, [f"train.seq_len={SEQ}", f"train.batch_size={BATCH}", "seed=7", "data.shuffle_window=64",
+                              *overrides])
 
 
 def toy_sources(train_docs, eval_docs=()):
