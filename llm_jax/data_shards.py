@@ -22,6 +22,7 @@ import logging
 import math
 import multiprocessing
 import os
+import signal
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -72,6 +73,10 @@ _WORKER_SHARDS: dict[int, grain.MapDataset] = {}  # in a worker process: the pro
 
 
 def _start_worker(shards: dict[int, grain.MapDataset]) -> None:
+    # Ctrl-C and SIGTERM reach the whole process group; the training process, which stops cleanly
+    # and saves, ends its workers itself (a worker dying first would break the batch in flight).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _allow_grain_in_workers()
     _WORKER_SHARDS.update(shards)
 
