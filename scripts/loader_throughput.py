@@ -13,7 +13,7 @@ import json
 import tempfile
 import time
 
-from llm_jax import data
+from llm_jax import data, data_shards
 from llm_jax.config import load_config
 from llm_jax.tokenizer import load_or_train_tokenizer
 
@@ -30,7 +30,7 @@ def main() -> None:
     sources = data.open_sources(config)
     with tempfile.TemporaryDirectory() as workdir:
         tokenizer = load_or_train_tokenizer(config, workdir, sources)
-        iterator = data.make_train_iterator(config, tokenizer, sources)
+        iterator = data_shards.make_train_iterator(config, tokenizer, sources)
         t0 = time.perf_counter()
         first = next(iterator)
         first_batch_s = time.perf_counter() - t0
