@@ -341,6 +341,7 @@ def load_or_train_tokenizer(config: Config, workdir: str | os.PathLike, sources:
             raise failure
         if not model_path.is_file():
             raise ConfigError(f"workdir: process {jax.process_index()} finds no tokenizer at {model_path} "
-                              "after process 0's turn to write it: process 0 failed (see its log) or the workdir is not shared")
+                              "after process 0's turn to write it: process 0 failed (see its log) or the workdir "
+                              "is not shared")
     log.info("loading tokenizer %s", model_path)
     return _check_loaded(_load_own(model_path), config)
