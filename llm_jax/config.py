@@ -108,7 +108,8 @@ class DataConfig:
     eval_fraction: float = 0.02  # share of local documents held out for evaluation
     shuffle: bool = True
     # Pieces of documents are mixed in a window this large before packing, so that one batch holds
-    # pieces of many documents rather than consecutive pieces of one long file.
+    # pieces of many documents rather than consecutive pieces of one long file (one window per
+    # virtual shard).
     shuffle_window: int = 2048
     text_unit: str = "file"  # file | line: what one document is in a text corpus
     # A local document with a line longer than this many bytes (minified code, base64 blobs) is skipped
@@ -116,8 +117,12 @@ class DataConfig:
     max_line_bytes: int = 100_000
     num_shards: int = 0  # ArrayRecord files per prepared split; 0: by size (64 MB to 1 GiB each)
     mixture: tuple[MixtureSource, ...] = ()  # the sources of data.source=mixture, with their weights
-    workers: int = 0  # grain worker processes that read, tokenize and pack; 0: in this process
-    prefetch: int = 2  # batches made ahead: per worker, or in a background thread without workers
+    workers: int = 0  # worker processes that tokenize and cut documents; 0: in this process
+    prefetch: int = 2  # steps' batches made ahead in a background thread
+    # Shards of the document stream that feed train.batch_size / virtual_shards rows each; fixed for a
+    # run, so that its batches do not depend on the processes or workers. 0: gcd(train.batch_size, 8).
+    # A process runs the shards of the rows it holds: on many hosts, a multiple of their count is best.
+    virtual_shards: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -554,8 +559,10 @@ def validate(c: Config) -> None:
     _require(d.source != "tfds" or bool(d.tfds_name), "data.source=tfds needs data.tfds_name")
     _require(d.shuffle_window >= 1, f"config key 'data.shuffle_window' must be >= 1, got {d.shuffle_window}")
     _require(0.0 < d.eval_fraction < 1.0, f"config key 'data.eval_fraction' must be in (0, 1), got {d.eval_fraction}")
-    for key in ("max_line_bytes", "num_shards", "workers", "prefetch"):
+    for key in ("max_line_bytes", "num_shards", "workers", "prefetch", "virtual_shards"):
         _require(getattr(d, key) >= 0, f"config key 'data.{key}' must be >= 0, got {getattr(d, key)}")
+    _require(d.virtual_shards == 0 or t.batch_size % d.virtual_shards == 0,
+             f"data.virtual_shards ({d.virtual_shards}) must divide train.batch_size ({t.batch_size})")
     _require(d.source == "mixture" or not d.mixture,
              f"data.mixture is set but data.source={d.source}; use data.source=mixture to train on the mixture")
     _require(d.source != "mixture" or bool(d.mixture),
@@ -588,7 +595,7 @@ def validate(c: Config) -> None:
                  f"distributed.process_id ({dist.process_id}) must be in [0, {dist.num_processes})")
 
 
-def validate_for_devices(c: Config, num_devices: int, num_processes: int = 1) -> tuple[int, int, int]:
+def validate_for_devices(c: Config, num_devices: int) -> tuple[int, int, int]:
     """Resolves -1 mesh axes for `num_devices` and checks that the batch and heads divide.
 
     Returns the (data, fsdp, tensor) mesh shape.
@@ -614,6 +621,4 @@ def validate_for_devices(c: Config, num_devices: int, num_processes: int = 1) ->
     _require(per_update % batch_shards == 0,
              f"train.batch_size/optimizer.grad_accum ({per_update}) must be divisible by the "
              f"{batch_shards} batch shards (mesh.data*mesh.fsdp)")
-    _require(t.batch_size % num_processes == 0,
-             f"train.batch_size ({t.batch_size}) must be divisible by the {num_processes} processes")
     return data, fsdp, tensor

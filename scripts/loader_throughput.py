@@ -14,7 +14,7 @@ import tempfile
 import time
 
 from llm_jax.config import load_config
-from llm_jax.data import pipeline
+from llm_jax.data import pipeline, shards
 from llm_jax.data.tokenizer import load_or_train_tokenizer
 
 
@@ -30,7 +30,7 @@ def main() -> None:
     sources = pipeline.open_sources(config)
     with tempfile.TemporaryDirectory() as workdir:
         tokenizer = load_or_train_tokenizer(config, workdir, sources)
-        iterator = pipeline.make_train_iterator(config, tokenizer, sources)
+        iterator = shards.make_train_iterator(config, tokenizer, sources)
         t0 = time.perf_counter()
         first = next(iterator)
         first_batch_s = time.perf_counter() - t0

@@ -1,5 +1,6 @@
-"""Tests of llm_jax.data.pipeline and llm_jax.data.tfds_builder: packing, checkpointable iterators, process
-slices, TFDS sources (mocked) and the one-time preparation of local corpora."""
+"""Tests of llm_jax.data.pipeline and llm_jax.data.tfds_builder: packing, eval batches, the training batches'
+layout, TFDS sources (mocked) and the one-time preparation of local corpora. Virtual shards, process
+layouts and workers: test_data_shards.py."""
 
 import collections
 import json
@@ -10,7 +11,7 @@ import tensorflow_datasets as tfds
 
 from llm_jax.config import ConfigError, load_config
 from llm_jax.data import corpus as corpus_lib
-from llm_jax.data import pipeline, tfds_builder
+from llm_jax.data import pipeline, shards, tfds_builder
 
 SEQ, BATCH = 8, 4
 
@@ -38,7 +39,9 @@ def toy_docs(n, seed=0):
 
 
 def toy_config(*overrides):
-    return load_config(None, [f"train.seq_len={SEQ}", f"train.batch_size={BATCH}", "seed=7", *overrides])
+    # A small piece window: each virtual shard fills its own before the first batch.
+    return load_config(None, [f"train.seq_len={SEQ}", f"train.batch_size={BATCH}", "seed=7", "data.shuffle_window=64",
+                              *overrides])
 
 
 def toy_sources(train_docs, eval_docs=()):
@@ -105,7 +108,7 @@ def test_packed_eval_batches_keep_every_target_inside_its_document():
     assert (batches[-1]["weights"] == 0).any()  # padding exists and has weight 0
 
 
-def test_eval_batches_are_deterministic_limited_and_split_by_process():
+def test_eval_batches_are_deterministic_limited_and_split_by_rows():
     docs = toy_docs(40)
     config = toy_config("train.eval_batches=3")
     sources = toy_sources(["1"], docs)
@@ -115,11 +118,13 @@ def test_eval_batches_are_deterministic_limited_and_split_by_process():
     for a, b in zip(first, again):
         for key in pipeline.BATCH_KEYS:
             np.testing.assert_array_equal(a[key], b[key])
-    halves = [pipeline.make_eval_batches(config, ToyTokenizer(), sources, p, 2) for p in (0, 1)]
-    assert len(halves[0]) == len(halves[1]) == 3
-    for whole, h0, h1 in zip(first, *halves):
-        check_batch(h0, BATCH // 2)
-        np.testing.assert_array_equal(np.concatenate([h0["inputs"], h1["inputs"]]), whole["inputs"])
+    # A process keeps the rows its devices hold, in order, and gets as many batches as the others.
+    held = [pipeline.make_eval_batches(config, ToyTokenizer(), sources, rows) for rows in ([(0, 1), (3, 4)], [(1, 3)])]
+    assert len(held[0]) == len(held[1]) == 3
+    for whole, ends, middle in zip(first, *held):
+        check_batch(ends, 2)
+        np.testing.assert_array_equal(ends["inputs"], whole["inputs"][[0, 3]])
+        np.testing.assert_array_equal(middle["inputs"], whole["inputs"][1:3])
     assert not pipeline.make_eval_batches(config, ToyTokenizer(), toy_sources(["1"], []))
 
 
@@ -135,7 +140,7 @@ def test_short_eval_split_is_padded_to_the_batch_shape():
 
 def test_train_batches_have_the_layout_and_real_pairs():
     docs = toy_docs(30)
-    it = pipeline.make_train_iterator(toy_config(), ToyTokenizer(), toy_sources(docs))
+    it = shards.make_train_iterator(toy_config(), ToyTokenizer(), toy_sources(docs))
     allowed = expected_pairs(docs)
     for _ in range(40):  # more than one epoch
         pairs = check_batch(next(it), BATCH)
@@ -145,16 +150,16 @@ def test_train_batches_have_the_layout_and_real_pairs():
 def test_restored_iterator_gives_exactly_the_next_batches():
     docs = toy_docs(30)
     config, sources = toy_config(), toy_sources(docs)
-    it = pipeline.make_train_iterator(config, ToyTokenizer(), sources)
+    it = shards.make_train_iterator(config, ToyTokenizer(), sources)
     for _ in range(37):  # past the end of the first epoch (about 25 batches)
         next(it)
-    state = pipeline.iterator_state(it)
+    state = shards.iterator_state(it)
     state = json.loads(json.dumps(state))  # what a checkpoint stores
     expected = [next(it) for _ in range(12)]
 
-    restored = pipeline.make_train_iterator(config, ToyTokenizer(), sources)
+    restored = shards.make_train_iterator(config, ToyTokenizer(), sources)
     fresh_first = next(restored)
-    pipeline.restore_iterator_state(restored, state)
+    shards.restore_iterator_state(restored, state)
     got = [next(restored) for _ in range(12)]
     for want, have in zip(expected, got):
         for key in pipeline.BATCH_KEYS:
@@ -164,47 +169,11 @@ def test_restored_iterator_gives_exactly_the_next_batches():
 
 def test_same_seed_same_stream_other_seed_other_stream():
     docs = toy_docs(30)
-    a = next(pipeline.make_train_iterator(toy_config(), ToyTokenizer(), toy_sources(docs)))
-    b = next(pipeline.make_train_iterator(toy_config(), ToyTokenizer(), toy_sources(docs)))
-    c = next(pipeline.make_train_iterator(toy_config("seed=8"), ToyTokenizer(), toy_sources(docs)))
+    a = next(shards.make_train_iterator(toy_config(), ToyTokenizer(), toy_sources(docs)))
+    b = next(shards.make_train_iterator(toy_config(), ToyTokenizer(), toy_sources(docs)))
+    c = next(shards.make_train_iterator(toy_config("seed=8"), ToyTokenizer(), toy_sources(docs)))
     np.testing.assert_array_equal(a["inputs"], b["inputs"])
     assert not np.array_equal(a["inputs"], c["inputs"])
-
-
-def test_process_slices_are_disjoint_and_cover_each_epoch():
-    n = 20
-    docs = [f"{i}" for i in range(n)]
-    config, sources = toy_config(), toy_sources(docs)
-    streams = [pipeline.train_documents(config, sources, p, 2) for p in (0, 1)]
-    for epoch in range(2):
-        part = [[s[i] for i in range(epoch * n // 2, (epoch + 1) * n // 2)] for s in streams]
-        assert not set(part[0]) & set(part[1])
-        assert sorted(part[0] + part[1], key=int) == docs
-    single = pipeline.train_documents(config, sources)
-    epoch0, epoch1 = [single[i] for i in range(n)], [single[i] for i in range(n, 2 * n)]
-    assert sorted(epoch0, key=int) == docs and sorted(epoch1, key=int) == docs
-    assert epoch0 != docs and epoch1 != epoch0  # shuffled, and reshuffled each epoch
-    assert [single[i] for i in range(n)] == epoch0  # random access is deterministic
-    in_order = pipeline.train_documents(toy_config("data.shuffle=false"), sources)
-    assert [in_order[i] for i in range(n)] == docs
-
-
-def test_two_process_iterators_have_half_batches_of_their_own_documents():
-    docs = toy_docs(40)
-    # No piece window: the first batch then comes from the first documents of the stream.
-    config, sources = toy_config("data.shuffle_window=1"), toy_sources(docs)
-    seen = []
-    for p in (0, 1):
-        batch = next(pipeline.make_train_iterator(config, ToyTokenizer(), sources, p, 2))
-        check_batch(batch, BATCH // 2)
-        ids = batch["inputs"][batch["inputs"] >= 10] // 1000
-        seen.append(set(ids.tolist()))
-        stream = pipeline.train_documents(config, sources, p, 2)
-        mine = {int(stream[i].split()[0]) // 1000 for i in range(20) if stream[i]}
-        assert seen[p] <= mine  # the first batch comes from this process's share
-    assert not seen[0] & seen[1]
-    with pytest.raises(ConfigError, match="train.batch_size"):
-        pipeline.make_train_iterator(config, ToyTokenizer(), sources, 0, 3)
 
 
 def test_piece_window_mixes_long_documents_within_a_batch():
@@ -212,8 +181,9 @@ def test_piece_window_mixes_long_documents_within_a_batch():
     docs = [" ".join(str(1000 * d + 10 + k) for k in range(40 * SEQ)) for d in range(20)]
 
     def documents_per_batch(window):
-        config = toy_config("train.batch_size=8", f"data.shuffle_window={window}")
-        batch = next(pipeline.make_train_iterator(config, ToyTokenizer(), toy_sources(docs)))
+        # One virtual shard: its rows come from consecutive documents unless the window mixes them.
+        config = toy_config("train.batch_size=8", "data.virtual_shards=1", f"data.shuffle_window={window}")
+        batch = next(shards.make_train_iterator(config, ToyTokenizer(), toy_sources(docs)))
         return len(set((batch["inputs"][batch["inputs"] >= 10] // 1000).tolist()))
 
     assert documents_per_batch(1) <= 2
@@ -236,7 +206,7 @@ def test_tfds_source_through_mock_data():
         assert len(sources.train) == 12 and len(sources.eval) == 12
         assert isinstance(sources.train[0], str) and sources.train[0]
         assert "lm1b" in sources.description
-        batch = next(pipeline.make_train_iterator(config, CharTokenizer(), sources))
+        batch = next(shards.make_train_iterator(config, CharTokenizer(), sources))
         check_batch(batch, BATCH)
         assert len(pipeline.make_eval_batches(config, CharTokenizer(), sources)) == 2
         with pytest.raises(ConfigError, match="data.text_key"):
@@ -342,7 +312,7 @@ def test_default_corpus_opens_and_feeds_batches(tmp_path):
     texts = [sources.eval[i] for i in range(len(sources.eval))]
     assert all(isinstance(t, str) and t.strip() for t in texts)
     assert any("import " in t or "def " in t for t in texts)  # Python source, decoded
-    batch = next(pipeline.make_train_iterator(config, CharTokenizer(), sources))
+    batch = next(shards.make_train_iterator(config, CharTokenizer(), sources))
     check_batch(batch, BATCH)
 
 
@@ -363,115 +333,7 @@ def test_tiny_corpora_prepare_with_the_splits_they_can_have(tmp_path):
     sources = pipeline.open_sources(config)
     assert (len(sources.train), len(sources.eval)) == (1, 0)
     assert pipeline.make_eval_batches(config, ToyTokenizer(), sources) == []
-    check_batch(next(pipeline.make_train_iterator(config, ToyTokenizer(), sources)), BATCH)
-
-
-# ----------------------------------------------------------------------------- every process, every layout
-
-
-@pytest.mark.parametrize("count", [1, 2, 4])
-def test_process_slices_are_disjoint_and_complete(count):
-    n = 24
-    docs = [f"{i}" for i in range(n)]
-    config = toy_config()
-    for sources in (toy_sources(docs), pipeline.mix_sources([toy_sources(docs[:16]), toy_sources(docs[16:])], [2, 1])):
-        stream = pipeline.global_documents(config, sources)
-        slices = [pipeline.train_documents(config, sources, p, count) for p in range(count)]
-        per_process = 3 * n // count  # three epochs of the single-source stream
-        taken = [[s[i] for i in range(per_process)] for s in slices]
-        for p in range(count):  # process p holds positions p, p + P, ... of the shared stream
-            assert taken[p] == [stream[p + count * i] for i in range(per_process)]
-        together = collections.Counter(doc for part in taken for doc in part)
-        assert together == collections.Counter(stream[i] for i in range(3 * n))  # disjoint and complete
-        if not sources.parts:
-            assert together == collections.Counter({d: 3 for d in docs})
-
-
-def long_docs(n, seed=0):
-    """Like toy_docs but never empty: a document's last pair (last id, eos) names it."""
-    rng = np.random.default_rng(seed)
-    return [" ".join(str(1000 * d + 10 + k) for k in range(rng.integers(1, 3 * SEQ))) for d in range(n)]
-
-
-def fully_fed(batches, docs):
-    """Indices of the documents all of whose (input, target) pairs are in `batches`."""
-    seen = collections.Counter()
-    for batch in batches:
-        seen += check_batch(batch, batch["inputs"].shape[0])
-    return {d for d, doc in enumerate(docs) if not expected_pairs([doc]) - seen}
-
-
-def docs_in(batches):
-    return {int(i) // 1000 for b in batches for i in b["inputs"][b["inputs"] >= 10]}
-
-
-def check_restart(config, sources, docs, old_batches, new_iterator, start):
-    """The new layout restarts the shared stream at `start`: every document before it was fully fed
-    by the old readers (none skipped), and the new readers read nothing before it."""
-    stream = pipeline.global_documents(config, sources)
-    position_of = {int(stream[i].split()[0]) // 1000: i for i in range(len(docs))}  # first epoch
-    before = {d for d, i in position_of.items() if i < start}
-    assert before <= fully_fed(old_batches, docs)
-    new = [next(new_iterator) for _ in range(6)]
-    assert all(position_of[d] >= start for d in docs_in(new))
-    fed_twice = docs_in(old_batches) & docs_in(new)
-    return before, fed_twice
-
-
-@pytest.mark.parametrize("old_count, new_count", [(2, 1), (1, 2), (2, 4)])
-def test_changed_process_count_restarts_the_shared_stream_without_skipping(old_count, new_count):
-    docs = long_docs(300)
-    config, sources = toy_config("data.shuffle_window=8"), toy_sources(docs)
-    old_iterators = [pipeline.make_train_iterator(config, ToyTokenizer(), sources, p, old_count)
-                     for p in range(old_count)]
-    old_batches = []
-    for p, it in enumerate(old_iterators):  # the processes got unequally far: p reads 9 + 4p batches
-        old_batches += [next(it) for _ in range(9 + 4 * p)]
-    states = {(p, old_count): pipeline.iterator_state(it) for p, it in enumerate(old_iterators)}
-
-    news = [pipeline.make_train_iterator(config, ToyTokenizer(), sources, p, new_count) for p in range(new_count)]
-    for it in news:
-        it.restore_from_saved(states)
-    start = news[0].layout.global_start
-    assert all(it.layout.global_start == start for it in news)
-    before, fed_twice = check_restart(config, sources, docs, old_batches, news[0], start)
-    assert len(before) >= 10  # the restart is not from the beginning
-    assert len(fed_twice) <= 30  # only the documents in flight when the state was saved
-
-    with pytest.raises(ConfigError, match="incomplete") as err:
-        news[0].restore_from_saved({(1, old_count + 2): states[(0, old_count)]})
-    assert "\n" not in str(err.value)
-
-
-def test_workers_resume_exactly_and_a_changed_worker_count_skips_nothing():
-    docs = long_docs(300)
-    config, sources = toy_config("data.shuffle_window=8", "data.workers=2"), toy_sources(docs)
-    it = pipeline.make_train_iterator(config, ToyTokenizer(), sources)
-    allowed = expected_pairs(docs)
-    old_batches = [next(it) for _ in range(24)]
-    for batch in old_batches:
-        assert not set(check_batch(batch, BATCH)) - set(allowed)
-        assert type(batch["inputs"]) is np.ndarray  # copied out of the workers' shared memory
-    state = json.loads(json.dumps(pipeline.iterator_state(it)))
-    assert state["workers"] == 2
-    expected = [next(it) for _ in range(6)]
-    it.close()
-
-    restored = pipeline.make_train_iterator(config, ToyTokenizer(), sources)
-    pipeline.restore_iterator_state(restored, state)
-    got = [next(restored) for _ in range(6)]
-    restored.close()
-    for want, have in zip(expected, got):
-        for key in pipeline.BATCH_KEYS:
-            np.testing.assert_array_equal(want[key], have[key])
-
-    # In-process now: the process restarts its stream at its slowest old worker, skipping nothing.
-    in_process = pipeline.make_train_iterator(toy_config("data.shuffle_window=8"), ToyTokenizer(), sources)
-    pipeline.restore_iterator_state(in_process, state)
-    assert in_process.layout.workers == 0 and in_process.layout.global_start == 0
-    start = in_process.layout.local_start  # one process: its stream is the shared stream
-    before, fed_twice = check_restart(config, sources, docs, old_batches, in_process, start)
-    assert len(before) >= 10 and len(fed_twice) <= 30
+    check_batch(next(shards.make_train_iterator(config, ToyTokenizer(), sources)), BATCH)
 
 
 # ----------------------------------------------------------------------------- mixtures
@@ -487,7 +349,7 @@ def test_mixture_weights_hold_over_many_batches():
     parts = [toy_sources(one_row_docs(s, n), one_row_docs(s, 4)) for s, n in enumerate([300, 700, 110])]
     sources = pipeline.mix_sources(parts, weights)
     config = toy_config("data.shuffle_window=64")
-    it = pipeline.make_train_iterator(config, ToyTokenizer(), sources)
+    it = shards.make_train_iterator(config, ToyTokenizer(), sources)
     rows = collections.Counter()
     for _ in range(250):  # 1000 documents
         batch = next(it)
@@ -502,13 +364,13 @@ def test_mixture_resumes_exactly():
     # Sources of some hundred documents: grain's index shuffle is slow (ms) on a handful.
     parts = [toy_sources(toy_docs(200, seed=1)), toy_sources(one_row_docs(1, 300))]
     sources, config = pipeline.mix_sources(parts, [1, 3]), toy_config("data.shuffle_window=64")
-    it = pipeline.make_train_iterator(config, ToyTokenizer(), sources)
+    it = shards.make_train_iterator(config, ToyTokenizer(), sources)
     for _ in range(23):
         next(it)
-    state = json.loads(json.dumps(pipeline.iterator_state(it)))
+    state = json.loads(json.dumps(shards.iterator_state(it)))
     expected = [next(it) for _ in range(8)]
-    restored = pipeline.make_train_iterator(config, ToyTokenizer(), sources)
-    pipeline.restore_iterator_state(restored, state)
+    restored = shards.make_train_iterator(config, ToyTokenizer(), sources)
+    shards.restore_iterator_state(restored, state)
     for want in expected:
         np.testing.assert_array_equal(want["inputs"], next(restored)["inputs"])
 
@@ -524,7 +386,7 @@ def test_mixture_of_local_corpora_through_the_config(tmp_path):
     assert sources.description.startswith("mixture of 2 sources: 75% text corpus")
     assert (sources.documents, sources.skipped) == (20, {"empty": 1, "malformed json": 1})
     assert pipeline.skip_summary(sources) == "20 documents kept, 2 skipped: 1 empty, 1 malformed json"
-    check_batch(next(pipeline.make_train_iterator(config, CharTokenizer(), sources)), BATCH)
+    check_batch(next(shards.make_train_iterator(config, CharTokenizer(), sources)), BATCH)
     assert pipeline.make_eval_batches(config, CharTokenizer(), sources)
     bad = toy_config("data.source=mixture", f"data.mixture.0.path={tmp_path}/none/*.txt")
     with pytest.raises(ConfigError, match=r"^data.mixture.0: data.path=.* matches no files$"):

@@ -1,4 +1,4 @@
-"""Tests of llm_jax.data.position: the saved form of iterator states and the restart arithmetic."""
+"""Tests of llm_jax.data.position: the saved form of per-shard states and picking a run's shards."""
 
 import json
 
@@ -8,42 +8,28 @@ from llm_jax.config import ConfigError
 from llm_jax.data import position
 
 
-def reader(pulled, window=True):
-    """A packing state over (window shuffle over) a flat map over a document reader at `pulled`."""
-    flat_map = {"parent": {"next_index": pulled}, "next_index_in_buffer": 1}
-    inner = {"parent_window_start_state": flat_map, "window_index": 3, "pos_in_window": 5} if window else flat_map
-    return {"parent": inner, "next_row": 2, "counter": 40}
+def test_the_saved_form_keeps_each_shard_state():
+    saved = json.loads(json.dumps(position.wrap(8, {3: {"x": 3}, 1: {"x": 1}})))
+    assert position.is_current(saved) and saved["shards"] == {"1": {"x": 1}, "3": {"x": 3}}
+    assert not position.is_current({"parent": {"next_index": 4}})  # a state from before virtual shards
 
 
-def test_wrap_and_unwrap_keep_the_layout():
-    layout = position.Layout(1, 4, workers=2, global_start=100, local_start=7)
-    saved = json.loads(json.dumps(position.wrap(layout, {"x": 1})))
-    assert position.unwrap(saved, 0, 1) == (layout, {"x": 1})
-    # A bare grain state (checkpoints from before layouts were saved): this process, in-process.
-    assert position.unwrap(reader(3), 2, 4) == (position.Layout(2, 4, workers=0), reader(3))
-
-
-def test_reader_restarts_in_process_and_with_workers():
-    assert position.reader_restarts(position.Layout(0, 1, 0, local_start=10), reader(8)) == [17]
-    assert position.reader_restarts(position.Layout(0, 1, 0), reader(0, window=False)) == [0]
-    interleave = {"iterators_in_use_indices": [1, 0], "iterators_in_use_states": [reader(5), reader(9)]}
-    # Worker i reads positions i, i + 3, ... of the process's stream; worker 2 has not started.
-    assert position.reader_restarts(position.Layout(0, 1, 3), interleave) == [0 + 3 * 8, 1 + 3 * 4, 2]
-
-
-def test_global_restart_is_the_lowest_position_of_any_reader():
-    saved = [(position.Layout(p, 2, 0, global_start=50), reader(pulled)) for p, pulled in ((0, 6), (1, 4))]
-    # process 0: 50 + 0 + 2 * 5 = 60; process 1: 50 + 1 + 2 * 3 = 57
-    assert position.global_restart(saved) == 57
-
-
-def test_unknown_states_are_one_line_errors(tmp_path):
-    with pytest.raises(ConfigError, match="no document position") as err:
-        position.reader_restarts(position.Layout(0, 1, 0), {"something": "else"})
+def test_shards_are_picked_from_every_process_file():
+    files = [position.wrap(4, {0: {"at": 0}, 1: {"at": 1}}), position.wrap(4, {1: {"at": 1}, 2: {"at": 2}}),
+             position.wrap(4, {3: {"at": 3}})]
+    assert position.pick_shards(files, 4, [1, 3]) == {1: {"at": 1}, 3: {"at": 3}}
+    with pytest.raises(ConfigError, match=r"lack virtual shards \[3\]") as err:
+        position.pick_shards(files[:2], 4, [0, 3])
     assert "\n" not in str(err.value)
-    with pytest.raises(ConfigError, match="per-worker"):
-        position.reader_restarts(position.Layout(0, 1, 2), reader(3))
+    with pytest.raises(ConfigError, match="set data.virtual_shards=4"):
+        position.pick_shards(files, 2, [0])
+
+
+def test_saved_files_are_read_by_process(tmp_path):
     for name in ("process_0-of-2.json", "process_1-of-2.json", "notes.json"):
         (tmp_path / name).write_text(json.dumps({"name": name}))
-    assert position.saved_processes(tmp_path) == {(0, 2), (1, 2)}
-    assert position.read_saved_states(tmp_path)[(1, 2)] == {"name": "process_1-of-2.json"}
+    states = position.read_saved_states(tmp_path)
+    assert sorted(states) == [(0, 2), (1, 2)] and states[(1, 2)] == {"name": "process_1-of-2.json"}
+    (tmp_path / "process_1-of-2.json").write_text("{cut off")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        position.read_saved_states(tmp_path)

@@ -61,16 +61,18 @@ def test_prepare_then_train_reuses_both_and_logs_the_skips(tmp_path, messy_corpu
     assert "preparing" not in caplog.text and model.read_bytes() == model_bytes
     assert "data: 40 documents kept, 2 skipped: 1 binary, 1 empty" in caplog.text  # the run log
 
-    # The same run resumed by two processes' worth of saved data states (as if it had run on two
-    # hosts): the state restores, the data restarts from their positions, training goes on.
+    # The same run resumed from two processes' saved data states (as if it had run on two hosts,
+    # each saving its virtual shards): the shards are found in both files, training goes on.
     data_dir = tmp_path / "run" / "checkpoints" / "10" / "data"
     (saved,) = position.read_saved_states(data_dir).values()
     (data_dir / "process_0-of-1.json").unlink()
-    for p in range(2):
-        (data_dir / f"process_{p}-of-2.json").write_text(json.dumps({**saved, "process_index": p, "process_count": 2}))
+    shards = sorted(saved["shards"], key=int)
+    for p, part in enumerate((shards[:len(shards) // 2], shards[len(shards) // 2:])):
+        own = {**saved, "shards": {v: saved["shards"][v] for v in part}}
+        (data_dir / f"process_{p}-of-2.json").write_text(json.dumps(own))
     caplog.clear()
     train(_config(tmp_path, messy_corpus, sep, "data.eval_fraction=0.1", "train.steps=15"))
-    assert "saved by 2 processes, this run has 1" in caplog.text
+    assert "resumed from step 10" in caplog.text and "older version" not in caplog.text
     steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert steps == [5, 10, 15]
 

@@ -207,3 +207,31 @@ def test_tokenizer_pickles_without_its_file(trained, tmp_path):
     text = "def f(value):\n    return value + 1\n"
     assert clone.encode(text) == tok.encode(text)
     assert (clone.bos_id, clone.eos_id, clone.vocab_size) == (tok.bos_id, tok.eos_id, tok.vocab_size)
+
+
+def test_with_several_processes_process_0_alone_trains_and_the_others_wait(trained, tmp_path, monkeypatch):
+    import jax
+    from jax.experimental import multihost_utils
+
+    tok, _ = trained
+    events = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+
+    def process_0_trains_meanwhile(name):  # the barrier: process 0 is done when every process is past it
+        events.append("barrier")
+        (tmp_path / "tokenizer").mkdir(exist_ok=True)
+        shutil.copyfile(tok.path, tmp_path / "tokenizer" / "spm.model")
+
+    monkeypatch.setattr(multihost_utils, "sync_global_devices", process_0_trains_meanwhile)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    loaded = tok_lib.load_or_train_tokenizer(_config(), tmp_path, _Sources(_Forbidden()))  # never trains
+    assert events == ["barrier"] and loaded.path.read_bytes() == tok.path.read_bytes()
+
+    # Process 0 trains before the barrier; a failure is raised after it, so no process waits forever.
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    monkeypatch.setattr(multihost_utils, "sync_global_devices", lambda name: events.append(name))
+    trained_by_0 = tok_lib.load_or_train_tokenizer(_config(), tmp_path / "run", _Sources(_tiny_corpus()))
+    assert trained_by_0.path.is_file() and events[-1] == "llm_jax_tokenizer"
+    with pytest.raises(ConfigError, match="too large"):
+        tok_lib.load_or_train_tokenizer(_config("model.vocab_size=2048"), tmp_path / "bad", _Sources(["a b\n"] * 3))
+    assert events.count("llm_jax_tokenizer") == 2

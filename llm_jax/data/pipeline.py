@@ -1,4 +1,5 @@
 """The input pipeline: document sources -> grain (shuffle, tokenize, chunk, pack, batch) -> numpy.
+The training batches come from virtual shards of the document stream (`data/shards.py`).
 
 Sources are random-access sequences of documents (TFDS ArrayRecord data sources), because grain
 then shuffles globally by index and an iterator's position is a few integers: checkpointing the
@@ -10,8 +11,8 @@ piece gives inputs = piece[:-1], targets = piece[1:]. Pieces are packed into row
 segment ids (1, 2, ... per piece, 0 on padding) and positions (0-based within the piece), which the
 model uses to mask attention across pieces.
 
-Batch layout (every array [per_process_batch, seq_len]): inputs, targets, segment_ids, positions
-(int32) and weights (float32: 1 on real targets, 0 on padding).
+Batch layout (every array [rows, seq_len]: the global batch, or the rows a process holds): inputs,
+targets, segment_ids, positions (int32) and weights (float32: 1 on real targets, 0 on padding).
 """
 
 from __future__ import annotations
@@ -19,9 +20,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-import json
 import logging
-import os
 from typing import Any
 
 import grain
@@ -30,7 +29,7 @@ import tensorflow_datasets as tfds
 
 from llm_jax.config import Config, ConfigError, DataConfig, MixtureSource
 from llm_jax.data import corpus as corpus_lib
-from llm_jax.data import position, tfds_builder
+from llm_jax.data import tfds_builder
 from llm_jax.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -224,13 +223,29 @@ def document_pieces(ids: list[int], seq_len: int, bos_id: int, eos_id: int) -> l
     return pieces
 
 
+class DocumentCutter:
+    """A document (str) -> its pieces (`document_pieces`). Picklable: worker processes get it."""
+
+    def __init__(self, tokenizer: Tokenizer, seq_len: int):
+        self.tokenizer, self.seq_len = tokenizer, seq_len
+
+    def __call__(self, text: str) -> list[dict[str, np.ndarray]]:
+        tok = self.tokenizer
+        return document_pieces(tok.encode(text), self.seq_len, tok.bos_id, tok.eos_id)
+
+
 class _Pieces(grain.experimental.FlatMapTransform):
-    """Flattens the per-document lists of pieces (made in the parallel map) into single pieces."""
+    """Flattens the per-document lists of pieces into single pieces."""
 
     max_fan_out = 1 << 30  # only used by MapDataset flat maps; ours is on an IterDataset
 
     def flat_map(self, element: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         return element
+
+
+def flatten_pieces(per_document: grain.IterDataset) -> grain.IterDataset:
+    """Lists of pieces, one per document -> the pieces one by one, in order."""
+    return grain.experimental.FlatMapIterDataset(per_document, _Pieces())
 
 
 def _to_batch(packed: dict[str, np.ndarray]) -> Batch:
@@ -245,41 +260,20 @@ def _to_batch(packed: dict[str, np.ndarray]) -> Batch:
     }
 
 
-def _pack(pieces: grain.IterDataset, seq_len: int, num_bins: int, seed: int, shuffle_bins: bool) -> grain.IterDataset:
-    return grain.experimental.FirstFitPackIterDataset(
+def packed_batches(pieces: grain.IterDataset, seq_len: int, rows: int, num_bins: int, seed: int,
+                   shuffle_bins: bool, drop_remainder: bool) -> grain.IterDataset:
+    """Pieces -> rows of seq_len (first-fit packing over `num_bins` bins) -> batches of `rows` rows."""
+    packed = grain.experimental.FirstFitPackIterDataset(
         pieces,
         length_struct={"inputs": seq_len, "targets": seq_len},
         num_packing_bins=num_bins,
         seed=seed,
         shuffle_bins=shuffle_bins,
     )
+    return packed.batch(rows, drop_remainder=drop_remainder).map(_to_batch)
 
 
-def _tokenized_pieces(docs: grain.MapDataset, tokenizer: Tokenizer, seq_len: int,
-                      num_threads: int) -> grain.IterDataset:
-    """Tokenize and cut in grain's reader threads (order preserved), then flatten to pieces."""
-
-    def cut(text: str) -> list[dict[str, np.ndarray]]:
-        return document_pieces(tokenizer.encode(text), seq_len, tokenizer.bos_id, tokenizer.eos_id)
-
-    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(16, 8 * num_threads))
-    return grain.experimental.FlatMapIterDataset(docs.map(cut).to_iter_dataset(read), _Pieces())
-
-
-def _reader_threads() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
-
-
-def _check_process(config: Config, process_index: int, process_count: int) -> int:
-    if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} must be in [0, {process_count})")
-    if config.train.batch_size % process_count:
-        raise ConfigError(f"train.batch_size ({config.train.batch_size}) must be divisible by the "
-                          f"{process_count} processes")
-    return config.train.batch_size // process_count
-
-
-# ----------------------------------------------------------------------------- public pipeline
+# ----------------------------------------------------------------------------- documents and eval batches
 
 
 def _shuffled_forever(split: Any, shuffle: bool, seed: int) -> grain.MapDataset:
@@ -290,7 +284,7 @@ def _shuffled_forever(split: Any, shuffle: bool, seed: int) -> grain.MapDataset:
 
 
 def global_documents(config: Config, sources: DataSources) -> grain.MapDataset:
-    """The one endless stream of training documents that all processes share, in order.
+    """The one endless stream of training documents, in order, the same for every layout of a run.
 
     Reshuffled every epoch (grain's shuffle uses seed + epoch for indices past the first epoch). A
     mixture shuffles and repeats each source on its own, then mixes them with grain's deterministic
@@ -307,144 +301,6 @@ def global_documents(config: Config, sources: DataSources) -> grain.MapDataset:
     return grain.MapDataset.mix(streams, list(sources.weights))
 
 
-def train_documents(config: Config, sources: DataSources, process_index: int = 0, process_count: int = 1,
-                    global_start: int = 0, local_start: int = 0) -> grain.MapDataset:
-    """This process's endless stream of training documents (str), before tokenization.
-
-    Process p takes positions p, p + P, p + 2P... of the global stream (from `global_start`), from
-    its own `local_start` on: the starts are 0 except after a restore on another layout
-    (`data_position`).
-    """
-    docs = global_documents(config, sources)
-    if global_start:
-        docs = docs[global_start:]
-    docs = docs[process_index::process_count]
-    return docs[local_start:] if local_start else docs
-
-
-def _allow_grain_workers() -> None:
-    """grain's worker processes read absl flags; a program that never parsed them must say so."""
-    from absl import flags
-
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
-
-
-def _own_arrays(batch: Batch) -> Batch:
-    """Copies a batch out of the shared memory a worker process filled (so it is freed at once)."""
-    return {k: np.array(v) for k, v in batch.items()}
-
-
-class TrainIterator:
-    """This process's endless, checkpointable iterator of training batches [batch_size // P, seq_len].
-
-    Processes read disjoint documents (`train_documents`) without talking to each other; each
-    tokenizes, packs and batches its own, in grain reader threads, or with `data.workers` in that
-    many worker processes (each reading every W-th document of the process's stream and packing
-    its own batches, which are then taken in turn). `data.prefetch` batches are made ahead.
-
-    The state (`get_state`) is grain's pipeline state together with the layout it belongs to; see
-    `data_position` for a restore on another number of processes or workers.
-    """
-
-    def __init__(self, config: Config, tokenizer: Tokenizer, sources: DataSources,
-                 process_index: int = 0, process_count: int = 1):
-        self._per_process = _check_process(config, process_index, process_count)
-        self._config, self._tokenizer, self._sources = config, tokenizer, sources
-        self.layout = position.Layout(process_index, process_count, config.data.workers)
-        self._batches = self._open()
-
-    def _open(self) -> Any:
-        c, layout = self._config, self.layout
-        seq_len, workers, prefetch = c.train.seq_len, c.data.workers, c.data.prefetch
-        docs = train_documents(c, self._sources, layout.process_index, layout.process_count,
-                               layout.global_start, layout.local_start)
-        threads = max(1, _reader_threads() // max(1, workers))
-        pieces = _tokenized_pieces(docs, self._tokenizer, seq_len, threads)
-        if c.data.shuffle and c.data.shuffle_window > 1:
-            pieces = grain.experimental.WindowShuffleIterDataset(
-                pieces, window_size=c.data.shuffle_window, seed=(c.seed + 2) % 2**32)
-        # More bins than rows per batch: short last pieces of documents find room, less padding.
-        packed = _pack(pieces, seq_len, num_bins=2 * self._per_process, seed=(c.seed + 1) % 2**32,
-                       shuffle_bins=c.data.shuffle)
-        batches = packed.batch(self._per_process, drop_remainder=True).map(_to_batch)
-        if workers:
-            _allow_grain_workers()
-            options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(1, prefetch))
-            batches = batches.mp_prefetch(options).map(_own_arrays)
-        elif prefetch:
-            # Packing (~3 ms per 16x128 batch) then overlaps the step instead of preceding it.
-            batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch)
-        return iter(batches)
-
-    def _reopen(self, layout: position.Layout) -> None:
-        self.close()
-        self.layout = layout
-        self._batches = self._open()
-
-    def __iter__(self) -> TrainIterator:
-        return self
-
-    def __next__(self) -> Batch:
-        return next(self._batches)
-
-    def get_state(self) -> dict:
-        return position.wrap(self.layout, self._batches.get_state())
-
-    def set_state(self, state: dict) -> None:
-        """Resumes exactly from a state of this process saved with the same number of workers; with
-        another number of workers, restarts at the slowest old worker's document (`data_position`)."""
-        ours = self.layout
-        saved, pipeline = position.unwrap(state, ours.process_index, ours.process_count)
-        if (saved.process_index, saved.process_count) != (ours.process_index, ours.process_count):
-            raise position.LayoutError(
-                f"the data state of process {saved.process_index} of {saved.process_count} cannot resume process "
-                f"{ours.process_index} of {ours.process_count} alone; use restore_from_saved with all saved states")
-        if saved.same_readers(ours):
-            if (saved.global_start, saved.local_start) != (ours.global_start, ours.local_start):
-                self._reopen(saved)
-            self._batches.set_state(pipeline)
-            return
-        local = min(position.reader_restarts(saved, pipeline))
-        log.warning("the data position was saved with data.workers=%d, this run has %d: process %d restarts "
-                    "its documents at position %d (a few may be seen twice)", saved.workers, ours.workers,
-                    ours.process_index, local)
-        self._reopen(dataclasses.replace(ours, global_start=saved.global_start, local_start=local))
-
-    def restore_from_saved(self, states: dict[tuple[int, int], dict]) -> None:
-        """Resumes from the saved states of every process of a checkpoint ({(index, count): state}).
-
-        With this process's own state, as `set_state`; saved by another number of processes, all of
-        them restart the global stream at the lowest position any old reader had not fully fed.
-        """
-        ours = self.layout
-        own = states.get((ours.process_index, ours.process_count))
-        if own is not None:
-            self.set_state(own)
-            return
-        counts = {count for _, count in states}
-        if len(counts) != 1 or {index for index, _ in states} != set(range(next(iter(counts)))):
-            raise position.LayoutError(f"the checkpoint's data states are incomplete: found {sorted(states)}")
-        saved = [position.unwrap(state, index, count) for (index, count), state in sorted(states.items())]
-        start = position.global_restart(saved)
-        log.warning("the data position was saved by %d processes, this run has %d: the data restarts at "
-                    "document %d of the shared stream, sliced for %d processes (a few may be seen twice)",
-                    next(iter(counts)), ours.process_count, start, ours.process_count)
-        self._reopen(dataclasses.replace(ours, global_start=start, local_start=0))
-
-    def close(self) -> None:
-        """Stops worker processes and prefetch threads (also done when the iterator is collected)."""
-        close = getattr(self._batches, "close", None)
-        if close is not None:
-            close()
-
-
-def make_train_iterator(config: Config, tokenizer: Tokenizer, sources: DataSources,
-                        process_index: int = 0, process_count: int = 1) -> TrainIterator:
-    """Endless, checkpointable iterator of this process's training batches (`TrainIterator`)."""
-    return TrainIterator(config, tokenizer, sources, process_index, process_count)
-
-
 def _pad_rows(batch: Batch, rows: int) -> Batch:
     """Adds all-zero rows (weight 0) so a short last eval batch keeps the static batch shape."""
     missing = rows - batch["inputs"].shape[0]
@@ -454,55 +310,24 @@ def _pad_rows(batch: Batch, rows: int) -> Batch:
 
 
 def make_eval_batches(config: Config, tokenizer: Tokenizer, sources: DataSources,
-                      process_index: int = 0, process_count: int = 1) -> list[Batch]:
+                      rows: list[tuple[int, int]] | None = None) -> list[Batch]:
     """At most train.eval_batches batches of the eval split, the same on every run.
 
     No shuffle. Every process builds the same global batches of train.batch_size rows and keeps
-    its own block of rows, so all processes get the same number of batches (a collective eval
-    step would hang otherwise). An empty eval split gives an empty list.
+    the global row ranges `rows` its devices hold (None: all), so all processes get the same number
+    of batches (a collective eval step would hang otherwise). An empty eval split gives [].
     """
-    per_process = _check_process(config, process_index, process_count)
     if len(sources.eval) == 0:
         return []
     global_batch, seq_len = config.train.batch_size, config.train.seq_len
-    docs = grain.MapDataset.source(sources.eval)
-    pieces = _tokenized_pieces(docs, tokenizer, seq_len, _reader_threads())
-    packed = _pack(pieces, seq_len, num_bins=global_batch, seed=0, shuffle_bins=False)
-    batches = packed.batch(global_batch, drop_remainder=False).map(_to_batch)
-    rows = slice(process_index * per_process, (process_index + 1) * per_process)
+    read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=16)  # tokenizing holds the GIL: one thread
+    per_document = grain.MapDataset.source(sources.eval).map(DocumentCutter(tokenizer, seq_len))
+    pieces = flatten_pieces(per_document.to_iter_dataset(read))
+    batches = packed_batches(pieces, seq_len, global_batch, num_bins=global_batch, seed=0, shuffle_bins=False,
+                             drop_remainder=False)
+    spans = rows if rows is not None else [(0, global_batch)]
     out = []
     for batch in itertools.islice(iter(batches), config.train.eval_batches):
         batch = _pad_rows(batch, global_batch)
-        out.append({k: np.ascontiguousarray(v[rows]) for k, v in batch.items()})
+        out.append({k: np.concatenate([v[start:stop] for start, stop in spans]) for k, v in batch.items()})
     return out
-
-
-# ----------------------------------------------------------------------------- checkpointing
-
-
-def iterator_state(it: TrainIterator) -> dict:
-    """The iterator's position as a JSON-serialisable dict (grain states are nested ints)."""
-    return json.loads(json.dumps(it.get_state()))  # fails loudly here, not in the checkpointer
-
-
-def restore_iterator_state(it: TrainIterator, state: dict) -> None:
-    """Moves `it` (from make_train_iterator with the same config and sources) to `state`."""
-    it.set_state(state)
-
-
-def has_own_saved_state(data_dir: str | os.PathLike, process_index: int, process_count: int) -> bool:
-    """Whether a checkpoint's data item (a folder) holds a state for this process of this many.
-
-    False when the checkpoint was written by another number of processes: restore its train state
-    alone, then the data with `restore_from_checkpoint_dir`.
-    """
-    saved = position.saved_processes(data_dir)
-    return not saved or (process_index, process_count) in saved
-
-
-def restore_from_checkpoint_dir(it: TrainIterator, data_dir: str | os.PathLike) -> None:
-    """Restores `it` from every process's saved state in a checkpoint's data folder."""
-    states = position.read_saved_states(data_dir)
-    if not states:
-        raise position.LayoutError(f"{data_dir} holds no saved data states")
-    it.restore_from_saved(states)

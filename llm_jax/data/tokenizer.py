@@ -282,19 +282,14 @@ def _load_own(model_path: Path) -> Tokenizer:
             "tokenizer/spm.model)") from None
 
 
-def load_or_train_tokenizer(config: Config, workdir: str | os.PathLike, sources: Any) -> Tokenizer:
-    """The run's tokenizer: WORKDIR/tokenizer/spm.model if present, else tokenizer.path, else trained.
+def _write_run_tokenizer(config: Config, sources: Any, out_dir: Path) -> None:
+    """Puts the run's tokenizer in `out_dir` unless it is there: tokenizer.path copied, else trained.
 
-    `sources` is a `data.DataSources`; only `sources.train` is read (a sample of it). Writes go to
-    a temporary folder that is renamed into place, so an interrupted run never leaves a truncated
-    model for the next run to load.
+    Writes go to a temporary folder that is renamed into place, so an interrupted run never leaves
+    a truncated model for the next run to load.
     """
-    out_dir = Path(workdir) / "tokenizer"
-    model_path = out_dir / MODEL_NAME
-    if model_path.is_file():
-        log.info("loading tokenizer %s", model_path)
-        return _check_loaded(_load_own(model_path), config)
-
+    if (out_dir / MODEL_NAME).is_file():
+        return
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=".spm-", dir=out_dir))
     try:
@@ -317,4 +312,36 @@ def load_or_train_tokenizer(config: Config, workdir: str | os.PathLike, sources:
         _move_into_place(tmp_dir, out_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    return _check_loaded(Tokenizer(model_path), config)
+
+
+def load_or_train_tokenizer(config: Config, workdir: str | os.PathLike, sources: Any) -> Tokenizer:
+    """The run's tokenizer: WORKDIR/tokenizer/spm.model if present, else tokenizer.path, else trained.
+
+    `sources` is a `data.DataSources`; only `sources.train` is read (a sample of it). With several
+    processes, process 0 alone trains (or copies) it while the others wait at a barrier, then all
+    load the same file: one tokenizer per run, in the workdir they share.
+    """
+    import jax  # here, not at the top: data worker processes unpickle Tokenizers without JAX
+
+    out_dir = Path(workdir) / "tokenizer"
+    model_path = out_dir / MODEL_NAME
+    if jax.process_count() == 1:
+        _write_run_tokenizer(config, sources, out_dir)
+    else:
+        from jax.experimental import multihost_utils
+
+        failure = None
+        if jax.process_index() == 0:
+            try:
+                _write_run_tokenizer(config, sources, out_dir)
+            except Exception as e:  # raised after the barrier, so the others are not left waiting
+                failure = e
+        multihost_utils.sync_global_devices("llm_jax_tokenizer")  # every process, every run: no one waits alone
+        if failure is not None:
+            raise failure
+        if not model_path.is_file():
+            raise ConfigError(f"workdir: process {jax.process_index()} finds no tokenizer at {model_path} "
+                              "after process 0's turn to write it: process 0 failed (see its log) or the workdir "
+                              "is not shared")
+    log.info("loading tokenizer %s", model_path)
+    return _check_loaded(_load_own(model_path), config)

@@ -26,7 +26,7 @@ def make_mesh(config: Config, devices: list | None = None) -> Mesh:
     Axes are `Auto`: Linen modules rely on sharding propagation, not explicit sharding types.
     """
     devices = list(jax.devices() if devices is None else devices)
-    shape = validate_for_devices(config, len(devices), jax.process_count())
+    shape = validate_for_devices(config, len(devices))
     if config.parallel.mode == "pmap":  # pmap maps over devices in their plain order
         device_grid = np.asarray(devices, dtype=object).reshape(shape)
     else:
@@ -72,9 +72,57 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Builds global arrays from this process's rows; every process passes its own slice."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+def _row_span(index: tuple, batch_size: int) -> tuple[int, int]:
+    rows = index[0]
+    return rows.start or 0, batch_size if rows.stop is None else rows.stop
+
+
+def host_rows(sharding: NamedSharding, batch_size: int) -> list[tuple[int, int]]:
+    """The global rows [start, stop) that this process's devices hold of a [batch_size, ...] array
+    with `sharding`, sorted and merged. Devices that hold the same rows (a tensor axis, or one
+    spanning processes) count once; the ranges need not be contiguous.
+    """
+    spans = sorted(_row_span(index, batch_size)
+                   for index in sharding.addressable_devices_indices_map((batch_size, 1)).values())
+    merged: list[tuple[int, int]] = []
+    for start, stop in spans:
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(stop, merged[-1][1]))
+        else:
+            merged.append((start, stop))
+    return merged
+
+
+def batch_rows(mesh: Mesh, batch_size: int) -> list[tuple[int, int]]:
+    """The global batch rows this process must load: those its devices hold under `batch_sharding`.
+
+    Under pmap the mesh lists the devices in their plain order, so device i holds block i of the
+    batch in both layouts and these are the rows `train/pmap.put_batch` places too.
+    """
+    return host_rows(batch_sharding(mesh), batch_size)
+
+
+def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding, batch_size: int) -> dict[str, jax.Array]:
+    """Global [batch_size, ...] arrays from this process's rows: `host_rows(sharding, batch_size)`,
+    concatenated in order. Each device gets exactly its rows, whatever the mesh and process layout."""
+    spans = host_rows(sharding, batch_size)
+    offsets, offset = [], 0
+    for start, stop in spans:
+        offsets.append(offset)
+        offset += stop - start
+
+    def local_rows(x: np.ndarray, index: tuple) -> np.ndarray:
+        start, stop = _row_span(index, batch_size)
+        i = max(i for i, span in enumerate(spans) if span[0] <= start)  # the range that holds these rows
+        at = offsets[i] + start - spans[i][0]
+        return x[at:at + stop - start]
+
+    def put(x: np.ndarray) -> jax.Array:
+        if x.shape[0] != offset:
+            raise ValueError(f"this process holds {offset} rows of the batch ({spans}), got {x.shape[0]}")
+        return jax.make_array_from_callback((batch_size, *x.shape[1:]), sharding, lambda index: local_rows(x, index))
+
+    return {k: put(v) for k, v in local_batch.items()}
 
 
 def bytes_per_device(tree: Any) -> int:

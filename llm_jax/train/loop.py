@@ -23,6 +23,7 @@ from flax import linen as nn
 
 from llm_jax.config import Config, ConfigError, dump_config, to_dict
 from llm_jax.data import pipeline as data_lib
+from llm_jax.data import shards
 from llm_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
 from llm_jax.infer.generate import generate
 from llm_jax.models import flops
@@ -165,14 +166,15 @@ def compile_steps(setup: Setup) -> Steps:
         out_shardings=(setup.state_shardings, replicated),
         donate_argnums=0,
     )
-    return Steps(train=train_fn, eval=eval_fn, put_batch=lambda b: mesh_lib.global_batch(b, batch_sharding),
+    return Steps(train=train_fn, eval=eval_fn,
+                 put_batch=lambda b: mesh_lib.global_batch(b, batch_sharding, c.train.batch_size),
                  to_loop=lambda s: s, to_global=lambda s: s)
 
 
 def held_out_batches(setup: Setup) -> list[dict[str, np.ndarray]]:
-    """This process's rows of the fixed eval batches, built once per run."""
+    """The rows this process's devices hold of the fixed eval batches, built once per run."""
     return data_lib.make_eval_batches(setup.config, setup.tokenizer, setup.sources,
-                                      jax.process_index(), jax.process_count())
+                                      mesh_lib.batch_rows(setup.mesh, setup.config.train.batch_size))
 
 
 def evaluate(setup: Setup, eval_fn, params, eval_batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
@@ -182,7 +184,8 @@ def evaluate(setup: Setup, eval_fn, params, eval_batches: list[dict[str, np.ndar
     weight_sum = jnp.zeros(())
     with setup.context():
         for local in eval_batches:
-            batch_loss, batch_weight = eval_fn(params, mesh_lib.global_batch(local, batch_sharding))
+            batch = mesh_lib.global_batch(local, batch_sharding, setup.config.train.batch_size)
+            batch_loss, batch_weight = eval_fn(params, batch)
             loss_sum, weight_sum = loss_sum + batch_loss, weight_sum + batch_weight
     loss_sum, weight_sum = jax.device_get((loss_sum, weight_sum))
     loss = float(loss_sum) / max(float(weight_sum), 1.0)
@@ -264,19 +267,16 @@ def _train(config: Config, stop: StopSignal, on_exit: contextlib.ExitStack) -> d
     # share the cores with the measurement; only process 0 logs.
     peak_flops = flops.total_peak_flops() if is_main else None
 
-    train_iter = data_lib.make_train_iterator(c, setup.tokenizer, setup.sources,
-                                              jax.process_index(), jax.process_count())
-    iter_ckpt = ckpt.IteratorCheckpoint(lambda: data_lib.iterator_state(train_iter),
-                                        lambda s: data_lib.restore_iterator_state(train_iter, s))
+    # Exactly the rows this process's devices hold of every step's global batch.
+    train_iter = shards.make_train_iterator(c, setup.tokenizer, setup.sources,
+                                            mesh_lib.batch_rows(setup.mesh, c.train.batch_size))
+    iter_ckpt = ckpt.IteratorCheckpoint(lambda: shards.iterator_state(train_iter),
+                                        lambda s: shards.restore_iterator_state(train_iter, s))
     eval_batches = held_out_batches(setup)
     checkpointer = ckpt.Checkpointer(workdir / "checkpoints", c.checkpoint, run_config=to_dict(c))
-    # A checkpoint saved by another number of processes holds no data state for this process: the
-    # train state is restored alone, then the data restarts from every old process's position.
-    latest = checkpointer.latest_step()
-    own_data = latest is None or data_lib.has_own_saved_state(
-        checkpointer.directory / str(latest) / "data", jax.process_index(), jax.process_count())
-    restored = checkpointer.restore_latest(setup.abstract_state, iter_ckpt if own_data else None,
-                                           ignore_damaged=c.checkpoint.ignore_damaged)
+    # The train state is restored alone, then the data from the states every process saved: this
+    # process's shards may have been run by others (another process count or mesh).
+    restored = checkpointer.restore_latest(setup.abstract_state, None, ignore_damaged=c.checkpoint.ignore_damaged)
     if restored is None:
         state = create_state(setup)
         if c.init_from:  # exported parameters, a fresh optimizer and step 0
@@ -293,8 +293,7 @@ def _train(config: Config, stop: StopSignal, on_exit: contextlib.ExitStack) -> d
         changed = ckpt.changed_settings(metadata.get("config"), to_dict(c), ("data",), ignore=_DATA_RUNTIME_KEYS)
         if changed:
             log.warning("the data changed since step %d: %s", start, ", ".join(changed))
-        if not own_data:
-            data_lib.restore_from_checkpoint_dir(train_iter, checkpointer.directory / str(start) / "data")
+        shards.restore_from_checkpoint_dir(train_iter, checkpointer.directory / str(start) / "data")
     log.info("per-device bytes: params %d, optimizer state %d",
              mesh_lib.bytes_per_device(state.params), mesh_lib.bytes_per_device(state.opt_state))
 
