@@ -35,6 +35,7 @@ from llm_jax.train import pmap, run_lock
 from llm_jax.train.fault_tolerance import NonFiniteError, NonFiniteGuard, ProcessAgreement, SaveClock
 from llm_jax.train.metrics import MetricsWriter
 from llm_jax.train.optim import describe_dtypes, make_optimizer
+from llm_jax.train.report import Reporter, log_eval
 from llm_jax.train.steps import TrainState, eval_step, init_state, train_step
 
 log = logging.getLogger(__name__)
@@ -214,27 +215,6 @@ def _max_decode_len(config: Config) -> int:
     return max(config.model.max_len, config.train.seq_len)
 
 
-def _log_eval(bar, step: int, result: dict[str, float]) -> None:
-    """One console line per evaluation, as it happens (metrics.jsonl has them too, but no one watches it)."""
-    message = f"step {step}: eval loss {result['eval_loss']:.4f}, eval perplexity {result['eval_perplexity']:.2f}"
-    if bar is None:
-        log.info(message)
-        return
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    with logging_redirect_tqdm():  # printed above the bar rather than through it
-        log.info(message)
-
-
-def _progress_bar(config: Config, start: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=config.train.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
-                mininterval=1.0)
-
-
 # Data settings that change how batches are made, not which: no warning on resume.
 _DATA_RUNTIME_KEYS = ("workers", "prefetch", "prepared_dir", "num_shards")
 
@@ -250,30 +230,56 @@ def train(config: Config) -> dict[str, Any]:
 
 
 def _train(config: Config, stop: StopSignal, on_exit: contextlib.ExitStack) -> dict[str, Any]:
+    """Start-up in data-flow order, then the step loop, then the run's end."""
     is_main = jax.process_index() == 0
     workdir = Path(config.workdir)
     if config.init_from:
         config = ckpt.check_init_from(config)  # before any work; brings the exported tokenizer
     check_workdir_matches(config, workdir)
     setup = build(config)
-    c = config
     if is_main:
-        dump_config(c, workdir / "config.yaml")
-    log.info("model: %s, %.2fM parameters; mesh %s over %d devices", c.model.arch,
-             count_params(setup.abstract_state.params) / 1e6, dict(setup.mesh.shape), setup.mesh.size)
-    log.info("data: %s", data_lib.skip_summary(setup.sources))
-    log.info("dtypes: %s", describe_dtypes(setup.abstract_state.params, setup.abstract_state.opt_state, c.model.dtype))
+        dump_config(config, workdir / "config.yaml")
+    _log_setup(setup)
     # Measured once (on CPU a ~0.1 s matmul) before the data pipeline's threads start, which would
     # share the cores with the measurement; only process 0 logs.
     peak_flops = flops.total_peak_flops() if is_main else None
 
     # Exactly the rows this process's devices hold of every step's global batch.
-    train_iter = shards.make_train_iterator(c, setup.tokenizer, setup.sources,
-                                            mesh_lib.batch_rows(setup.mesh, c.train.batch_size))
+    train_iter = shards.make_train_iterator(config, setup.tokenizer, setup.sources,
+                                            mesh_lib.batch_rows(setup.mesh, config.train.batch_size))
     iter_ckpt = ckpt.IteratorCheckpoint(lambda: shards.iterator_state(train_iter),
                                         lambda s: shards.restore_iterator_state(train_iter, s))
     eval_batches = held_out_batches(setup)
-    checkpointer = ckpt.Checkpointer(workdir / "checkpoints", c.checkpoint, run_config=to_dict(c))
+    checkpointer = ckpt.Checkpointer(workdir / "checkpoints", config.checkpoint, run_config=to_dict(config))
+    state, start, metadata = _restore_or_init(setup, checkpointer, train_iter)
+    log.info("per-device bytes: params %d, optimizer state %d",
+             mesh_lib.bytes_per_device(state.params), mesh_lib.bytes_per_device(state.opt_state))
+
+    steps = compile_steps(setup)
+    writer = MetricsWriter(workdir, enabled=is_main)
+    on_exit.callback(writer.close)  # on a failure too: its event file thread must end before the process
+    guard = NonFiniteGuard(config.train.max_nonfinite_steps, total=int(metadata.get("nonfinite_steps", 0)))
+    reporter = Reporter(config, writer, guard, start, peak_flops, show_progress=is_main and config.train.progress)
+    run = _StepLoop(setup, steps, steps.to_loop(state), start, train_iter, iter_ckpt, eval_batches,
+                    checkpointer, guard, reporter)
+    stop.running()
+    with setup.context():
+        run.run(stop)
+    return _finish(run, writer)
+
+
+def _log_setup(setup: Setup) -> None:
+    c = setup.config
+    log.info("model: %s, %.2fM parameters; mesh %s over %d devices", c.model.arch,
+             count_params(setup.abstract_state.params) / 1e6, dict(setup.mesh.shape), setup.mesh.size)
+    log.info("data: %s", data_lib.skip_summary(setup.sources))
+    log.info("dtypes: %s", describe_dtypes(setup.abstract_state.params, setup.abstract_state.opt_state, c.model.dtype))
+
+
+def _restore_or_init(setup: Setup, checkpointer: ckpt.Checkpointer, train_iter) -> tuple[TrainState, int, dict]:
+    """The newest checkpoint's state, step and metadata (the data position restored with it), or a
+    fresh state at step 0 (from `init_from`'s exported parameters when given)."""
+    c = setup.config
     # The train state is restored alone, then the data from the states every process saved: this
     # process's shards may have been run by others (another process count or mesh).
     restored = checkpointer.restore_latest(setup.abstract_state, None, ignore_damaged=c.checkpoint.ignore_damaged)
@@ -282,95 +288,61 @@ def _train(config: Config, stop: StopSignal, on_exit: contextlib.ExitStack) -> d
         if c.init_from:  # exported parameters, a fresh optimizer and step 0
             state = state.replace(params=ckpt.load_exported_params(c.init_from, c.model, setup.abstract_state.params))
             log.info("starting from the parameters exported in %s", c.init_from)
-        start = 0
-        metadata = {}
-    else:
-        state, metadata = restored
-        start = int(metadata["step"])
-        log.info("resumed from step %d (%s)", start, checkpointer.directory / str(start))
-        # Not an error (a run may move on to new data), but the batches are no longer those an
-        # uninterrupted run would have seen: say so.
-        changed = ckpt.changed_settings(metadata.get("config"), to_dict(c), ("data",), ignore=_DATA_RUNTIME_KEYS)
-        if changed:
-            log.warning("the data changed since step %d: %s", start, ", ".join(changed))
-        shards.restore_from_checkpoint_dir(train_iter, checkpointer.directory / str(start) / "data")
-    log.info("per-device bytes: params %d, optimizer state %d",
-             mesh_lib.bytes_per_device(state.params), mesh_lib.bytes_per_device(state.opt_state))
+        return state, 0, {}
+    state, metadata = restored
+    start = int(metadata["step"])
+    log.info("resumed from step %d (%s)", start, checkpointer.directory / str(start))
+    # Not an error (a run may move on to new data), but the batches are no longer those an
+    # uninterrupted run would have seen: say so.
+    changed = ckpt.changed_settings(metadata.get("config"), to_dict(c), ("data",), ignore=_DATA_RUNTIME_KEYS)
+    if changed:
+        log.warning("the data changed since step %d: %s", start, ", ".join(changed))
+    shards.restore_from_checkpoint_dir(train_iter, checkpointer.directory / str(start) / "data")
+    return state, start, metadata
 
-    steps = compile_steps(setup)
-    state = steps.to_loop(state)
-    writer = MetricsWriter(workdir, enabled=is_main)
-    on_exit.callback(writer.close)  # on a failure too: its event file thread must end before the process
-    tokens_per_step = c.train.batch_size * c.train.seq_len
-    bar = _progress_bar(c, start, enabled=is_main and c.train.progress)
-    wall_start = time.time()
-    last_eval: dict[str, float] = {}
-    last_eval_step = -1
-    guard = NonFiniteGuard(c.train.max_nonfinite_steps, total=int(metadata.get("nonfinite_steps", 0)))
-    save_clock = SaveClock(c.checkpoint.every_minutes)  # process 0's clock decides, for all processes
-    agreement = ProcessAgreement(setup.mesh, every=c.train.agree_every)
 
-    def save(step: int) -> None:
-        guard.read_through(step)
-        if guard.streak:  # the newest update was skipped as non-finite: keep the last good checkpoint as is
-            log.warning("not saving step %d: its loss or gradient was non-finite", step)
-            return
-        metadata = {"step": step, "tokens_seen": step * tokens_per_step, "wall_time_s": time.time() - wall_start,
-                    "config": to_dict(c), "nonfinite_steps": guard.total}
-        eval_loss = last_eval["eval_loss"] if last_eval_step == step else None  # ranks it for keep_best
-        checkpointer.save(step, steps.to_global(state), iter_ckpt, metadata, eval_loss=eval_loss)
-        save_clock.saved()
+class _StepLoop:
+    """The steps of one run, on the state it owns, with its hooks: report, evaluate, save."""
 
-    pending = None  # (step, device metrics) of the last dispatched step that is due for logging
-    # Throughput between two reports; time spent in eval and checkpointing is not training time.
-    clock = {"time": time.perf_counter(), "step": start, "wait": 0.0, "paused": 0.0}
+    def __init__(self, setup: Setup, steps: Steps, state, start: int, train_iter, iter_ckpt, eval_batches,
+                 checkpointer: ckpt.Checkpointer, guard: NonFiniteGuard, reporter: Reporter):
+        c = setup.config
+        self.setup, self.config, self.steps = setup, c, steps
+        self.state = state  # in the loop layout (steps.to_loop)
+        self.start = self.step = start
+        self.train_iter, self.iter_ckpt, self.eval_batches = train_iter, iter_ckpt, eval_batches
+        self.checkpointer, self.guard, self.reporter = checkpointer, guard, reporter
+        self.is_main = jax.process_index() == 0
+        self.wall_start = time.time()
+        self.last_eval: dict[str, float] = {}
+        self.last_eval_step = -1
+        self.save_clock = SaveClock(c.checkpoint.every_minutes)  # process 0's clock decides, for all processes
+        self.agreement = ProcessAgreement(setup.mesh, every=c.train.agree_every)
 
-    def report(step: int, device_metrics) -> None:
-        host = jax.device_get(device_metrics)  # blocks until `step` is done; step + 1 is queued
-        now = time.perf_counter()
-        elapsed = max(now - clock["time"] - clock["paused"], 1e-9)
-        row = {"loss": float(host["loss"]), "lr": float(host["lr"]), "grad_norm": float(host["grad_norm"]),
-               "tokens_per_sec": (step - clock["step"]) * tokens_per_step / elapsed,
-               "data_wait_frac": min(clock["wait"] / elapsed, 1.0)}
-        step_mfu = flops.mfu(row["tokens_per_sec"], c, peak_flops)
-        if step_mfu is not None:
-            row["mfu"] = step_mfu
-        guard.read_through(step)
-        row["nonfinite_steps"] = guard.total  # steps skipped so far, this one included
-        writer.write(step, row)
-        if bar is not None:
-            # On CPU the peak is one short matmul measured on cores other processes share: an MFU
-            # against it says little, so the bar shows it on accelerators only (metrics.jsonl keeps it).
-            mfu_shown = {"mfu": f"{row['mfu']:.1%}"} if "mfu" in row and jax.default_backend() != "cpu" else {}
-            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:.0f}", **mfu_shown,
-                            refresh=False)
-        clock.update(time=now, step=step, wait=0.0, paused=0.0)
-
-    step = start
-    stop_agreed = False
-    stop.running()
-    with setup.context():
-        while step < c.train.steps and not stop_agreed and not guard.diverged:
+    def run(self, stop: StopSignal) -> None:
+        """Steps until the last one, an agreed stop, or divergence; metrics of logged steps are read
+        one step late, so the host never waits for the device in between."""
+        c, reporter = self.config, self.reporter
+        stop_agreed = False
+        while self.step < c.train.steps and not stop_agreed and not self.guard.diverged:
             t0 = time.perf_counter()
-            local = next(train_iter)
-            clock["wait"] += time.perf_counter() - t0
-            state, metrics = steps.train(state, steps.put_batch(local))
-            step += 1
-            guard.push(step, metrics["nonfinite"])  # reads the flag of step - 1, already done
+            local = next(self.train_iter)
+            reporter.waited_for_data(time.perf_counter() - t0)
+            self.state, metrics = self.steps.train(self.state, self.steps.put_batch(local))
+            self.step += 1
+            step = self.step
+            self.guard.push(step, metrics["nonfinite"])  # reads the flag of step - 1, already done
             # A signal or a time-based save on one process acts on all of them, at the same step.
-            decision = agreement.exchange(step, stop.requested, lambda: is_main and save_clock.due())
+            decision = self.agreement.exchange(step, stop.requested, lambda: self.is_main and self.save_clock.due())
             stop_agreed = decision.stop
-            if step == start + 1:  # the first step compiles: start the throughput clock after it
+            if step == self.start + 1:  # the first step compiles: start the throughput clock after it
                 jax.block_until_ready(metrics)
-                clock.update(time=time.perf_counter(), step=step, wait=0.0)
-            if pending is not None:
-                report(*pending)
-                pending = None
+                reporter.start_clock(step)
+            reporter.flush()
             if step % c.train.log_every == 0 or step == c.train.steps:
-                pending = (step, metrics)
-            if bar is not None:
-                bar.update(1)
-            if guard.diverged:
+                reporter.due(step, metrics)
+            reporter.step_done()
+            if self.guard.diverged:
                 break  # nothing more is saved; the error is raised once the writers are closed
             eval_due = step % c.train.eval_every == 0 or step == c.train.steps
             save_due = (step % c.checkpoint.every == 0 or step == c.train.steps or stop_agreed or decision.save
@@ -378,43 +350,66 @@ def _train(config: Config, stop: StopSignal, on_exit: contextlib.ExitStack) -> d
             if stop_agreed and step < c.train.steps:
                 log.warning("stopping at step %d on a signal: saving a checkpoint", step)
             if eval_due or save_due:
-                if pending is not None:  # the device must finish training before the pause is timed
-                    report(*pending)
-                    pending = None
-                jax.block_until_ready(metrics)
-                t0 = time.perf_counter()
-                if eval_due:
-                    last_eval = evaluate(setup, steps.eval, steps.to_global(state.params), eval_batches)
-                    last_eval_step = step
-                    writer.write(step, last_eval)
-                    _log_eval(bar, step, last_eval)
-                if save_due:
-                    save(step)
-                clock["paused"] += time.perf_counter() - t0
-        if pending is not None:
-            report(*pending)
-    train_iter.close()  # stops data worker processes
-    if bar is not None:
-        bar.close()
-    guard.read_through(step)
-    if guard.diverged:
-        last_good = checkpointer.latest_step()
-        checkpointer.close()  # in-flight saves of good steps finish
+                self._pause_for(metrics, eval_due, save_due)
+        reporter.flush()
+
+    def _pause_for(self, metrics, eval_due: bool, save_due: bool) -> None:
+        """Evaluates and/or saves the current step; the time it takes is not training time."""
+        self.reporter.flush()  # the device must finish training before the pause is timed
+        jax.block_until_ready(metrics)
+        t0 = time.perf_counter()
+        if eval_due:
+            self.evaluate()
+        if save_due:
+            self.save()
+        self.reporter.paused(time.perf_counter() - t0)
+
+    def evaluate(self) -> None:
+        self.last_eval = evaluate(self.setup, self.steps.eval, self.steps.to_global(self.state.params),
+                                  self.eval_batches)
+        self.last_eval_step = self.step
+        self.reporter.eval_done(self.step, self.last_eval)
+
+    def save(self) -> None:
+        step = self.step
+        self.guard.read_through(step)
+        if self.guard.streak:  # the newest update was skipped as non-finite: keep the last good checkpoint as is
+            log.warning("not saving step %d: its loss or gradient was non-finite", step)
+            return
+        tokens_per_step = self.config.train.batch_size * self.config.train.seq_len
+        metadata = {"step": step, "tokens_seen": step * tokens_per_step, "wall_time_s": time.time() - self.wall_start,
+                    "config": to_dict(self.config), "nonfinite_steps": self.guard.total}
+        eval_loss = self.last_eval["eval_loss"] if self.last_eval_step == step else None  # ranks it for keep_best
+        self.checkpointer.save(step, self.steps.to_global(self.state), self.iter_ckpt, metadata, eval_loss=eval_loss)
+        self.save_clock.saved()
+
+
+def _finish(run: _StepLoop, writer: MetricsWriter) -> dict[str, Any]:
+    """Closes the data and the bar; raises on divergence; otherwise evaluates (if the last step was
+    not) and samples the final state. Returns the run's summary."""
+    c, step = run.config, run.step
+    run.train_iter.close()  # stops data worker processes
+    run.reporter.close()
+    run.guard.read_through(step)
+    if run.guard.diverged:
+        last_good = run.checkpointer.latest_step()
+        run.checkpointer.close()  # in-flight saves of good steps finish
         writer.close()
-        raise NonFiniteError(guard.message(step, last_good))
+        raise NonFiniteError(run.guard.message(step, last_good))
 
     summary: dict[str, Any] = {"step": step, "stopped_early": step < c.train.steps}
     if not summary["stopped_early"]:
-        params = steps.to_global(state.params)
-        if last_eval_step != step:  # a finished run started again: evaluate its final state
-            last_eval = evaluate(setup, steps.eval, params, eval_batches)
+        params = run.steps.to_global(run.state.params)
+        last_eval = run.last_eval
+        if run.last_eval_step != step:  # a finished run started again: evaluate its final state
+            last_eval = evaluate(run.setup, run.steps.eval, params, run.eval_batches)
             writer.write(step, last_eval)
-            _log_eval(None, step, last_eval)
+            log_eval(None, step, last_eval)
         summary.update(last_eval)
-        summary["sample"] = sample_text(setup, params, c.train.sample_prompt,
+        summary["sample"] = sample_text(run.setup, params, c.train.sample_prompt,
                                         max_new_tokens=c.train.sample_tokens, temperature=c.train.temperature,
                                         top_k=c.train.top_k, seed=c.seed)
-    checkpointer.close()
+    run.checkpointer.close()
     writer.close()
     return summary
 
