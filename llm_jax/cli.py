@@ -195,7 +195,7 @@ def _config_keys_help() -> str:
             "  llm-jax train configs/tiny.yaml train.steps=200 model.n_layers=2 workdir=runs/x\n"
             f"top-level keys: {', '.join(top)}\n"
             f"sections: {', '.join(s + '.*' for s in sections)}\n"
-            "Every key, its default and meaning: the dataclasses of llm_jax/config.py; the common ones are in\n"
+            "Every key, its default and meaning: the dataclasses of llm_jax/config/schema.py; the common ones are in\n"
             "the README's Configuration section. A wrong key names the nearest valid one.")
 
 

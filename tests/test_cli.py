@@ -102,5 +102,5 @@ def test_train_help_says_where_the_keys_are_listed(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = capsys.readouterr().out
-    assert "llm_jax/config.py" in out and "README's Configuration section" in out
+    assert "llm_jax/config/schema.py" in out and "README's Configuration section" in out
     assert "model.*" in out and "optimizer.*" in out and "workdir" in out

@@ -1,0 +1,232 @@
+"""The config's keys: one frozen dataclass per concern, with defaults, and the allowed choices.
+
+The built-in defaults are the main job (a small decoder LM on the embedded default corpus).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from llm_jax.models.families import FAMILIES, Family
+
+
+class ConfigError(ValueError):
+    """A config the run cannot use. The message is one line naming the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything the model sees; nothing else reaches the Linen modules."""
+
+    arch: str = "gpt2"  # a family of models/families.py: gpt2 | llama
+    vocab_size: int = 2048
+    n_layers: int = 4
+    d_model: int = 256
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: n_heads (multi-head); fewer: grouped-query attention
+    d_ff: int = 1024
+    max_len: int = 1024  # longest sequence the learned position table supports
+    position: str | None = None  # learned | sinusoidal | rope; None: the family's (gpt2 learned, llama rope)
+    tie_embeddings: bool | None = None  # None: the family's (gpt2 tied, llama untied)
+    dropout: float = 0.0
+    dtype: str = "float32"  # compute dtype of activations and matmuls
+    param_dtype: str = "float32"  # storage dtype of parameters
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    scan_layers: bool = False  # one compiled layer body, looped with nn.scan
+    remat: str = "none"  # none | full | dots: what the backward pass recomputes
+    # xla (explicit; fused C++ kernel on one CPU device) | cudnn (jax.nn.dot_product_attention) | splash (Pallas, TPU)
+    attention: str = "xla"
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.arch]
+
+    @property
+    def resolved_position(self) -> str:
+        return self.family.position if self.position is None else self.position
+
+    @property
+    def resolved_tie_embeddings(self) -> bool:
+        return self.family.tie_embeddings if self.tie_embeddings is None else self.tie_embeddings
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    path: str = ""  # an existing SentencePiece .model; empty: train one on the corpus
+    model_type: str = "bpe"  # bpe | unigram
+    sample_bytes: int = 4_000_000  # training input is a sample of the corpus of about this size
+    byte_fallback: bool = True  # characters outside the vocabulary become byte pieces, never <unk>
+    # Pieces that are always one token and never split (e.g. ["<|user|>", "<|end|>"]); their ids follow
+    # pad/unk/bos/eos in the order given.
+    user_defined_symbols: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureSource:
+    """One source of a `data.source=mixture` run. The other data.* settings apply to all sources."""
+
+    source: str = "text"  # default | text | jsonl | tfds
+    path: str = ""  # a glob of local files (text, jsonl)
+    text_key: str = "text"  # the JSON field (jsonl) or the TFDS feature (tfds) holding the text
+    tfds_name: str = ""
+    tfds_data_dir: str = ""
+    tfds_train_split: str = "train"
+    tfds_eval_split: str = "validation"
+    weight: float = 1.0  # share of the documents drawn from this source, relative to the others
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str = "default"  # default | text | jsonl | tfds
+    path: str = ""  # a glob of local files (text, jsonl)
+    text_key: str = "text"  # the JSON field holding the text (jsonl)
+    tfds_name: str = ""  # a TFDS catalog name, e.g. "lm1b" or "lm1b:1.1.0"
+    tfds_data_dir: str = ""  # local or gs:// data dir for tfds; empty: the TFDS default
+    tfds_train_split: str = "train"
+    tfds_eval_split: str = "validation"
+    prepared_dir: str = ""  # where local corpora are prepared as TFDS datasets; empty: a user cache
+    eval_fraction: float = 0.02  # share of local documents held out for evaluation
+    shuffle: bool = True
+    # Pieces of documents are mixed in a window this large before packing, so that one batch holds
+    # pieces of many documents rather than consecutive pieces of one long file (one window per
+    # virtual shard).
+    shuffle_window: int = 2048
+    text_unit: str = "file"  # file | line: what one document is in a text corpus
+    # A local document with a line longer than this many bytes (minified code, base64 blobs) is skipped
+    # and counted; 0: no limit.
+    max_line_bytes: int = 100_000
+    num_shards: int = 0  # ArrayRecord files per prepared split; 0: by size (64 MB to 1 GiB each)
+    mixture: tuple[MixtureSource, ...] = ()  # the sources of data.source=mixture, with their weights
+    workers: int = 0  # worker processes that tokenize and cut documents; 0: in this process
+    prefetch: int = 2  # steps' batches made ahead in a background thread
+    # Shards of the document stream that feed train.batch_size / virtual_shards rows each; fixed for a
+    # run, so that its batches do not depend on the processes or workers. 0: gcd(train.batch_size, 8).
+    # A process runs the shards of the rows it holds: on many hosts, a multiple of their count is best.
+    virtual_shards: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = "adamw"  # adamw | lamb
+    lr: float = 2e-3  # peak learning rate, reached after warmup
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at decay_steps
+    decay_steps: int = 0  # length of the schedule; 0: train.steps (set it to extend a run unchanged)
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    # Decays matmul kernels and token embeddings; not norm scales, biases or learned position
+    # embeddings (optim.NO_DECAY_NAMES says why).
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0  # global-norm clipping; 0 disables
+    grad_accum: int = 1  # micro-batches per update; train.batch_size is split among them
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 16  # global, in sequences
+    seq_len: int = 128
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    sample_prompt: str = "def "
+    sample_tokens: int = 80
+    temperature: float = 0.8
+    top_k: int = 40
+    progress: bool = True  # console progress bar
+    # A step whose loss or gradient is NaN/Inf is skipped (params unchanged); this many in a row
+    # stop the run without saving them. 0: never stop.
+    max_nonfinite_steps: int = 10
+    # With several processes, they agree on stopping (a signal) and time-based saves every this many
+    # steps; the host reads each answer one agreement later, so it never waits on the device for
+    # it. A signal then stops all processes at the same step within 2 x agree_every steps.
+    agree_every: int = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 100
+    keep: int = 3  # the newest checkpoints kept
+    async_save: bool = True
+    every_minutes: float = 0.0  # also save when this much time has passed since the last save; 0: off
+    keep_best: bool = False  # also keep the checkpoint of the lowest eval loss (every eval step is saved)
+    # A run refuses to start below a step set aside in damaged_checkpoints/ (from an older checkpoint,
+    # or from step 0 when none is left): training would be lost without a word. true: start anyway.
+    ignore_damaged: bool = False
+
+
+# Logical axis name -> mesh axis (or axes). Data, not code: a new layout is a config change.
+DEFAULT_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("length", None),
+    ("layers", None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # -1: all devices left after the other axes
+    fsdp: int = 1
+    tensor: int = 1
+    axis_rules: tuple[tuple[str, Any], ...] = DEFAULT_AXIS_RULES
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    mode: str = "jit"  # jit (sharded over the mesh) | pmap (replicated data parallel)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    coordinator: str = ""  # host:port of process 0; empty: auto-detect or single process
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    workdir: str = "runs/default"
+    seed: int = 0
+    init_from: str = ""  # an `llm-jax export` directory: start from its parameters (fresh optimizer, step 0)
+    model: ModelConfig = ModelConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    mesh: MeshConfig = MeshConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    distributed: DistributedConfig = DistributedConfig()
+
+
+CHOICES = {
+    "model.arch": tuple(FAMILIES),
+    "model.position": ("learned", "sinusoidal", "rope", None),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16", "float16"),
+    "model.remat": ("none", "full", "dots"),
+    "model.attention": ("xla", "cudnn", "splash"),
+    "tokenizer.model_type": ("bpe", "unigram"),
+    "data.source": ("default", "text", "jsonl", "tfds", "mixture"),
+    "data.text_unit": ("file", "line"),
+    "optimizer.name": ("adamw", "lamb"),
+    "parallel.mode": ("jit", "pmap"),
+}
