@@ -273,7 +273,9 @@ def _train(config: Config, stop: StopSignal, on_exit: contextlib.ExitStack) -> d
     checkpointer = ckpt.Checkpointer(workdir / "checkpoints", c.checkpoint, run_config=to_dict(c))
     # The train state is restored alone, then the data from the states every process saved: this
     # process's shards may have been run by others (another process count or mesh).
-    restored = checkpointer.restore_latest(setup.abstract_state, None, ignore_damaged=c.checkpoint.ignore_damaged)
+    restored = checkpointer.restore_latest(
+        setup.abstract_state, lambda data_dir: data_shards.restore_from_checkpoint_dir(train_iter, data_dir),
+        ignore_damaged=c.checkpoint.ignore_damaged)
     if restored is None:
         state = create_state(setup)
         if c.init_from:  # exported parameters, a fresh optimizer and step 0
@@ -290,7 +292,6 @@ def _train(config: Config, stop: StopSignal, on_exit: contextlib.ExitStack) -> d
         changed = ckpt.changed_settings(metadata.get("config"), to_dict(c), ("data",), ignore=_DATA_RUNTIME_KEYS)
         if changed:
             log.warning("the data changed since step %d: %s", start, ", ".join(changed))
-        data_shards.restore_from_checkpoint_dir(train_iter, checkpointer.directory / str(start) / "data")
     log.info("per-device bytes: params %d, optimizer state %d",
              sharding.bytes_per_device(state.params), sharding.bytes_per_device(state.opt_state))
 
@@ -430,7 +431,7 @@ def restore_for_inference(workdir: str | Path, overrides=()) -> tuple[Setup, Any
     checkpointer = ckpt.Checkpointer(workdir / "checkpoints", config.checkpoint, read_only=True,
                                      run_config=to_dict(config))
     try:  # the tree is compared first, as in training: a mismatch is a ConfigError
-        restored = checkpointer.restore_latest(setup.abstract_state, None)
+        restored = checkpointer.restore_latest(setup.abstract_state)
     finally:
         checkpointer.close()
     if restored is None:
