@@ -53,6 +53,21 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, corpus, 
     assert list(checkpoints.parent.glob("damaged_checkpoints/20*"))
 
 
+def test_a_damaged_data_position_falls_back_to_the_previous_checkpoint(tmp_path, corpus, caplog):  # noqa: F811
+    # The data position is a file of the checkpoint like the state's: cut short, the checkpoint is damaged.
+    train(_config(tmp_path, corpus, "train.steps=20"))
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (data_file,) = (checkpoints / "20" / "data").glob("process_*.json")
+    data_file.write_text(data_file.read_text()[:10])
+
+    summary = train(_config(tmp_path, corpus, "train.steps=25"))
+    assert summary["step"] == 25
+    assert "is damaged" in caplog.text
+    rows = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert rows == [5, 10, 15, 20, 15, 20, 25]
+    assert list(checkpoints.parent.glob("damaged_checkpoints/20*"))
+
+
 @pytest.mark.parametrize("keep_best", [False, True])
 def test_a_read_only_checkpointer_opens_without_warnings(tmp_path, caplog, keep_best):
     # eval, generate and export open checkpoints read-only on purpose: Orbax's notice of it is noise.

@@ -18,7 +18,7 @@ def test_shards_are_picked_from_every_process_file():
     files = [position.wrap(4, {0: {"at": 0}, 1: {"at": 1}}), position.wrap(4, {1: {"at": 1}, 2: {"at": 2}}),
              position.wrap(4, {3: {"at": 3}})]
     assert position.pick_shards(files, 4, [1, 3]) == {1: {"at": 1}, 3: {"at": 3}}
-    with pytest.raises(ConfigError, match=r"lack virtual shards \[3\]") as err:
+    with pytest.raises(FileNotFoundError, match=r"lack virtual shards \[3\]") as err:
         position.pick_shards(files[:2], 4, [0, 3])
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="set data.virtual_shards=4"):
@@ -31,5 +31,5 @@ def test_saved_files_are_read_by_process(tmp_path):
     states = position.read_saved_states(tmp_path)
     assert sorted(states) == [(0, 2), (1, 2)] and states[(1, 2)] == {"name": "process_1-of-2.json"}
     (tmp_path / "process_1-of-2.json").write_text("{cut off")
-    with pytest.raises(ConfigError, match="cannot be read"):
+    with pytest.raises(json.JSONDecodeError):  # the checkpoint's restore counts this as damage
         position.read_saved_states(tmp_path)

@@ -141,8 +141,8 @@ def test_saved_states_that_cannot_resume_this_run(caplog):
     it = shards.make_train_iterator(config, ToyTokenizer(), sources, [(0, 4)])
     state = shards.iterator_state(it)
     whole = shards.make_train_iterator(config, ToyTokenizer(), sources)
-    with pytest.raises(ConfigError, match=r"lack virtual shards \[4, 5, 6, 7\]") as err:
-        whole.restore_from_saved([state])  # the other process's file is missing
+    with pytest.raises(FileNotFoundError, match=r"lack virtual shards \[4, 5, 6, 7\]") as err:
+        whole.restore_from_saved([state])  # the other process's file is missing: a damaged checkpoint
     assert "\n" not in str(err.value)
     fewer = shards.make_train_iterator(_config("data.virtual_shards=2"), ToyTokenizer(), sources)
     with pytest.raises(ConfigError, match="data.virtual_shards=8"):

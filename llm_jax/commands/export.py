@@ -33,9 +33,9 @@ def export_run(workdir: str | Path, out: str | Path, best: bool = False) -> dict
             if step is None:
                 raise ConfigError(f"{workdir} has no checkpoint with an eval loss; --best needs a run trained "
                                   "with checkpoint.keep_best=true")
-            state, _ = checkpointer.restore(step, setup.abstract_state, None)
+            state, _ = checkpointer.restore(step, setup.abstract_state)
         else:
-            restored = checkpointer.restore_latest(setup.abstract_state, None)
+            restored = checkpointer.restore_latest(setup.abstract_state)
             if restored is None:
                 raise ConfigError(f"{workdir} has no checkpoint yet (checkpoints/ is empty)")
             state, metadata = restored

@@ -55,8 +55,9 @@ def pick_shards(saved: Iterable[dict], virtual_shards: int, shards: Iterable[int
         found.update({int(v): shard_state for v, shard_state in state["shards"].items()})
     missing = sorted(set(shards) - set(found))
     if missing:
-        raise LayoutError(f"the checkpoint's data states lack virtual shards {missing} (found {sorted(found)}): "
-                          "a process's file is missing")
+        # A file of the checkpoint is missing: damage, like any other missing file of it.
+        raise FileNotFoundError(f"the checkpoint's data states lack virtual shards {missing} (found "
+                                f"{sorted(found)}): a process's file is missing")
     return {v: found[v] for v in shards}
 
 
@@ -72,10 +73,6 @@ def _saved_files(data_dir: str | Path) -> dict[tuple[int, int], Path]:
 
 def read_saved_states(data_dir: str | Path) -> dict[tuple[int, int], dict]:
     """The per-process states of a checkpoint's data folder: {(process_index, process_count): state}."""
-    states = {}
-    for key, path in _saved_files(data_dir).items():
-        try:
-            states[key] = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise LayoutError(f"{path} cannot be read: {e}") from None
-    return states
+    # A file that cannot be read or parsed raises as it is (OSError, ValueError): the checkpoint's
+    # restore sorts it into damage (set aside) or a storage error (left in place).
+    return {key: json.loads(path.read_text()) for key, path in _saved_files(data_dir).items()}

@@ -268,5 +268,5 @@ def restore_from_checkpoint_dir(it: TrainIterator, data_dir: str | os.PathLike) 
     """Restores `it` from the data states that every process saved in a checkpoint's data folder."""
     states = position.read_saved_states(data_dir)
     if not states:
-        raise position.LayoutError(f"{data_dir} holds no saved data states")
+        raise FileNotFoundError(f"{data_dir} holds no saved data states")  # a missing file: damage
     it.restore_from_saved(list(states.values()))

@@ -203,8 +203,13 @@ class Checkpointer:
                 f"checkpoint {failed} could not be saved: {faults.describe(error)}; "
                 f"the checkpoints saved before it are kept (steps: {', '.join(map(str, kept)) or 'none'})") from e
 
-    def restore(self, step: int, abstract_state: Any, data: IteratorCheckpoint | None) -> tuple[Any, dict]:
+    def restore(self, step: int, abstract_state: Any,
+                restore_data: Callable[[Path], None] | None = None) -> tuple[Any, dict]:
         """Restores onto the shardings of `abstract_state` (a tree of ShapeDtypeStructs).
+
+        `restore_data` moves the data pipeline to the position saved in the checkpoint's data folder
+        (every process's file, whatever the layout): read here, so that a damaged data file counts as
+        a damaged checkpoint like any other of its files.
 
         ConfigError: the checkpoint's tree does not fit (nothing was read but metadata).
         DamagedCheckpointError: its files are unreadable or truncated. CheckpointError: anything else,
@@ -217,10 +222,12 @@ class Checkpointer:
             "state": ocp.args.StandardRestore(target),
             "metadata": ocp.args.JsonRestore(),
         }
-        if data is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+            if restore_data is not None:
+                restore_data(self.directory / str(step) / "data")
+        except ConfigError:  # e.g. data.virtual_shards changed: the files are fine, the config is not
+            raise
         except Exception as e:  # orbax raises many types: sorted into damage and the rest
             raise self._failure(step, e) from e
         state = restored["state"]
@@ -258,7 +265,7 @@ class Checkpointer:
         except Exception:  # only used to explain a mismatch; damage is found by the restore itself
             return None
 
-    def restore_latest(self, abstract_state: Any, data: IteratorCheckpoint | None,
+    def restore_latest(self, abstract_state: Any, restore_data: Callable[[Path], None] | None = None,
                        ignore_damaged: bool = False) -> tuple[Any, dict] | None:
         """The newest checkpoint that restores, or None when there is none.
 
@@ -278,7 +285,7 @@ class Checkpointer:
         failures = []
         for step in reversed(steps):
             try:
-                return self.restore(step, abstract_state, data)
+                return self.restore(step, abstract_state, restore_data)
             except DamagedCheckpointError as e:
                 if self.read_only:
                     log.warning("%s; trying an older one", e)

@@ -282,7 +282,9 @@ def _restore_or_init(setup: Setup, checkpointer: ckpt.Checkpointer, train_iter) 
     c = setup.config
     # The train state is restored alone, then the data from the states every process saved: this
     # process's shards may have been run by others (another process count or mesh).
-    restored = checkpointer.restore_latest(setup.abstract_state, None, ignore_damaged=c.checkpoint.ignore_damaged)
+    restored = checkpointer.restore_latest(
+        setup.abstract_state, lambda data_dir: shards.restore_from_checkpoint_dir(train_iter, data_dir),
+        ignore_damaged=c.checkpoint.ignore_damaged)
     if restored is None:
         state = create_state(setup)
         if c.init_from:  # exported parameters, a fresh optimizer and step 0
@@ -297,7 +299,6 @@ def _restore_or_init(setup: Setup, checkpointer: ckpt.Checkpointer, train_iter) 
     changed = ckpt.changed_settings(metadata.get("config"), to_dict(c), ("data",), ignore=_DATA_RUNTIME_KEYS)
     if changed:
         log.warning("the data changed since step %d: %s", start, ", ".join(changed))
-    shards.restore_from_checkpoint_dir(train_iter, checkpointer.directory / str(start) / "data")
     return state, start, metadata
 
 
@@ -428,7 +429,7 @@ def restore_for_inference(workdir: str | Path, overrides=()) -> tuple[Setup, Any
     checkpointer = ckpt.Checkpointer(workdir / "checkpoints", config.checkpoint, read_only=True,
                                      run_config=to_dict(config))
     try:  # the tree is compared first, as in training: a mismatch is a ConfigError
-        restored = checkpointer.restore_latest(setup.abstract_state, None)
+        restored = checkpointer.restore_latest(setup.abstract_state)
     finally:
         checkpointer.close()
     if restored is None:
