@@ -109,7 +109,8 @@ def test_without_a_compiler_the_model_falls_back_to_xla_attention(tmp_path):
     """A machine without a C++ compiler: one warning, and attention and matmuls stay XLA's."""
     code = (
         "import jax.numpy as jnp, jax\n"
-        "from llm_jax import cpu_kernels, layers\n"
+        "from llm_jax.kernels import cpu_kernels\n"
+        "from llm_jax.models import layers\n"
         "from llm_jax.config import ModelConfig\n"
         "config = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=16)\n"
         "m = layers.Attention(config); x = jnp.ones((1, 16, 32)); pos = jnp.arange(16)[None]\n"
