@@ -56,6 +56,8 @@ _STORAGE_CODES = ("PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEA
 # TensorStore's words for bytes that are missing or do not decode (truncated, zeroed, garbled, deleted).
 _DAMAGE_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "FAILED_PRECONDITION", "NOT_FOUND")
 _DAMAGE_TYPES = (json.JSONDecodeError, UnicodeDecodeError, EOFError, FileNotFoundError)
+# grain's handler words a missing data state file as a plain ValueError, not a FileNotFoundError.
+_DAMAGE_MESSAGES = re.compile(r"File .+ does not exist\.$")
 
 
 DAMAGED_DIR = "damaged_checkpoints"  # beside checkpoints/: unreadable checkpoints set aside, never deleted
@@ -377,7 +379,7 @@ def _error_kind(error: BaseException) -> tuple[str, BaseException]:
         if (isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS) or str(e).startswith(_STORAGE_CODES):
             return "storage", e
     for e in causes:
-        if isinstance(e, _DAMAGE_TYPES) or str(e).startswith(_DAMAGE_CODES):
+        if isinstance(e, _DAMAGE_TYPES) or str(e).startswith(_DAMAGE_CODES) or _DAMAGE_MESSAGES.match(str(e)):
             return "damage", e
     return "other", error
 

@@ -203,6 +203,17 @@ def test_a_newer_damaged_step_stops_the_run_unless_ignore_damaged(base_run, tmp_
     assert rows[-2:] == [5, 10] and rows.count(5) == 2  # resumed after step 4, not from scratch
 
 
+def test_a_checkpoint_missing_its_data_file_is_set_aside_like_any_damage(base_run, tmp_path, corpus):  # noqa: F811
+    # grain words a missing data state file as a plain ValueError: it is still a damaged checkpoint.
+    workdir = _copy_run(base_run, tmp_path)
+    (workdir / "checkpoints" / "8" / "data" / "process_0-of-1.json").unlink()
+    summary = train(_config(tmp_path, corpus, "train.steps=10", "checkpoint.every=4"))
+    assert summary["step"] == 10
+    assert [p.name.split("-")[0] for p in (workdir / DAMAGED).iterdir()] == ["8"]
+    rows = [r["step"] for r in read_metrics(workdir / "metrics.jsonl") if "loss" in r]
+    assert rows[-2:] == [5, 10] and rows.count(5) == 2  # resumed after step 4, not from scratch
+
+
 def test_when_every_checkpoint_is_damaged_the_run_does_not_start_over(base_run, tmp_path, corpus):  # noqa: F811
     workdir = _copy_run(base_run, tmp_path)
     for step in (4, 8):
