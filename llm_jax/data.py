@@ -394,7 +394,8 @@ class TrainIterator:
 
     def set_state(self, state: dict) -> None:
         """Resumes exactly from a state of this process saved with the same number of workers; with
-        another number of workers, restarts at the slowest old worker's document (`data_position`)."""
+        another number of workers or another pipeline shape, restarts at the slowest old reader's
+        document (`data_position`)."""
         ours = self.layout
         saved, pipeline = position.unwrap(state, ours.process_index, ours.process_count)
         if (saved.process_index, saved.process_count) != (ours.process_index, ours.process_count):
@@ -404,11 +405,18 @@ class TrainIterator:
         if saved.same_readers(ours):
             if (saved.global_start, saved.local_start) != (ours.global_start, ours.local_start):
                 self._reopen(saved)
-            self._batches.set_state(pipeline)
-            return
+            try:
+                self._batches.set_state(pipeline)
+                return
+            except (KeyError, IndexError, TypeError, ValueError):
+                # Saved by another pipeline shape (data.shuffle or data.shuffle_window changed, which
+                # adds or drops grain's window shuffle): grain cannot take that state, but the document
+                # position in it still says where to restart.
+                why = "the data pipeline changed since the save (data.shuffle or data.shuffle_window)"
+        else:
+            why = f"the data position was saved with data.workers={saved.workers}, this run has {ours.workers}"
         local = min(position.reader_restarts(saved, pipeline))
-        log.warning("the data position was saved with data.workers=%d, this run has %d: process %d restarts "
-                    "its documents at position %d (a few may be seen twice)", saved.workers, ours.workers,
+        log.warning("%s: process %d restarts its documents at position %d (a few may be seen twice)", why,
                     ours.process_index, local)
         self._reopen(dataclasses.replace(ours, global_start=saved.global_start, local_start=local))
 

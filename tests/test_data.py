@@ -474,6 +474,30 @@ def test_workers_resume_exactly_and_a_changed_worker_count_skips_nothing():
     assert len(before) >= 10 and len(fed_twice) <= 30
 
 
+@pytest.mark.parametrize("old, new", [("data.shuffle_window=8", "data.shuffle_window=1"),
+                                      ("data.shuffle_window=1", "data.shuffle_window=8"),
+                                      ("data.shuffle_window=8", "data.shuffle=false")])
+def test_a_changed_pipeline_shape_restarts_the_stream_instead_of_failing(old, new, caplog):
+    # No window shuffle (or no shuffle) is another grain pipeline, whose state has another shape: the
+    # resume restarts the documents where the saved reader stood, as for a changed worker count.
+    docs = long_docs(300)
+    sources = toy_sources(docs)
+    it = data.make_train_iterator(toy_config(old), ToyTokenizer(), sources)
+    old_batches = [next(it) for _ in range(24)]
+    state = json.loads(json.dumps(data.iterator_state(it)))
+    config = toy_config(new)
+    restored = data.make_train_iterator(config, ToyTokenizer(), sources)
+    data.restore_iterator_state(restored, state)
+    assert "the data pipeline changed" in caplog.text
+    start = restored.layout.local_start
+    assert start > 0
+    if "shuffle=false" not in new:  # the same document order: nothing before the restart point is skipped
+        before, _ = check_restart(config, sources, docs, old_batches, restored, start)
+        assert len(before) >= 10
+    else:
+        check_batch(next(restored), BATCH)
+
+
 # ----------------------------------------------------------------------------- mixtures
 
 
