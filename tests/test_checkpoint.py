@@ -242,6 +242,16 @@ def test_clip_norm_compute_settings_and_the_data_may_change_on_resume(tmp_path, 
     assert metadata["step"] == 6
 
 
+def test_a_changed_seed_or_seq_len_resumes_with_a_warning(base_run, tmp_path, corpus, caplog):  # noqa: F811
+    # Both change which documents follow the saved data position (the shuffle order, the pieces counted
+    # in it): allowed, but an uninterrupted run would have seen other batches, so it is said.
+    _copy_run(base_run, tmp_path)
+    caplog.set_level(logging.INFO, logger="llm_jax")
+    summary = train(_config(tmp_path, corpus, "train.steps=10", "seed=5", "train.seq_len=16"))
+    assert summary["step"] == 10 and "resumed from step 8" in caplog.text
+    assert "the data changed since step 8: seed 0 -> 5, train.seq_len 32 -> 16" in caplog.text
+
+
 def test_eval_restores_read_only_with_the_same_rules(base_run, tmp_path):  # noqa: F811
     workdir = _copy_run(base_run, tmp_path)
     before = _files(workdir / "checkpoints")
