@@ -20,6 +20,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -92,6 +93,44 @@ class _DropReadOnlyNotice(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("Given directory is read only")
+
+
+def _is_failed_read(error: BaseException | None) -> bool:
+    return error is not None and _error_kind(error)[0] != "other"
+
+
+class _DropEchoesOfFailedReads(logging.Filter):
+    """Drops asyncio's '<Task|Future> exception was never retrieved' reports of failed checkpoint reads.
+
+    Orbax reads the arrays of a checkpoint in many asyncio tasks; the first failure ends the restore,
+    and the other tasks' failures, never retrieved, are reported with a traceback each when the tasks
+    are collected (by asyncio's logger, or as 'Exception ignored in: <coroutine ...>'): thousands of
+    lines after the one that said the checkpoint is damaged (or cannot be read) and what was done
+    about it. Anything else still gets through.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "exception was never retrieved" not in str(record.msg) or not record.exc_info:
+            return True
+        return not _is_failed_read(record.exc_info[1])
+
+
+_DROP_ECHOES = _DropEchoesOfFailedReads()
+
+
+def _quiet_echoes_of_failed_reads() -> None:
+    """Installed once a read has failed (its one line is told by the caller)."""
+    logging.getLogger("asyncio").addFilter(_DROP_ECHOES)  # the same filter is added only once
+    hook = sys.unraisablehook
+    if getattr(hook, "drops_failed_reads", False):
+        return
+
+    def quiet_unraisablehook(unraisable):
+        if not _is_failed_read(unraisable.exc_value):
+            hook(unraisable)
+
+    quiet_unraisablehook.drops_failed_reads = True
+    sys.unraisablehook = quiet_unraisablehook
 
 
 class Checkpointer:
@@ -303,6 +342,7 @@ class Checkpointer:
         """A one-line error for a failed read: damage (set aside) or not (left in place)."""
         where = self.directory / str(step)
         kind, cause = _error_kind(error)
+        _quiet_echoes_of_failed_reads()  # told here, once
         reason = _first_line(cause)
         if kind == "storage" or not _is_dir(where):  # a lost mount reads as missing files
             return CheckpointError(f"checkpoint {where} cannot be read, a storage error: {reason}; nothing was "

@@ -7,6 +7,8 @@ import errno
 import logging
 import re
 import shutil
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -201,6 +203,35 @@ def test_a_newer_damaged_step_stops_the_run_unless_ignore_damaged(base_run, tmp_
     assert summary["step"] == 10
     rows = [r["step"] for r in read_metrics(workdir / "metrics.jsonl") if "loss" in r]
     assert rows[-2:] == [5, 10] and rows.count(5) == 2  # resumed after step 4, not from scratch
+
+
+def test_the_echoes_of_a_failed_read_do_not_flood_the_log(base_run, tmp_path, corpus, caplog,  # noqa: F811
+                                                          capsys):
+    # Orbax reads arrays in asyncio tasks; when one fails, the others' failures are never retrieved
+    # and asyncio logs each with its traceback as the tasks are collected (thousands of lines, seen
+    # with a zeroed state file), after the one warning that already said the checkpoint is damaged.
+    workdir = _copy_run(base_run, tmp_path)
+    assert _truncate_state_files(workdir / "checkpoints" / "8") > 0
+    config = _config(tmp_path, corpus)
+    checkpointer = ckpt.Checkpointer(workdir / "checkpoints", config.checkpoint, read_only=True)
+    with pytest.raises(ckpt.DamagedCheckpointError) as raised:
+        checkpointer.restore(8, trainer.build(config, with_data=False).abstract_state, None)
+    checkpointer.close()
+    echo = raised.value.__cause__
+    caplog.clear()
+    asyncio_log = logging.getLogger("asyncio")
+    for kind in ("Task", "_GatheringFuture"):
+        asyncio_log.error(f"{kind} exception was never retrieved\nfuture: <{kind} finished>",
+                          exc_info=(type(echo), echo, echo.__traceback__))
+    assert not caplog.records
+    capsys.readouterr()
+    sys.unraisablehook(types.SimpleNamespace(exc_type=type(echo), exc_value=echo, exc_traceback=None,
+                                             err_msg="Exception ignored in", object=None))
+    assert capsys.readouterr().err == ""
+    other = ValueError("something else")
+    asyncio_log.error("Task exception was never retrieved\nfuture: <Task finished>", exc_info=(ValueError, other, None))
+    asyncio_log.error("Unclosed client session")
+    assert len(caplog.records) == 2  # what is not a failed checkpoint read still gets through
 
 
 def test_a_checkpoint_missing_its_data_file_is_set_aside_like_any_damage(base_run, tmp_path, corpus):  # noqa: F811
