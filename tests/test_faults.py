@@ -227,6 +227,23 @@ def test_a_signal_during_start_up_exits_0_with_one_line(tmp_path, corpus, sig): 
     assert not (tmp_path / "run" / "checkpoints").exists() or not _checkpoint_steps(tmp_path / "run")
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_command_line_imports_jax_is_one_line_too(monkeypatch, capsys, sig):
+    # main imports JAX (to tune malloc for the CPU) before the train command runs: a second or so in
+    # which a Ctrl-C ended in a KeyboardInterrupt traceback, and a SIGTERM killed the run silently.
+    from llm_jax import host_memory
+
+    def imports_jax():
+        os.kill(os.getpid(), sig)
+        time.sleep(0.2)  # the handler runs at the next bytecode; an import is not cut short (see StopSignal)
+
+    monkeypatch.setattr(host_memory, "tune_malloc_for_xla_cpu", imports_jax)
+    assert cli.main(["train", "train.steps=1"]) == 0
+    assert _error_lines(capsys.readouterr().err) == [
+        f"llm-jax train: stopped by {sig.name} during start-up, before the first step: nothing to save, "
+        "nothing lost; run the same command to start again"]
+
+
 # ----------------------------------------------------------------------------- a real small disk
 
 
