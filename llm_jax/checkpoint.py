@@ -95,8 +95,12 @@ class _DropReadOnlyNotice(logging.Filter):
         return not str(record.msg).startswith("Given directory is read only")
 
 
+# Orbax's wording of an array that could not be read (its cause, TensorStore's error, is not always kept).
+_FAILED_ARRAY_READ = "Encountered error while reading array index"
+
+
 def _is_failed_read(error: BaseException | None) -> bool:
-    return error is not None and _error_kind(error)[0] != "other"
+    return error is not None and (str(error).startswith(_FAILED_ARRAY_READ) or _error_kind(error)[0] != "other")
 
 
 class _DropEchoesOfFailedReads(logging.Filter):
