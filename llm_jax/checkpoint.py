@@ -303,13 +303,15 @@ class Checkpointer:
             return None
 
     def restore_latest(self, abstract_state: Any, data: IteratorCheckpoint | None,
-                       ignore_damaged: bool = False) -> tuple[Any, dict] | None:
+                       ignore_damaged: bool = False, _rereads: int = 5) -> tuple[Any, dict] | None:
         """The newest checkpoint that restores, or None when there is none.
 
         A damaged checkpoint is reported, set aside (never deleted) and an older one is used. Training
         must never be lost without a word, so unless `ignore_damaged` (checkpoint.ignore_damaged) a
         training run stops with a one-line CheckpointError when an earlier run left a damaged step newer
         than every good checkpoint, or when every checkpoint is damaged (it would start over at step 0).
+        A read-only reader (eval, generate, export) whose checkpoint is deleted while it reads it, by a
+        training run beside it that saved a newer one, reads the newest again.
         """
         steps = self.all_steps()
         damaged = self.damaged_steps()
@@ -323,7 +325,12 @@ class Checkpointer:
         for step in reversed(steps):
             try:
                 return self.restore(step, abstract_state, data)
-            except DamagedCheckpointError as e:
+            except CheckpointError as e:
+                if self.read_only and _rereads and self._saved_since(step):  # pruned: neither damage nor storage
+                    log.info("checkpoint %d was replaced by a newer one while it was read; reading the newest", step)
+                    return self.restore_latest(abstract_state, data, ignore_damaged, _rereads - 1)
+                if not isinstance(e, DamagedCheckpointError):
+                    raise
                 if self.read_only:
                     log.warning("%s; trying an older one", e)
                 else:
@@ -335,6 +342,15 @@ class Checkpointer:
                                                  "again from step 0, set checkpoint.ignore_damaged=true")
             raise CheckpointError(failures[0] + advice)
         return None
+
+    def _saved_since(self, step: int) -> bool:
+        """Whether a newer checkpoint than `step` appeared since the listing (a training run saved one,
+        and may have deleted `step` as the oldest kept)."""
+        try:
+            self.manager.reload()
+            return max(self.all_steps(), default=-1) > step
+        except Exception:  # the listing itself fails: the caller reports the original error
+            return False
 
     def damaged_steps(self) -> list[int]:
         """The steps set aside in damaged_checkpoints/ (by this run or earlier ones), in order."""

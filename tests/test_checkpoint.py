@@ -297,6 +297,28 @@ def test_eval_restores_read_only_with_the_same_rules(base_run, tmp_path):  # noq
     assert _files(workdir / "checkpoints") == before and not (workdir / DAMAGED).exists()
 
 
+def test_a_reader_beside_a_training_run_reads_the_newest_again_when_its_checkpoint_is_pruned(base_run, tmp_path):
+    # eval, generate and export are safe beside a training run, which saves a newer checkpoint and
+    # deletes the oldest one while they read: that is neither damage nor a storage error.
+    workdir = _copy_run(base_run, tmp_path)
+    config = trainer.restore_for_inference(workdir)[0].config
+    reader = ckpt.Checkpointer(workdir / "checkpoints", config.checkpoint, read_only=True)
+    read, item_metadata = [], reader.manager.item_metadata
+
+    def training_run_beside(step):
+        read.append(step)
+        if step == 8 and len(read) == 1:  # step 12 is saved, and 8, the oldest kept, deleted
+            shutil.copytree(workdir / "checkpoints" / "8", workdir / "checkpoints" / "12")
+            shutil.rmtree(workdir / "checkpoints" / "8")
+        return item_metadata(step)
+
+    reader.manager.item_metadata = training_run_beside
+    state, _ = reader.restore_latest(trainer.build(config, with_data=False).abstract_state, None)
+    reader.close()
+    assert read[0] == 8 and read[-1] == 12 and state.params is not None
+    assert not (workdir / DAMAGED).exists()
+
+
 def test_init_from_an_unrolled_export_into_scanned_layers(base_run, tmp_path, corpus):  # noqa: F811
     out = tmp_path / "exported"
     export_run(base_run / "run", out)
