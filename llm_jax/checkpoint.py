@@ -267,11 +267,12 @@ class Checkpointer:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax raises many types: sorted into damage and the rest
             raise self._failure(step, e) from e
+        metadata = _checked_metadata(restored["metadata"], step, self.directory / str(step))
         state = restored["state"]
         if convert:
             state = checkpoint_tree.to_expected_layout(state, abstract_state)
             log.info("checkpoint %d: layers converted between the scanned and unrolled layouts", step)
-        return state, dict(restored["metadata"])
+        return state, metadata
 
     def check_fits(self, step: int, abstract_state: Any) -> Any:
         """The checkpoint's own state tree (orbax metadata: names, shapes, dtypes), after checking that it
@@ -396,6 +397,18 @@ class Checkpointer:
         with self._save_faults():
             self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _checked_metadata(metadata: Any, step: int, where: Path) -> dict:
+    """The metadata item as a save writes it (a dict naming this step; a config dict and a count of
+    non-finite steps if present). Readable JSON of another shape is damage, like unreadable bytes."""
+    fits = (isinstance(metadata, dict) and type(metadata.get("step")) is int and metadata["step"] == step
+            and isinstance(metadata.get("config", {}), dict)
+            and type(metadata.get("nonfinite_steps", 0)) is int)
+    if not fits:
+        raise DamagedCheckpointError(f"checkpoint {where} is damaged: its metadata is not what a save of step "
+                                     f"{step} writes ({json.dumps(metadata)[:100]})")
+    return dict(metadata)
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

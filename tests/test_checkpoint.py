@@ -4,6 +4,7 @@ files are set aside (never deleted) and an older checkpoint is used; storage err
 damaged step newer than every good one stops the run unless checkpoint.ignore_damaged."""
 
 import errno
+import json
 import logging
 import re
 import shutil
@@ -247,6 +248,17 @@ def test_a_checkpoint_missing_its_data_file_is_set_aside_like_any_damage(base_ru
     assert rows[-2:] == [5, 10] and rows.count(5) == 2  # resumed after step 4, not from scratch
 
 
+@pytest.mark.parametrize("garbled", ['{}', '[1, 2]', '{"step": "x"}', '{"step": 8, "nonfinite_steps": null}',
+                                     '{"step": 8, "config": [1]}'])
+def test_metadata_that_is_json_but_not_ours_is_damage(base_run, tmp_path, corpus, garbled):  # noqa: F811
+    # Readable JSON that is not what a save writes crashed the resume with a KeyError/TypeError, every time.
+    workdir = _copy_run(base_run, tmp_path)
+    (workdir / "checkpoints" / "8" / "metadata" / "metadata").write_text(garbled)
+    summary = train(_config(tmp_path, corpus, "train.steps=10", "checkpoint.every=4"))
+    assert summary["step"] == 10
+    assert [p.name.split("-")[0] for p in (workdir / DAMAGED).iterdir()] == ["8"]
+
+
 def test_when_every_checkpoint_is_damaged_the_run_does_not_start_over(base_run, tmp_path, corpus):  # noqa: F811
     workdir = _copy_run(base_run, tmp_path)
     for step in (4, 8):
@@ -309,6 +321,8 @@ def test_a_reader_beside_a_training_run_reads_the_newest_again_when_its_checkpoi
         read.append(step)
         if step == 8 and len(read) == 1:  # step 12 is saved, and 8, the oldest kept, deleted
             shutil.copytree(workdir / "checkpoints" / "8", workdir / "checkpoints" / "12")
+            saved = workdir / "checkpoints" / "12" / "metadata" / "metadata"
+            saved.write_text(json.dumps({**json.loads(saved.read_text()), "step": 12}))
             shutil.rmtree(workdir / "checkpoints" / "8")
         return item_metadata(step)
 
