@@ -35,6 +35,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from llm_jax import checkpoint_tree, faults
 from llm_jax.config import CheckpointConfig, Config, ConfigError, ModelConfig, dump_config, load_config
+from llm_jax.data_position import LayoutError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ _STORAGE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQU
 _STORAGE_CODES = ("PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "UNAUTHENTICATED")
 # TensorStore's words for bytes that are missing or do not decode (truncated, zeroed, garbled, deleted).
 _DAMAGE_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "FAILED_PRECONDITION", "NOT_FOUND")
-_DAMAGE_TYPES = (json.JSONDecodeError, UnicodeDecodeError, EOFError, FileNotFoundError)
+# LayoutError: a data state file that reads as JSON but holds no position (garbled, or some missing).
+_DAMAGE_TYPES = (json.JSONDecodeError, UnicodeDecodeError, EOFError, FileNotFoundError, LayoutError)
 # grain's handler words a missing data state file as a plain ValueError, not a FileNotFoundError.
 _DAMAGE_MESSAGES = re.compile(r"File .+ does not exist\.$")
 

@@ -63,10 +63,15 @@ def wrap(layout: Layout, pipeline_state: dict) -> dict:
 def unwrap(state: dict, process_index: int, process_count: int) -> tuple[Layout, dict]:
     """(layout, grain state) of a saved state. A bare grain state (written before layouts were saved)
     came from an in-process pipeline of this process."""
+    if not isinstance(state, dict):
+        raise LayoutError(f"the saved data state is not a mapping: {json.dumps(state)[:200]}")
     if "format" not in state:
         return Layout(process_index, process_count, workers=0), state
-    fields = {f.name: state[f.name] for f in dataclasses.fields(Layout)}
-    return Layout(**fields), state["pipeline"]
+    try:
+        fields = {f.name: int(state[f.name]) for f in dataclasses.fields(Layout)}
+        return Layout(**fields), state["pipeline"]
+    except (KeyError, TypeError, ValueError):
+        raise LayoutError(f"the saved data state has no layout: {json.dumps(state)[:200]}") from None
 
 
 def _docs_pulled(reader_state: dict) -> int:

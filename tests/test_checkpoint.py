@@ -237,10 +237,14 @@ def test_the_echoes_of_a_failed_read_do_not_flood_the_log(base_run, tmp_path, co
     assert len(caplog.records) == 2  # what is not a failed checkpoint read still gets through
 
 
-def test_a_checkpoint_missing_its_data_file_is_set_aside_like_any_damage(base_run, tmp_path, corpus):  # noqa: F811
-    # grain words a missing data state file as a plain ValueError: it is still a damaged checkpoint.
+@pytest.mark.parametrize("damage", [None, "{}", "[1]", '{"format": 1}'])
+def test_a_checkpoint_missing_its_data_file_is_set_aside_like_any_damage(base_run, tmp_path, corpus,  # noqa: F811
+                                                                         damage):
+    # grain words a missing data state file as a plain ValueError; a file that is JSON but holds no
+    # position fails in the data module: both are damaged checkpoints.
     workdir = _copy_run(base_run, tmp_path)
-    (workdir / "checkpoints" / "8" / "data" / "process_0-of-1.json").unlink()
+    data_file = workdir / "checkpoints" / "8" / "data" / "process_0-of-1.json"
+    data_file.unlink() if damage is None else data_file.write_text(damage)
     summary = train(_config(tmp_path, corpus, "train.steps=10", "checkpoint.every=4"))
     assert summary["step"] == 10
     assert [p.name.split("-")[0] for p in (workdir / DAMAGED).iterdir()] == ["8"]
