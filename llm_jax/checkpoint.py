@@ -23,6 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -243,6 +244,9 @@ class Checkpointer:
             failed = int(named.group(1)) if named else step if step is not None else self._last_save
             with contextlib.suppress(Exception):  # let Orbax's threads end before the process does
                 self.manager.close()
+            # The writes of the failed save that never ran are collected as the process ends, each with a
+            # RuntimeWarning ('coroutine ... was never awaited') after the one line below.
+            warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
             kept = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit()) \
                 if self.directory.is_dir() else []
             raise faults.MachineFault(
