@@ -193,6 +193,39 @@ def test_data_prepare_killed_midway_leaves_no_incomplete_folder_after_the_next_r
     assert [p.name for p in (tmp_path / "prepared").glob("*/*/*")] == ["1.0.0"]
 
 
+def test_a_full_disk_under_metrics_jsonl_names_the_file(tmp_path):
+    # A buffered write's OSError carries no file name: the one line said only "No space left on device".
+    from llm_jax import faults
+    from llm_jax.metrics import MetricsWriter
+
+    class FullDisk:
+        def write(self, text=None):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        close = write
+
+    writer = MetricsWriter(tmp_path)
+    writer._jsonl.close()
+    writer._jsonl = FullDisk()
+    with pytest.raises(OSError) as raised:
+        writer.write(1, {"loss": 1.0})
+    assert faults.describe(raised.value).startswith(f"No space left on device: {tmp_path / 'metrics.jsonl'}; free")
+    with pytest.raises(OSError, match="metrics.jsonl"):
+        writer.close()
+    writer.close()  # closed once, even though the last flush failed: nothing left to raise
+
+    # TensorBoard's final flush fails the same way: named too, and its event thread is stopped (left
+    # running, it died at exit with an 'OSError: handle is closed' traceback under the one line).
+    writer = MetricsWriter(tmp_path)
+    writer.write(1, {"loss": 1.0})
+    (file_writer,) = writer._tb.all_writers.values()
+    thread = file_writer.event_writer._worker
+    file_writer.event_writer._ev_writer.flush = FullDisk().write
+    with pytest.raises(OSError) as raised:
+        writer.close()
+    assert raised.value.filename == str(tmp_path / "tensorboard") and not thread.is_alive()
+
+
 # ----------------------------------------------------------------------------- signals during start-up
 
 
