@@ -220,9 +220,11 @@ def test_a_full_disk_under_metrics_jsonl_names_the_file(tmp_path):
     writer.write(1, {"loss": 1.0})
     (file_writer,) = writer._tb.all_writers.values()
     thread = file_writer.event_writer._worker
-    file_writer.event_writer._ev_writer.flush = FullDisk().write
+    record_writer = file_writer.event_writer._ev_writer
+    flush, record_writer.flush = record_writer.flush, FullDisk().write
     with pytest.raises(OSError) as raised:
         writer.close()
+    record_writer.flush = flush  # the disk has room again for the file's own close at exit
     assert raised.value.filename == str(tmp_path / "tensorboard") and not thread.is_alive()
 
 
