@@ -6,6 +6,7 @@ Every user error (bad config, missing file, unusable checkpoint) ends in exit co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -33,21 +34,20 @@ def _setup_logging() -> None:
 
 def _cmd_train(args) -> int:
     from llm_jax.config import load_config
-    from llm_jax.runtime.stop_signal import StopSignal
 
-    with StopSignal() as startup:  # a signal before the first step: nothing to save, the run ends at once
-        config_path, overrides = _split_config_args(args.rest)
-        config = load_config(config_path, overrides)  # errors before any JAX work starts
-        from llm_jax.parallel import distributed
-        from llm_jax.train import loop
+    startup = args.startup  # main's: a signal before the first step, nothing to save, the run ends at once
+    config_path, overrides = _split_config_args(args.rest)
+    config = load_config(config_path, overrides)  # errors before any JAX work starts
+    from llm_jax.parallel import distributed
+    from llm_jax.train import loop
 
-        distributed.initialize(config.distributed)
-        import jax
+    distributed.initialize(config.distributed)
+    import jax
 
-        if jax.process_index() != 0:  # one log for the run: the others speak only of trouble
-            logging.getLogger().setLevel(logging.WARNING)
-        summary = loop.train(config)  # handles signals itself, in the loop after the current step
-        startup.running()
+    if jax.process_index() != 0:  # one log for the run: the others speak only of trouble
+        logging.getLogger().setLevel(logging.WARNING)
+    summary = loop.train(config)  # handles signals itself, in the loop after the current step
+    startup.running()
     if jax.process_index() == 0:
         if summary["stopped_early"]:
             print(f"stopped at step {summary['step']}; the checkpoint is saved, run the same command to resume")
@@ -270,19 +270,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
-    _setup_logging()
-    from llm_jax.kernels import host_memory
+    from llm_jax.runtime.stop_signal import StartupInterrupted, StopSignal
 
-    host_memory.tune_malloc_for_xla_cpu()  # before JAX starts its CPU client's threads
-    from llm_jax.runtime import faults
-    from llm_jax.runtime.stop_signal import StartupInterrupted
-
-    for handler in logging.getLogger().handlers:  # a machine fault is told once, below, not by every thread
-        if not any(isinstance(f, faults.QuietMachineFaults) for f in handler.filters):
-            handler.addFilter(faults.QuietMachineFaults())
-    faults.quiet_aborted_saves()
+    # `train` handles signals from here on: importing JAX (for the malloc tuning below) takes a second,
+    # in which a Ctrl-C would end in a traceback and a SIGTERM would kill the run without a word.
+    args.startup = StopSignal() if args.func is _cmd_train else contextlib.nullcontext()
     try:
-        return args.func(args)
+        with args.startup:
+            _setup_logging()
+            from llm_jax.kernels import host_memory
+            from llm_jax.runtime import faults
+
+            for handler in logging.getLogger().handlers:  # a machine fault is told once, below, not by every thread
+                if not any(isinstance(f, faults.QuietMachineFaults) for f in handler.filters):
+                    handler.addFilter(faults.QuietMachineFaults())
+            faults.quiet_aborted_saves()  # also keeps quiet a signal that lands in a callback of JAX's import
+            with args.startup.deferred() if args.func is _cmd_train else contextlib.nullcontext():
+                host_memory.tune_malloc_for_xla_cpu()  # imports JAX; before it starts its CPU client's threads
+            return args.func(args)
     except StartupInterrupted as e:  # preemption is normal: nothing was started, nothing is lost
         print(f"llm-jax {args.command}: {e}", file=sys.stderr)
         return 0

@@ -4,9 +4,12 @@ files are set aside (never deleted) and an older checkpoint is used; storage err
 damaged step newer than every good one stops the run unless checkpoint.ignore_damaged."""
 
 import errno
+import json
 import logging
 import re
 import shutil
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -219,6 +222,63 @@ def test_a_newer_damaged_step_stops_the_run_unless_ignore_damaged(base_run, tmp_
     assert rows[-2:] == [5, 10] and rows.count(5) == 2  # resumed after step 4, not from scratch
 
 
+def test_the_echoes_of_a_failed_read_do_not_flood_the_log(base_run, tmp_path, corpus, caplog,  # noqa: F811
+                                                          capsys):
+    # Orbax reads arrays in asyncio tasks; when one fails, the others' failures are never retrieved
+    # and asyncio logs each with its traceback as the tasks are collected (thousands of lines, seen
+    # with a zeroed state file), after the one warning that already said the checkpoint is damaged.
+    workdir = _copy_run(base_run, tmp_path)
+    assert _truncate_state_files(workdir / "checkpoints" / "8") > 0
+    config = _config(tmp_path, corpus)
+    checkpointer = ckpt.Checkpointer(workdir / "checkpoints", config.checkpoint, read_only=True)
+    with pytest.raises(ckpt.DamagedCheckpointError) as raised:
+        checkpointer.restore(8, loop.build(config, with_data=False).abstract_state)
+    checkpointer.close()
+    echo = raised.value.__cause__
+    caplog.clear()
+    asyncio_log = logging.getLogger("asyncio")
+    for kind in ("Task", "_GatheringFuture"):
+        asyncio_log.error(f"{kind} exception was never retrieved\nfuture: <{kind} finished>",
+                          exc_info=(type(echo), echo, echo.__traceback__))
+    assert not caplog.records
+    capsys.readouterr()
+    bare = Exception("Encountered error while reading array index: (slice(0, 64, 1),). See full TensorStore details")
+    for error in (echo, bare):  # a coroutine closed by the collector keeps Orbax's error without its cause
+        sys.unraisablehook(types.SimpleNamespace(exc_type=type(error), exc_value=error, exc_traceback=None,
+                                                 err_msg="Exception ignored in", object=None))
+    assert capsys.readouterr().err == ""
+    other = ValueError("something else")
+    asyncio_log.error("Task exception was never retrieved\nfuture: <Task finished>", exc_info=(ValueError, other, None))
+    asyncio_log.error("Unclosed client session")
+    assert len(caplog.records) == 2  # what is not a failed checkpoint read still gets through
+
+
+@pytest.mark.parametrize("damage", [None, "{}", "[1]", '{"format": 1}'])
+def test_a_checkpoint_missing_its_data_file_is_set_aside_like_any_damage(base_run, tmp_path, corpus,  # noqa: F811
+                                                                         damage):
+    # grain words a missing data state file as a plain ValueError; a file that is JSON but holds no
+    # position fails in the data module: both are damaged checkpoints.
+    workdir = _copy_run(base_run, tmp_path)
+    data_file = workdir / "checkpoints" / "8" / "data" / "process_0-of-1.json"
+    data_file.unlink() if damage is None else data_file.write_text(damage)
+    summary = train(_config(tmp_path, corpus, "train.steps=10", "checkpoint.every=4"))
+    assert summary["step"] == 10
+    assert [p.name.split("-")[0] for p in (workdir / DAMAGED).iterdir()] == ["8"]
+    rows = [r["step"] for r in read_metrics(workdir / "metrics.jsonl") if "loss" in r]
+    assert rows[-2:] == [5, 10] and rows.count(5) == 2  # resumed after step 4, not from scratch
+
+
+@pytest.mark.parametrize("garbled", ['{}', '[1, 2]', '{"step": "x"}', '{"step": 8, "nonfinite_steps": null}',
+                                     '{"step": 8, "config": [1]}'])
+def test_metadata_that_is_json_but_not_ours_is_damage(base_run, tmp_path, corpus, garbled):  # noqa: F811
+    # Readable JSON that is not what a save writes crashed the resume with a KeyError/TypeError, every time.
+    workdir = _copy_run(base_run, tmp_path)
+    (workdir / "checkpoints" / "8" / "metadata" / "metadata").write_text(garbled)
+    summary = train(_config(tmp_path, corpus, "train.steps=10", "checkpoint.every=4"))
+    assert summary["step"] == 10
+    assert [p.name.split("-")[0] for p in (workdir / DAMAGED).iterdir()] == ["8"]
+
+
 def test_when_every_checkpoint_is_damaged_the_run_does_not_start_over(base_run, tmp_path, corpus):  # noqa: F811
     workdir = _copy_run(base_run, tmp_path)
     for step in (4, 8):
@@ -247,6 +307,16 @@ def test_clip_norm_compute_settings_and_the_data_may_change_on_resume(tmp_path, 
     assert metadata["step"] == 6
 
 
+def test_a_changed_seed_or_seq_len_resumes_with_a_warning(base_run, tmp_path, corpus, caplog):  # noqa: F811
+    # Both change which documents follow the saved data position (the shuffle order, the pieces counted
+    # in it): allowed, but an uninterrupted run would have seen other batches, so it is said.
+    _copy_run(base_run, tmp_path)
+    caplog.set_level(logging.INFO, logger="llm_jax")
+    summary = train(_config(tmp_path, corpus, "train.steps=10", "seed=5", "train.seq_len=16"))
+    assert summary["step"] == 10 and "resumed from step 8" in caplog.text
+    assert "the data changed since step 8: seed 0 -> 5, train.seq_len 32 -> 16" in caplog.text
+
+
 def test_eval_restores_read_only_with_the_same_rules(base_run, tmp_path):  # noqa: F811
     workdir = _copy_run(base_run, tmp_path)
     before = _files(workdir / "checkpoints")
@@ -257,6 +327,30 @@ def test_eval_restores_read_only_with_the_same_rules(base_run, tmp_path):  # noq
     with pytest.raises(ConfigError, match="does not fit this config: params/embed/embedding"):
         loop.restore_for_inference(workdir, ["model.d_model=32"])
     assert _files(workdir / "checkpoints") == before and not (workdir / DAMAGED).exists()
+
+
+def test_a_reader_beside_a_training_run_reads_the_newest_again_when_its_checkpoint_is_pruned(base_run, tmp_path):
+    # eval, generate and export are safe beside a training run, which saves a newer checkpoint and
+    # deletes the oldest one while they read: that is neither damage nor a storage error.
+    workdir = _copy_run(base_run, tmp_path)
+    config = loop.restore_for_inference(workdir)[0].config
+    reader = ckpt.Checkpointer(workdir / "checkpoints", config.checkpoint, read_only=True)
+    read, item_metadata = [], reader.manager.item_metadata
+
+    def training_run_beside(step):
+        read.append(step)
+        if step == 8 and len(read) == 1:  # step 12 is saved, and 8, the oldest kept, deleted
+            shutil.copytree(workdir / "checkpoints" / "8", workdir / "checkpoints" / "12")
+            saved = workdir / "checkpoints" / "12" / "metadata" / "metadata"
+            saved.write_text(json.dumps({**json.loads(saved.read_text()), "step": 12}))
+            shutil.rmtree(workdir / "checkpoints" / "8")
+        return item_metadata(step)
+
+    reader.manager.item_metadata = training_run_beside
+    state, _ = reader.restore_latest(loop.build(config, with_data=False).abstract_state)
+    reader.close()
+    assert read[0] == 8 and read[-1] == 12 and state.params is not None
+    assert not (workdir / DAMAGED).exists()
 
 
 def test_init_from_an_unrolled_export_into_scanned_layers(base_run, tmp_path, corpus):  # noqa: F811

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import orbax.checkpoint as ocp
@@ -98,6 +99,13 @@ def test_a_disk_full_during_a_save_names_the_step_and_keeps_the_earlier_checkpoi
     assert err.startswith("llm-jax train: error: checkpoint 4 could not be saved: No space left on device"), err
     assert err.endswith("the checkpoints saved before it are kept (steps: 2)")
     assert _checkpoint_steps(tmp_path / "run") == [2]
+    # The writes the failed save left unawaited are collected at exit: Python's warning about each
+    # ('sys:1: RuntimeWarning: coroutine ... was never awaited', then a tracemalloc hint) stays quiet.
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.warn("coroutine 'async_serialize_from_host.<locals>.write_fragment' was never awaited",
+                      RuntimeWarning, stacklevel=1)
+        warnings.warn("something else", RuntimeWarning, stacklevel=1)
+    assert [str(w.message) for w in shown] == ["something else"]
 
 
 def test_a_file_where_the_checkpoints_folder_should_be_stops_the_run_before_training(tmp_path, corpus,  # noqa: F811
@@ -187,6 +195,41 @@ def test_data_prepare_killed_midway_leaves_no_incomplete_folder_after_the_next_r
     assert [p.name for p in (tmp_path / "prepared").glob("*/*/*")] == ["1.0.0"]
 
 
+def test_a_full_disk_under_metrics_jsonl_names_the_file(tmp_path):
+    # A buffered write's OSError carries no file name: the one line said only "No space left on device".
+    from llm_jax.runtime import faults
+    from llm_jax.train.metrics import MetricsWriter
+
+    class FullDisk:
+        def write(self, text=None):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        close = write
+
+    writer = MetricsWriter(tmp_path)
+    writer._jsonl.close()
+    writer._jsonl = FullDisk()
+    with pytest.raises(OSError) as raised:
+        writer.write(1, {"loss": 1.0})
+    assert faults.describe(raised.value).startswith(f"No space left on device: {tmp_path / 'metrics.jsonl'}; free")
+    with pytest.raises(OSError, match="metrics.jsonl"):
+        writer.close()
+    writer.close()  # closed once, even though the last flush failed: nothing left to raise
+
+    # TensorBoard's final flush fails the same way: named too, and its event thread is stopped (left
+    # running, it died at exit with an 'OSError: handle is closed' traceback under the one line).
+    writer = MetricsWriter(tmp_path)
+    writer.write(1, {"loss": 1.0})
+    (file_writer,) = writer._tb.all_writers.values()
+    thread = file_writer.event_writer._worker
+    record_writer = file_writer.event_writer._ev_writer
+    flush, record_writer.flush = record_writer.flush, FullDisk().write
+    with pytest.raises(OSError) as raised:
+        writer.close()
+    record_writer.flush = flush  # the disk has room again for the file's own close at exit
+    assert raised.value.filename == str(tmp_path / "tensorboard") and not thread.is_alive()
+
+
 # ----------------------------------------------------------------------------- signals during start-up
 
 
@@ -227,6 +270,23 @@ def test_a_signal_during_start_up_exits_0_with_one_line(tmp_path, corpus, sig): 
     assert _error_lines(err) == [f"llm-jax train: stopped by {sig.name} during start-up, before the first step: "
                                  "nothing to save, nothing lost; run the same command to start again"], err[-3000:]
     assert not (tmp_path / "run" / "checkpoints").exists() or not _checkpoint_steps(tmp_path / "run")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_command_line_imports_jax_is_one_line_too(monkeypatch, capsys, sig):
+    # main imports JAX (to tune malloc for the CPU) before the train command runs: a second or so in
+    # which a Ctrl-C ended in a KeyboardInterrupt traceback, and a SIGTERM killed the run silently.
+    from llm_jax.kernels import host_memory
+
+    def imports_jax():
+        os.kill(os.getpid(), sig)
+        time.sleep(0.2)  # the handler runs at the next bytecode; an import is not cut short (see StopSignal)
+
+    monkeypatch.setattr(host_memory, "tune_malloc_for_xla_cpu", imports_jax)
+    assert cli.main(["train", "train.steps=1"]) == 0
+    assert _error_lines(capsys.readouterr().err) == [
+        f"llm-jax train: stopped by {sig.name} during start-up, before the first step: nothing to save, "
+        "nothing lost; run the same command to start again"]
 
 
 # ----------------------------------------------------------------------------- a real small disk

@@ -10,6 +10,7 @@ No JAX here: the command line installs this before it imports JAX.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 
@@ -33,6 +34,7 @@ class StopSignal:
         self.requested = False
         self.signal_name = "a signal"  # the first one received
         self.starting = True
+        self._deferred = False
         self._previous = {}
 
     def __enter__(self):
@@ -53,6 +55,18 @@ class StopSignal:
             raise StartupInterrupted(_STARTUP_MESSAGE.format(name=self.signal_name))
         self.starting = False
 
+    @contextlib.contextmanager
+    def deferred(self):
+        """A start-up signal in the body is only recorded, and honoured when the body ends: imported C
+        extensions (numpy's, JAX's) turn an exception raised in their initialisation into an ImportError."""
+        self._deferred = True
+        try:
+            yield
+        finally:
+            self._deferred = False
+        if self.starting and self.requested:
+            raise StartupInterrupted(_STARTUP_MESSAGE.format(name=self.signal_name))
+
     def _handle(self, signum, _frame):
         name = signal.Signals(signum).name
         if self.requested and signum == signal.SIGINT:
@@ -60,7 +74,7 @@ class StopSignal:
         if self.requested:
             return  # a second SIGTERM: the first one's stop is under way
         self.requested, self.signal_name = True, name
-        if self.starting:
+        if self.starting and not self._deferred:
             raise StartupInterrupted(_STARTUP_MESSAGE.format(name=name))
         log.warning("received %s: stopping after this step and saving a checkpoint", name)
 

@@ -20,8 +20,10 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,8 @@ _STORAGE_CODES = ("PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEA
 # TensorStore's words for bytes that are missing or do not decode (truncated, zeroed, garbled, deleted).
 _DAMAGE_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "FAILED_PRECONDITION", "NOT_FOUND")
 _DAMAGE_TYPES = (json.JSONDecodeError, UnicodeDecodeError, EOFError, FileNotFoundError)
+# grain's handler words a missing data state file as a plain ValueError, not a FileNotFoundError.
+_DAMAGE_MESSAGES = re.compile(r"File .+ does not exist\.$")
 
 
 DAMAGED_DIR = "damaged_checkpoints"  # beside checkpoints/: unreadable checkpoints set aside, never deleted
@@ -91,6 +95,48 @@ class _DropReadOnlyNotice(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("Given directory is read only")
+
+
+# Orbax's wording of an array that could not be read (its cause, TensorStore's error, is not always kept).
+_FAILED_ARRAY_READ = "Encountered error while reading array index"
+
+
+def _is_failed_read(error: BaseException | None) -> bool:
+    return error is not None and (str(error).startswith(_FAILED_ARRAY_READ) or _error_kind(error)[0] != "other")
+
+
+class _DropEchoesOfFailedReads(logging.Filter):
+    """Drops asyncio's '<Task|Future> exception was never retrieved' reports of failed checkpoint reads.
+
+    Orbax reads the arrays of a checkpoint in many asyncio tasks; the first failure ends the restore,
+    and the other tasks' failures, never retrieved, are reported with a traceback each when the tasks
+    are collected (by asyncio's logger, or as 'Exception ignored in: <coroutine ...>'): thousands of
+    lines after the one that said the checkpoint is damaged (or cannot be read) and what was done
+    about it. Anything else still gets through.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "exception was never retrieved" not in str(record.msg) or not record.exc_info:
+            return True
+        return not _is_failed_read(record.exc_info[1])
+
+
+_DROP_ECHOES = _DropEchoesOfFailedReads()
+
+
+def _quiet_echoes_of_failed_reads() -> None:
+    """Installed once a read has failed (its one line is told by the caller)."""
+    logging.getLogger("asyncio").addFilter(_DROP_ECHOES)  # the same filter is added only once
+    hook = sys.unraisablehook
+    if getattr(hook, "drops_failed_reads", False):
+        return
+
+    def quiet_unraisablehook(unraisable):
+        if not _is_failed_read(unraisable.exc_value):
+            hook(unraisable)
+
+    quiet_unraisablehook.drops_failed_reads = True
+    sys.unraisablehook = quiet_unraisablehook
 
 
 class Checkpointer:
@@ -197,6 +243,9 @@ class Checkpointer:
             failed = int(named.group(1)) if named else step if step is not None else self._last_save
             with contextlib.suppress(Exception):  # let Orbax's threads end before the process does
                 self.manager.close()
+            # The writes of the failed save that never ran are collected as the process ends, each with a
+            # RuntimeWarning ('coroutine ... was never awaited') after the one line below.
+            warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
             kept = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit()) \
                 if self.directory.is_dir() else []
             raise faults.MachineFault(
@@ -230,11 +279,12 @@ class Checkpointer:
             raise
         except Exception as e:  # orbax raises many types: sorted into damage and the rest
             raise self._failure(step, e) from e
+        metadata = _checked_metadata(restored["metadata"], step, self.directory / str(step))
         state = restored["state"]
         if convert:
             state = checkpoint_tree.to_expected_layout(state, abstract_state)
             log.info("checkpoint %d: layers converted between the scanned and unrolled layouts", step)
-        return state, dict(restored["metadata"])
+        return state, metadata
 
     def check_fits(self, step: int, abstract_state: Any) -> Any:
         """The checkpoint's own state tree (orbax metadata: names, shapes, dtypes), after checking that it
@@ -266,13 +316,15 @@ class Checkpointer:
             return None
 
     def restore_latest(self, abstract_state: Any, restore_data: Callable[[Path], None] | None = None,
-                       ignore_damaged: bool = False) -> tuple[Any, dict] | None:
+                       ignore_damaged: bool = False, _rereads: int = 5) -> tuple[Any, dict] | None:
         """The newest checkpoint that restores, or None when there is none.
 
         A damaged checkpoint is reported, set aside (never deleted) and an older one is used. Training
         must never be lost without a word, so unless `ignore_damaged` (checkpoint.ignore_damaged) a
         training run stops with a one-line CheckpointError when an earlier run left a damaged step newer
         than every good checkpoint, or when every checkpoint is damaged (it would start over at step 0).
+        A read-only reader (eval, generate, export) whose checkpoint is deleted while it reads it, by a
+        training run beside it that saved a newer one, reads the newest again.
         """
         steps = self.all_steps()
         damaged = self.damaged_steps()
@@ -286,7 +338,12 @@ class Checkpointer:
         for step in reversed(steps):
             try:
                 return self.restore(step, abstract_state, restore_data)
-            except DamagedCheckpointError as e:
+            except CheckpointError as e:
+                if self.read_only and _rereads and self._saved_since(step):  # pruned: neither damage nor storage
+                    log.info("checkpoint %d was replaced by a newer one while it was read; reading the newest", step)
+                    return self.restore_latest(abstract_state, restore_data, ignore_damaged, _rereads - 1)
+                if not isinstance(e, DamagedCheckpointError):
+                    raise
                 if self.read_only:
                     log.warning("%s; trying an older one", e)
                 else:
@@ -299,6 +356,15 @@ class Checkpointer:
             raise CheckpointError(failures[0] + advice)
         return None
 
+    def _saved_since(self, step: int) -> bool:
+        """Whether a newer checkpoint than `step` appeared since the listing (a training run saved one,
+        and may have deleted `step` as the oldest kept)."""
+        try:
+            self.manager.reload()
+            return max(self.all_steps(), default=-1) > step
+        except Exception:  # the listing itself fails: the caller reports the original error
+            return False
+
     def damaged_steps(self) -> list[int]:
         """The steps set aside in damaged_checkpoints/ (by this run or earlier ones), in order."""
         folder = self.directory.parent / DAMAGED_DIR
@@ -309,6 +375,7 @@ class Checkpointer:
         """A one-line error for a failed read: damage (set aside) or not (left in place)."""
         where = self.directory / str(step)
         kind, cause = _error_kind(error)
+        _quiet_echoes_of_failed_reads()  # told here, once
         reason = _first_line(cause)
         if kind == "storage" or not _is_dir(where):  # a lost mount reads as missing files
             return CheckpointError(f"checkpoint {where} cannot be read, a storage error: {reason}; nothing was "
@@ -342,6 +409,18 @@ class Checkpointer:
         with self._save_faults():
             self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _checked_metadata(metadata: Any, step: int, where: Path) -> dict:
+    """The metadata item as a save writes it (a dict naming this step; a config dict and a count of
+    non-finite steps if present). Readable JSON of another shape is damage, like unreadable bytes."""
+    fits = (isinstance(metadata, dict) and type(metadata.get("step")) is int and metadata["step"] == step
+            and isinstance(metadata.get("config", {}), dict)
+            and type(metadata.get("nonfinite_steps", 0)) is int)
+    if not fits:
+        raise DamagedCheckpointError(f"checkpoint {where} is damaged: its metadata is not what a save of step "
+                                     f"{step} writes ({json.dumps(metadata)[:100]})")
+    return dict(metadata)
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
@@ -385,7 +464,7 @@ def _error_kind(error: BaseException) -> tuple[str, BaseException]:
         if (isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS) or str(e).startswith(_STORAGE_CODES):
             return "storage", e
     for e in causes:
-        if isinstance(e, _DAMAGE_TYPES) or str(e).startswith(_DAMAGE_CODES):
+        if isinstance(e, _DAMAGE_TYPES) or str(e).startswith(_DAMAGE_CODES) or _DAMAGE_MESSAGES.match(str(e)):
             return "damage", e
     return "other", error
 

@@ -219,6 +219,19 @@ def _max_decode_len(config: Config) -> int:
 _DATA_RUNTIME_KEYS = ("workers", "prefetch", "prepared_dir", "num_shards")
 
 
+def _data_changes(saved: dict | None, current: dict) -> list[str]:
+    """`key old -> new` for each setting that changes which batches follow a checkpoint's data position:
+    the data section, and outside it the shuffle order (`seed`) and how documents are cut (`train.seq_len`)."""
+    changed = []
+    for key in ("seed", "train.seq_len"):
+        old, new = saved or {}, current
+        for part in key.split("."):
+            old, new = (old or {}).get(part), (new or {}).get(part)
+        if old is not None and old != new:
+            changed.append(f"{key} {old!r} -> {new!r}")
+    return changed + ckpt.changed_settings(saved, current, ("data",), ignore=_DATA_RUNTIME_KEYS)
+
+
 def train(config: Config) -> dict[str, Any]:
     """Runs (or resumes) the training job of `config`; returns the final summary.
 
@@ -296,7 +309,7 @@ def _restore_or_init(setup: Setup, checkpointer: ckpt.Checkpointer, train_iter) 
     log.info("resumed from step %d (%s)", start, checkpointer.directory / str(start))
     # Not an error (a run may move on to new data), but the batches are no longer those an
     # uninterrupted run would have seen: say so.
-    changed = ckpt.changed_settings(metadata.get("config"), to_dict(c), ("data",), ignore=_DATA_RUNTIME_KEYS)
+    changed = _data_changes(metadata.get("config"), to_dict(c))
     if changed:
         log.warning("the data changed since step %d: %s", start, ", ".join(changed))
     return state, start, metadata

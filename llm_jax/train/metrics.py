@@ -5,6 +5,7 @@ Only process 0 writes; on the others every call is a no-op, so callers need no c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -20,6 +21,28 @@ def _plain(value: Any) -> Any:
     return value
 
 
+@contextlib.contextmanager
+def _named(path: Path):
+    """A write or flush of a buffered file fails (disk full) with an OSError that has no file name:
+    give it the path, so that the one line the command prints says which file."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or not e.errno:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
+
+
+def _stop_event_threads(tb) -> None:
+    """Stops the event file threads of a SummaryWriter whose close failed (disk full): left running, each
+    dies with a traceback ('handle is closed') when the process ends, after the one-line error."""
+    for writer in (getattr(tb, "all_writers", None) or {}).values():
+        worker = getattr(getattr(writer, "event_writer", None), "_worker", None)
+        if worker is not None:
+            with contextlib.suppress(Exception):
+                worker.stop()
+
+
 class MetricsWriter:
     def __init__(self, workdir: str | Path, enabled: bool = True):
         self.enabled = enabled
@@ -28,7 +51,8 @@ class MetricsWriter:
         if not enabled:
             return
         workdir = Path(workdir)
-        self._jsonl = open(workdir / "metrics.jsonl", "a", buffering=1)
+        self._path = workdir / "metrics.jsonl"
+        self._jsonl = open(self._path, "a", buffering=1)
         from tensorboardX import SummaryWriter  # no TensorFlow needed
 
         self._tb = SummaryWriter(str(workdir / "tensorboard"))
@@ -37,16 +61,25 @@ class MetricsWriter:
         if not self.enabled:
             return
         row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
-        self._jsonl.write(json.dumps(row) + "\n")
+        with _named(self._path):
+            self._jsonl.write(json.dumps(row) + "\n")
         for key, value in row.items():
             if key != "step" and isinstance(value, (int, float)):
                 self._tb.add_scalar(key, value, int(step))
 
     def close(self) -> None:
         if self._jsonl is not None:
-            self._jsonl.close()
-            self._tb.close()
-            self._jsonl = self._tb = None
+            jsonl, tb, self._jsonl, self._tb = self._jsonl, self._tb, None, None  # closed once, even if a flush fails
+            try:
+                with _named(self._path):
+                    jsonl.close()
+            finally:
+                try:
+                    with _named(Path(tb.logdir)):
+                        tb.close()
+                except OSError:
+                    _stop_event_threads(tb)  # its final flush failed before it stopped them
+                    raise
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
