@@ -12,6 +12,10 @@ def test_the_saved_form_keeps_each_shard_state():
     saved = json.loads(json.dumps(position.wrap(8, {3: {"x": 3}, 1: {"x": 1}})))
     assert position.is_current(saved) and saved["shards"] == {"1": {"x": 1}, "3": {"x": 3}}
     assert not position.is_current({"parent": {"next_index": 4}})  # a state from before virtual shards
+    assert not position.is_current({"format": 1, "pipeline": {"parent": {}}, "process_index": 0})
+    for garbage in ({}, [1], {"format": 1}, {"format": 3}):  # what no version wrote: a damaged checkpoint
+        with pytest.raises(position.DamagedDataState):
+            position.is_current(garbage)
 
 
 def test_shards_are_picked_from_every_process_file():

@@ -39,9 +39,22 @@ def wrap(virtual_shards: int, shard_states: dict[int, dict]) -> dict:
             "shards": {str(v): state for v, state in sorted(shard_states.items())}}
 
 
+class DamagedDataState(ValueError):
+    """A saved data state that reads as JSON but holds no position: its checkpoint is damaged."""
+
+
 def is_current(state: dict) -> bool:
-    """Whether a saved state has per-shard positions (False: written before virtual shards)."""
-    return isinstance(state, dict) and state.get("format") == FORMAT
+    """Whether a saved state has per-shard positions (False: written before virtual shards).
+
+    Raises DamagedDataState for what no version wrote: a state of before virtual shards is either
+    format 1 (a layout and its pipeline) or grain's bare pipeline state, never empty."""
+    if isinstance(state, dict) and state.get("format") == FORMAT:
+        return True
+    previous = isinstance(state, dict) and (
+        "pipeline" in state if state.get("format") == 1 else bool(state) and "format" not in state)
+    if not previous:
+        raise DamagedDataState(f"the saved data state holds no position: {json.dumps(state)[:200]}")
+    return False
 
 
 def pick_shards(saved: Iterable[dict], virtual_shards: int, shards: Iterable[int]) -> dict[int, dict]:

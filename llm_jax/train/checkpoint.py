@@ -35,6 +35,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from llm_jax.config import CheckpointConfig, Config, ConfigError, ModelConfig, dump_config, load_config
+from llm_jax.data.position import DamagedDataState
 from llm_jax.runtime import faults
 from llm_jax.train import checkpoint_tree
 
@@ -58,7 +59,7 @@ _STORAGE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQU
 _STORAGE_CODES = ("PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "UNAUTHENTICATED")
 # TensorStore's words for bytes that are missing or do not decode (truncated, zeroed, garbled, deleted).
 _DAMAGE_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "FAILED_PRECONDITION", "NOT_FOUND")
-_DAMAGE_TYPES = (json.JSONDecodeError, UnicodeDecodeError, EOFError, FileNotFoundError)
+_DAMAGE_TYPES = (json.JSONDecodeError, UnicodeDecodeError, EOFError, FileNotFoundError, DamagedDataState)
 # grain's handler words a missing data state file as a plain ValueError, not a FileNotFoundError.
 _DAMAGE_MESSAGES = re.compile(r"File .+ does not exist\.$")
 
