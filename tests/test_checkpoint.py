@@ -208,18 +208,27 @@ def test_a_lost_checkpoint_directory_is_reported_and_moves_nothing(base_run, tmp
     assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == ["4", "8"]
 
 
-def test_a_newer_damaged_step_stops_the_run_unless_ignore_damaged(base_run, tmp_path, corpus):  # noqa: F811
+def test_a_newer_damaged_step_resumes_from_the_newest_good_one_and_never_from_zero(base_run, tmp_path,
+                                                                                   corpus, caplog):  # noqa: F811
+    # A run that set step 8 aside, went on from step 4 and was killed before its next save: the rerun
+    # goes on from step 4 as that run did, with a warning, not with an error.
     workdir = _copy_run(base_run, tmp_path)
     (workdir / DAMAGED).mkdir()
     (workdir / "checkpoints" / "8").rename(workdir / DAMAGED / "8-20260101-000000")
-    with pytest.raises(ckpt.CheckpointError, match=r"holds step 8, newer than every good checkpoint .*step 4.*"
-                                                   r"checkpoint.ignore_damaged=true"):
-        train(_config(tmp_path, corpus, "train.steps=10"))
-    assert _checkpoint_steps(workdir) == [4]
-    summary = train(_config(tmp_path, corpus, "train.steps=10", "checkpoint.ignore_damaged=true"))
-    assert summary["step"] == 10
+    summary = train(_config(tmp_path, corpus, "train.steps=10"))
+    assert summary["step"] == 10 and "holds step 8, newer than every good checkpoint" in caplog.text
     rows = [r["step"] for r in read_metrics(workdir / "metrics.jsonl") if "loss" in r]
     assert rows[-2:] == [5, 10] and rows.count(5) == 2  # resumed after step 4, not from scratch
+    caplog.clear()
+    assert train(_config(tmp_path, corpus, "train.steps=6"))["step"] == 10  # below the newest step: said aloud
+    assert "already at step 10, past train.steps=6" in caplog.text
+    # With no good checkpoint left the run would start over at step 0: only when asked.
+    for step in _checkpoint_steps(workdir):
+        (workdir / "checkpoints" / str(step)).rename(workdir / DAMAGED / f"{step + 100}-20260101-000000")
+    with pytest.raises(ckpt.CheckpointError, match=r"holds step 110 .*start over at step 0.*ignore_damaged=true"):
+        train(_config(tmp_path, corpus, "train.steps=12"))
+    summary = train(_config(tmp_path, corpus, "train.steps=2", "checkpoint.ignore_damaged=true"))
+    assert summary["step"] == 2
 
 
 def test_the_echoes_of_a_failed_read_do_not_flood_the_log(base_run, tmp_path, corpus, caplog,  # noqa: F811

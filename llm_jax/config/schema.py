@@ -162,8 +162,8 @@ class CheckpointConfig:
     async_save: bool = True
     every_minutes: float = 0.0  # also save when this much time has passed since the last save; 0: off
     keep_best: bool = False  # also keep the checkpoint of the lowest eval loss (every eval step is saved)
-    # A run refuses to start below a step set aside in damaged_checkpoints/ (from an older checkpoint,
-    # or from step 0 when none is left): training would be lost without a word. true: start anyway.
+    # A run refuses to start over at step 0 when every checkpoint was set aside in damaged_checkpoints/:
+    # training would be lost without a word. true: start anyway.
     ignore_damaged: bool = False
 
 

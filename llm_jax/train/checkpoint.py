@@ -329,12 +329,17 @@ class Checkpointer:
         """
         steps = self.all_steps()
         damaged = self.damaged_steps()
-        if not self.read_only and not ignore_damaged and damaged and damaged[-1] > max(steps, default=-1):
-            newest = f"the newest in checkpoints/ is step {steps[-1]}" if steps else "checkpoints/ holds none"
-            raise CheckpointError(
-                f"{self.directory.parent / DAMAGED_DIR} holds step {damaged[-1]}, newer than every good checkpoint "
-                f"({newest}); to resume from {f'step {steps[-1]}' if steps else 'step 0'} anyway, "
-                "set checkpoint.ignore_damaged=true")
+        if not self.read_only and damaged and damaged[-1] > max(steps, default=-1):
+            if not steps and not ignore_damaged:
+                raise CheckpointError(
+                    f"{self.directory.parent / DAMAGED_DIR} holds step {damaged[-1]} and checkpoints/ holds no good "
+                    "checkpoint: the run would start over at step 0; to do so anyway, set "
+                    "checkpoint.ignore_damaged=true")
+            # Set aside by this run or an earlier one (which may have been killed before its next save):
+            # the newest good checkpoint is where that run went on from, so this one does too.
+            if steps:
+                log.warning("%s holds step %d, newer than every good checkpoint: resuming from the newest good one",
+                            self.directory.parent / DAMAGED_DIR, damaged[-1])
         failures = []
         for step in reversed(steps):
             try:

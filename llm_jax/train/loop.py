@@ -307,6 +307,9 @@ def _restore_or_init(setup: Setup, checkpointer: ckpt.Checkpointer, train_iter) 
     state, metadata = restored
     start = int(metadata["step"])
     log.info("resumed from step %d (%s)", start, checkpointer.directory / str(start))
+    if start > c.train.steps:  # nothing to train: the final report is of step `start`, not train.steps
+        log.warning("the run is already at step %d, past train.steps=%d: nothing is trained; raise "
+                    "train.steps to train further", start, c.train.steps)
     # Not an error (a run may move on to new data), but the batches are no longer those an
     # uninterrupted run would have seen: say so.
     changed = _data_changes(metadata.get("config"), to_dict(c))
