@@ -312,14 +312,18 @@ def test_a_full_disk_ends_in_one_line_and_the_run_resumes_once_there_is_room(sma
     full = _run(small_disk, corpus, *args)
     assert full.returncode == 2, full.stderr[-3000:]
     lines = _error_lines(full.stderr)
-    assert len(lines) == 1 and "could not be saved: No space left on device" in lines[0], full.stderr[-5000:]
-    assert "the checkpoints saved before it are kept (steps: 5, 10)" in lines[0]
-    assert _checkpoint_steps(small_disk / "run") == [5, 10]
+    # Which write meets the full disk first (a checkpoint, metrics.jsonl, the event file) depends on
+    # timing; whichever it is, the run ends in one line naming it.
+    assert len(lines) == 1 and "No space left on device" in lines[0], full.stderr[-5000:]
+    kept = _checkpoint_steps(small_disk / "run")
+    assert kept and kept[-1] < 20, kept
+    if "could not be saved" in lines[0]:
+        assert f"the checkpoints saved before it are kept (steps: {', '.join(map(str, kept))})" in lines[0]
 
     _remount(small_disk, "size=64m")
     done = _run(small_disk, corpus, *args)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "resumed from step 10" in done.stderr
+    assert f"resumed from step {kept[-1]}" in done.stderr
     assert _checkpoint_steps(small_disk / "run")[-1] == 20
     assert not [p for p in (small_disk / "run" / "checkpoints").iterdir() if "tmp" in p.name]
 
