@@ -125,7 +125,8 @@ def _copy_run(base: Path, tmp_path: Path) -> Path:
     return tmp_path / "run"
 
 
-@pytest.mark.parametrize("first", [False, True])
+# Through the CLI one way (what a user does first: turn scan on); test_checkpoint_tree converts both ways.
+@pytest.mark.parametrize("first", [False])
 def test_scan_layers_flipped_on_resume_continues_like_an_uninterrupted_run(tmp_path, corpus, first,  # noqa: F811
                                                                            caplog):
     # Scanned layers draw other initial values than unrolled ones: compare with a whole run of the first setting.
