@@ -68,23 +68,17 @@ DAMAGED_DIR = "damaged_checkpoints"  # beside checkpoints/: unreadable checkpoin
 
 
 class IteratorCheckpoint:
-    """Adapts a data iterator to grain's checkpoint handler, which writes one file per process.
+    """Adapts a data iterator to grain's checkpoint handler for saving, which writes one file per process.
 
-    `get_state`/`set_state` are the data module's JSON state functions.
+    Restoring goes around the handler (`Checkpointer.restore`'s `restore_data`), since a process
+    may need the files of every process of another layout.
     """
 
-    def __init__(self, get_state: Callable[[], dict], set_state: Callable[[dict], None]):
+    def __init__(self, get_state: Callable[[], dict]):
         self._get_state = get_state
-        self._set_state = set_state
 
     def get_state(self) -> bytes:
         return json.dumps(self._get_state()).encode()
-
-    def set_state(self, state: bytes) -> None:
-        self._set_state(json.loads(state.decode()))
-
-    def start_prefetch(self) -> None:  # called by grain's handler after a restore
-        pass
 
 
 class _DropReadOnlyNotice(logging.Filter):

@@ -260,8 +260,7 @@ def _train(config: Config, stop: StopSignal, on_exit: contextlib.ExitStack) -> d
     # Exactly the rows this process's devices hold of every step's global batch.
     train_iter = shards.make_train_iterator(config, setup.tokenizer, setup.sources,
                                             mesh_lib.batch_rows(setup.mesh, config.train.batch_size))
-    iter_ckpt = ckpt.IteratorCheckpoint(lambda: shards.iterator_state(train_iter),
-                                        lambda s: shards.restore_iterator_state(train_iter, s))
+    iter_ckpt = ckpt.IteratorCheckpoint(lambda: shards.iterator_state(train_iter))
     eval_batches = held_out_batches(setup)
     checkpointer = ckpt.Checkpointer(workdir / "checkpoints", config.checkpoint, run_config=to_dict(config))
     state, start, metadata = _restore_or_init(setup, checkpointer, train_iter)
