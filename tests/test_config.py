@@ -71,7 +71,7 @@ def test_override_beats_file(tmp_path):
     ("model.n_heads=3", "divisible by model.n_heads"),
     ("model.n_kv_heads=3", "divisible by model.n_kv_heads"),
     ("optimizer.name=sgd", "one of adamw, lamb"),
-    ("model.arch=bert", "one of gpt2, llama"),
+    ("model.arch=t5", "one of gpt2, llama, bert"),
     ("train.steps=0", "'train.steps' must be positive"),
     ("optimizer.grad_accum=3", "divisible by optimizer.grad_accum"),
     ("data.source=text", "needs data.path"),
@@ -79,6 +79,10 @@ def test_override_beats_file(tmp_path):
     ("train.seq_len=2048", "exceeds model.max_len"),
     ("parallel.mode=pmap mesh.fsdp=2", "mesh.fsdp and mesh.tensor must be 1"),
     ("mesh.data=-1", None),
+    ("train.objective=mlm", "train.objective=mlm cannot train model.arch=gpt2, which learns clm"),
+    ("model.arch=bert train.objective=clm", "train.objective=clm cannot train model.arch=bert, which learns mlm"),
+    ("train.objective=span", "one of clm, mlm, null"),
+    ("model.arch=bert train.objective=mlm", None),
 ])
 def test_config_errors_are_one_line(override, fragment):
     if fragment is None:

@@ -35,6 +35,9 @@ def validate(c: Config) -> None:
         _require(getattr(m, key) != "float16",
                  f"model.{key}=float16 needs loss scaling, which llm_jax does not do (small gradients would "
                  f"silently underflow to zero); use model.{key}=bfloat16")
+    _require(c.objective == m.family.objective,
+             f"train.objective={c.objective} cannot train model.arch={m.arch}, which learns "
+             f"{m.family.objective} (leave train.objective unset for the family's)")
     _require(0.0 <= m.dropout < 1.0, f"config key 'model.dropout' must be in [0, 1), got {m.dropout}")
     tk = c.tokenizer
     # pad, unk, bos, eos, then the user's symbols, then 256 byte pieces with byte fallback.

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from llm_jax.models.families import FAMILIES, Family
+from llm_jax.models.families import FAMILIES, OBJECTIVES, Family
 
 
 class ConfigError(ValueError):
@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Everything the model sees; nothing else reaches the Linen modules."""
 
-    arch: str = "gpt2"  # a family of models/families.py: gpt2 | llama
+    arch: str = "gpt2"  # a family of models/families.py: gpt2 | llama | bert
     vocab_size: int = 2048
     n_layers: int = 4
     d_model: int = 256
@@ -32,7 +32,7 @@ class ModelConfig:
     dropout: float = 0.0
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of parameters
-    norm_eps: float = 1e-5
+    norm_eps: float | None = None  # None: the family's (1e-5; bert 1e-12)
     rope_theta: float = 10000.0
     init_std: float = 0.02
     scan_layers: bool = False  # one compiled layer body, looped with nn.scan
@@ -59,6 +59,10 @@ class ModelConfig:
     @property
     def resolved_tie_embeddings(self) -> bool:
         return self.family.tie_embeddings if self.tie_embeddings is None else self.tie_embeddings
+
+    @property
+    def resolved_norm_eps(self) -> float:
+        return self.family.norm_eps if self.norm_eps is None else self.norm_eps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +140,8 @@ class OptimizerConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     steps: int = 300
+    # clm (next-token prediction, decoders) | mlm (masked tokens, encoders); None: the family's
+    objective: str | None = None
     batch_size: int = 16  # global, in sequences
     seq_len: int = 128
     log_every: int = 10
@@ -216,6 +222,11 @@ class Config:
     parallel: ParallelConfig = ParallelConfig()
     distributed: DistributedConfig = DistributedConfig()
 
+    @property
+    def objective(self) -> str:
+        """What the run learns: train.objective, or the pretraining task of the model's family."""
+        return self.train.objective or self.model.family.objective
+
 
 CHOICES = {
     "model.arch": tuple(FAMILIES),
@@ -224,6 +235,7 @@ CHOICES = {
     "model.param_dtype": ("float32", "bfloat16", "float16"),
     "model.remat": ("none", "full", "dots"),
     "model.attention": ("xla", "cudnn", "splash"),
+    "train.objective": (*OBJECTIVES, None),
     "tokenizer.model_type": ("bpe", "unigram"),
     "data.source": ("default", "text", "jsonl", "tfds", "mixture"),
     "data.text_unit": ("file", "line"),

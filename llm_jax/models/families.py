@@ -16,10 +16,14 @@ class Family:
 
     norm: str  # "layer" (LayerNorm: scale and bias) | "rms" (RMSNorm: scale only)
     bias: bool  # whether the attention and MLP projections have biases
-    activation: str  # "gelu_tanh" (GELU, tanh approximation) | "silu"
+    activation: str  # "gelu_tanh" (GELU, tanh approximation) | "gelu" (exact, erf) | "silu"
     gated_mlp: bool  # activation(gate) * up, then down (GLU variants), instead of activation(fc), then proj
     position: str  # the default of model.position: learned | sinusoidal | rope
     tie_embeddings: bool  # the default of model.tie_embeddings: the output projection reuses the embedding
+    objective: str = "clm"  # the pretraining task it learns (train.objective): clm | mlm
+    encoder: bool = False  # bidirectional self-attention (BERT) instead of causal (a decoder)
+    post_norm: bool = False  # x = norm(x + f(x)) after each sublayer (BERT) instead of x + f(norm(x))
+    norm_eps: float = 1e-5  # the default of model.norm_eps
 
     @property
     def mlp_matrices(self) -> int:
@@ -34,4 +38,10 @@ FAMILIES = {
     # LLaMA (Touvron et al. 2023): RMSNorm, no biases, SwiGLU MLP, rotary positions, untied.
     "llama": Family(norm="rms", bias=False, activation="silu", gated_mlp=True, position="rope",
                     tie_embeddings=False),
+    # BERT (Devlin et al. 2019): a bidirectional encoder trained by masked LM; post-LayerNorm blocks
+    # (eps 1e-12), exact GELU, biases everywhere, learned positions and token types, tied MLM output.
+    "bert": Family(norm="layer", bias=True, activation="gelu", gated_mlp=False, position="learned",
+                   tie_embeddings=True, objective="mlm", encoder=True, post_norm=True, norm_eps=1e-12),
 }
+
+OBJECTIVES = ("clm", "mlm")

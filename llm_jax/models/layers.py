@@ -200,7 +200,7 @@ class Norm(nn.Module):
 
 
 def make_norm(config: ModelConfig, name: str) -> nn.Module:
-    return Norm(rms=config.family.norm == "rms", eps=config.norm_eps, dtype=to_dtype(config.dtype),
+    return Norm(rms=config.family.norm == "rms", eps=config.resolved_norm_eps, dtype=to_dtype(config.dtype),
                 param_dtype=to_dtype(config.param_dtype), name=name)
 
 
@@ -440,7 +440,8 @@ class Attention(nn.Module):
 
 
 # The MLP activations a family may name (models/families.py).
-ACTIVATIONS = {"gelu_tanh": functools.partial(nn.gelu, approximate=True), "silu": nn.silu}
+ACTIVATIONS = {"gelu_tanh": functools.partial(nn.gelu, approximate=True),
+               "gelu": functools.partial(nn.gelu, approximate=False), "silu": nn.silu}
 
 
 class Mlp(nn.Module):

@@ -27,7 +27,8 @@ from llm_jax.data import shards
 from llm_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
 from llm_jax.infer.generate import generate
 from llm_jax.models import flops
-from llm_jax.models.decoder import Transformer, count_params
+from llm_jax.models.build import make_model
+from llm_jax.models.decoder import count_params
 from llm_jax.parallel import mesh as mesh_lib
 from llm_jax.runtime.stop_signal import StopSignal
 from llm_jax.train import checkpoint as ckpt
@@ -48,7 +49,7 @@ class Setup:
     config: Config
     workdir: Path
     mesh: jax.sharding.Mesh
-    model: Transformer
+    model: nn.Module
     tx: Any
     schedule: Any
     abstract_state: Any  # unboxed ShapeDtypeStructs of the TrainState
@@ -107,7 +108,7 @@ def build(config: Config, mesh: jax.sharding.Mesh | None = None, with_data: bool
             workdir.mkdir(parents=True, exist_ok=True)
         sources = data_lib.open_sources(config)
         tokenizer = load_or_train_tokenizer(config, workdir, sources)
-    model = Transformer(config.model)
+    model = make_model(config.model)
     tx, schedule = make_optimizer(config.optimizer, config.train.steps, scan_layers=config.model.scan_layers)
 
     rules = mesh_lib.axis_rules(config)
