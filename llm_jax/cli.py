@@ -52,8 +52,12 @@ def _cmd_train(args) -> int:
         if summary["stopped_early"]:
             print(f"stopped at step {summary['step']}; the checkpoint is saved, run the same command to resume")
         else:
-            print(f"eval loss {summary['eval_loss']:.4f} | eval perplexity {summary['eval_perplexity']:.2f}")
-            print(f"sample ({config.train.sample_prompt!r} ...):\n{summary['sample']}")
+            line = f"eval loss {summary['eval_loss']:.4f} | eval perplexity {summary['eval_perplexity']:.2f}"
+            if "eval_accuracy" in summary:
+                line += f" | eval accuracy {summary['eval_accuracy']:.4f}"
+            print(line)
+            if summary["sample"] is not None:
+                print(f"sample ({config.train.sample_prompt!r} ...):\n{summary['sample']}")
     return 0
 
 
@@ -83,10 +87,26 @@ def _cmd_generate(args) -> int:
 
     setup, params, _ = loop.restore_for_inference(args.workdir)
     c = setup.config
+    if c.model.family.encoder:
+        raise ConfigError(f"generate continues text with a decoder; {args.workdir} holds an encoder "
+                          f"(model.arch={c.model.arch}): use `llm-jax fill-mask {args.workdir} --text ...`")
     text = loop.sample_text(setup, params, args.prompt, max_new_tokens=args.max_new_tokens,
                             temperature=c.train.temperature if args.temperature is None else args.temperature,
                             top_k=c.train.top_k if args.top_k is None else args.top_k, seed=args.seed)
     print(text)
+    return 0
+
+
+def _cmd_fill_mask(args) -> int:
+    from llm_jax.infer import fill_mask
+    from llm_jax.train import loop
+
+    fill_mask.check_top_k(args.top_k)  # before the checkpoint is read
+    setup, params, _ = loop.restore_for_inference(args.workdir)
+    if setup.config.objective != "mlm":
+        raise ConfigError(f"fill-mask needs a masked-LM run (model.arch=bert); {args.workdir} trains "
+                          f"{setup.config.objective} with model.arch={setup.config.model.arch}")
+    print(fill_mask.describe(loop.fill_mask_text(setup, params, args.text, args.top_k)))
     return 0
 
 
@@ -223,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("fill-mask", help="the most likely tokens at each [MASK] of a text (masked-LM runs)")
+    p.add_argument("workdir")
+    p.add_argument("--text", required=True, help='e.g. "for i in [MASK](10):"')
+    p.add_argument("--top-k", type=int, default=5)
+    p.set_defaults(func=_cmd_fill_mask)
 
     p = sub.add_parser("export", help="write the parameters of a run alone, for inference or init_from=OUT")
     p.add_argument("workdir")

@@ -81,6 +81,13 @@ def test_dropout_uses_a_per_step_key():
 
 def test_eval_step_counts_only_real_targets():
     model, _, _, state = _setup()
-    loss_sum, weight_sum = eval_step(state.params, _batch(pad_last=3), model=model)
-    assert float(weight_sum) == 4 * 5
-    assert float(loss_sum) / float(weight_sum) == pytest.approx(np.log(MODEL.vocab_size), rel=0.2)
+    batch = _batch(pad_last=3)
+    sums = eval_step(state.params, batch, model=model)
+    assert float(sums["weight"]) == 4 * 5
+    assert float(sums["loss"]) / float(sums["weight"]) == pytest.approx(np.log(MODEL.vocab_size), rel=0.2)
+    # Top-1 hits over the real targets only: make every real target the model's own first choice.
+    logits = model.apply({"params": state.params}, batch["inputs"], positions=batch["positions"],
+                         segment_ids=batch["segment_ids"])
+    hits = eval_step(state.params, {**batch, "targets": np.asarray(logits.argmax(-1))}, model=model)
+    assert float(hits["correct"]) == 4 * 5
+    assert float(sums["correct"]) < 4 * 5

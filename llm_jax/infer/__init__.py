@@ -1,1 +1,1 @@
-"""Using a trained model: generation."""
+"""Using a trained model: generation and masked-LM predictions."""

@@ -25,6 +25,7 @@ from llm_jax.config import Config, ConfigError, dump_config, to_dict
 from llm_jax.data import pipeline as data_lib
 from llm_jax.data import shards
 from llm_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
+from llm_jax.infer import fill_mask
 from llm_jax.infer.generate import generate
 from llm_jax.models import flops
 from llm_jax.models.build import make_model
@@ -180,18 +181,21 @@ def held_out_batches(setup: Setup) -> list[dict[str, np.ndarray]]:
 
 
 def evaluate(setup: Setup, eval_fn, params, eval_batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
-    """Mean loss and perplexity over the held-out batches (sums first, one division)."""
+    """Mean loss and perplexity over the held-out batches (sums first, one division); for masked LM
+    also the accuracy over the masked positions."""
     batch_sharding = mesh_lib.batch_sharding(setup.mesh)
-    loss_sum = jnp.zeros(())
-    weight_sum = jnp.zeros(())
+    sums = {"loss": jnp.zeros(()), "correct": jnp.zeros(()), "weight": jnp.zeros(())}
     with setup.context():
         for local in eval_batches:
             batch = mesh_lib.global_batch(local, batch_sharding, setup.config.train.batch_size)
-            batch_loss, batch_weight = eval_fn(params, batch)
-            loss_sum, weight_sum = loss_sum + batch_loss, weight_sum + batch_weight
-    loss_sum, weight_sum = jax.device_get((loss_sum, weight_sum))
-    loss = float(loss_sum) / max(float(weight_sum), 1.0)
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+            sums = jax.tree.map(jnp.add, sums, eval_fn(params, batch))
+    sums = {k: float(v) for k, v in jax.device_get(sums).items()}
+    weight = max(sums["weight"], 1.0)
+    loss = sums["loss"] / weight
+    result = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+    if setup.config.objective == "mlm":
+        result["eval_accuracy"] = sums["correct"] / weight
+    return result
 
 
 def sample_text(setup: Setup, params, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int,
@@ -208,6 +212,25 @@ def sample_text(setup: Setup, params, prompt: str, *, max_new_tokens: int, tempe
         ids = generate(setup.model, params, prompt_ids, max_new_tokens=max(max_new_tokens, 0),
                        rng=jax.random.key(seed), temperature=temperature, top_k=top_k, eos_id=tok.eos_id)
     return tok.decode(ids[1:])
+
+
+def fill_mask_text(setup: Setup, params, text: str, top_k: int) -> list[list[fill_mask.Candidate]]:
+    """The `top_k` most likely tokens at each [MASK] of `text` (masked-LM runs)."""
+    with setup.context(split_batch=False):
+        return fill_mask.fill_mask(setup.model, params, setup.tokenizer, text, top_k=top_k,
+                                   max_len=setup.config.model.max_len)
+
+
+def _final_sample(setup: Setup, params) -> str | None:
+    """What the finished model makes of train.sample_prompt: a continuation (decoders), or the
+    predictions at its [MASK]s (masked LM; None when the prompt has none)."""
+    c = setup.config
+    if c.objective == "mlm":
+        if "[MASK]" not in c.train.sample_prompt:
+            return None
+        return fill_mask.describe(fill_mask_text(setup, params, c.train.sample_prompt, top_k=5))
+    return sample_text(setup, params, c.train.sample_prompt, max_new_tokens=c.train.sample_tokens,
+                       temperature=c.train.temperature, top_k=c.train.top_k, seed=c.seed)
 
 
 def _max_decode_len(config: Config) -> int:
@@ -423,9 +446,7 @@ def _finish(run: _StepLoop, writer: MetricsWriter) -> dict[str, Any]:
             writer.write(step, last_eval)
             log_eval(None, step, last_eval)
         summary.update(last_eval)
-        summary["sample"] = sample_text(run.setup, params, c.train.sample_prompt,
-                                        max_new_tokens=c.train.sample_tokens, temperature=c.train.temperature,
-                                        top_k=c.train.top_k, seed=c.seed)
+        summary["sample"] = _final_sample(run.setup, params)
     run.checkpointer.close()
     writer.close()
     return summary

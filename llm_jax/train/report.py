@@ -95,6 +95,8 @@ class Reporter:
 def log_eval(bar: Any, step: int, result: dict[str, float]) -> None:
     """One console line per evaluation, as it happens (metrics.jsonl has them too, but no one watches it)."""
     message = f"step {step}: eval loss {result['eval_loss']:.4f}, eval perplexity {result['eval_perplexity']:.2f}"
+    if "eval_accuracy" in result:
+        message += f", eval accuracy {result['eval_accuracy']:.4f}"
     if bar is None:
         log.info(message)
         return

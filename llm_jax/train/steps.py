@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from llm_jax.train.losses import cross_entropy_sum, mean_loss
+from llm_jax.train.losses import accuracy_sum, cross_entropy_sum, mean_loss
 
 
 class TrainState(struct.PyTreeNode):
@@ -32,9 +32,9 @@ def init_state(rng: jax.Array, model, tx: optax.GradientTransformation, seq_len:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=train_rng)
 
 
-def _loss_sums(params, batch: dict[str, jax.Array], model, rng: jax.Array | None):
+def _logits(params, batch: dict[str, jax.Array], model, rng: jax.Array | None) -> jax.Array:
     deterministic = rng is None
-    logits = model.apply(
+    return model.apply(
         {"params": params},
         batch["inputs"],
         positions=batch["positions"],
@@ -42,7 +42,10 @@ def _loss_sums(params, batch: dict[str, jax.Array], model, rng: jax.Array | None
         deterministic=deterministic,
         rngs=None if deterministic else {"dropout": rng},
     )
-    return cross_entropy_sum(logits, batch["targets"], batch["weights"])
+
+
+def _loss_sums(params, batch: dict[str, jax.Array], model, rng: jax.Array | None):
+    return cross_entropy_sum(_logits(params, batch, model, rng), batch["targets"], batch["weights"])
 
 
 def _split_micro(batch: dict[str, jax.Array], n_micro: int) -> dict[str, jax.Array]:
@@ -154,6 +157,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx: opt
     return new_state, metrics
 
 
-def eval_step(params, batch: dict[str, jax.Array], *, model) -> tuple[jax.Array, jax.Array]:
-    """(loss sum, target count) of one batch; the caller sums over batches and divides once."""
-    return _loss_sums(params, batch, model, None)
+def eval_step(params, batch: dict[str, jax.Array], *, model) -> dict[str, jax.Array]:
+    """Sums over one batch's real targets: "loss", "correct" (top-1 hits) and "weight" (how many).
+    The caller adds them over batches and divides once."""
+    logits = _logits(params, batch, model, None)
+    loss_sum, weight_sum = cross_entropy_sum(logits, batch["targets"], batch["weights"])
+    correct_sum, _ = accuracy_sum(logits, batch["targets"], batch["weights"])
+    return {"loss": loss_sum, "correct": correct_sum, "weight": weight_sum}
