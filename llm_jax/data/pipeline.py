@@ -15,7 +15,7 @@ Masked LM (`config.objective == "mlm"`): a document's ids are cut into chunks of
 becoming a piece [CLS] chunk [SEP] masked by `objectives.mask_tokens` (inputs = the corrupted ids,
 targets = the original ids, weights = 1 on the selected positions only); the pieces are packed the
 same way, the weights with them. A document's rng is a pure function of the seed and its place in
-the stream (`masked_documents`), so the masks of a step never depend on the layout, the workers or
+the stream (`cut_documents`), so the masks of a step never depend on the layout, the workers or
 a resume, and a document seen again in a later epoch gets fresh masks.
 
 Batch layout (every array [rows, seq_len]: the global batch, or the rows a process holds): inputs,

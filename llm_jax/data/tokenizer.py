@@ -60,7 +60,7 @@ class Tokenizer:
 
     `cls_id`, `sep_id`, `mask_id` are None when the model has no such user-defined piece (a
     tokenizer trained for a clm run). `special_ids` lists, ascending, every id that is not text:
-    pad, unk, bos, eos and every user-defined symbol ([CLS], [SEP], [MASK] among them).
+    pad, unk, bos, eos (any control piece) and every user-defined symbol ([CLS], [SEP], [MASK] among them).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -76,15 +76,15 @@ class Tokenizer:
         self.eos_id: int = sp.eos_id()
         # SentencePiece's Python API cannot tell a user-defined piece: its type is in the model proto.
         proto = sp_model.ModelProto.FromString(sp.serialized_model_proto())
-        user_defined = proto.SentencePiece.Type.USER_DEFINED
+        kind = proto.SentencePiece.Type
         self.user_defined: dict[str, int] = {
-            p.piece: i for i, p in enumerate(proto.pieces) if p.type == user_defined}
+            p.piece: i for i, p in enumerate(proto.pieces) if p.type == kind.USER_DEFINED}
         self.cls_id: int | None = self.user_defined.get("[CLS]")
         self.sep_id: int | None = self.user_defined.get("[SEP]")
         self.mask_id: int | None = self.user_defined.get("[MASK]")
-        control = [self.pad_id, self.unk_id, self.bos_id, self.eos_id]
-        self.special_ids: tuple[int, ...] = tuple(sorted(
-            {i for i in control if i >= 0} | set(self.user_defined.values())))
+        # Not text: control pieces (pad, bos, eos, any other), unk, unused ones and user symbols.
+        not_text = (kind.CONTROL, kind.UNKNOWN, kind.UNUSED, kind.USER_DEFINED)
+        self.special_ids: tuple[int, ...] = tuple(i for i, p in enumerate(proto.pieces) if p.type in not_text)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without bos/eos (the data pipeline adds them per document)."""
