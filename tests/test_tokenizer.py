@@ -235,3 +235,42 @@ def test_with_several_processes_process_0_alone_trains_and_the_others_wait(train
     with pytest.raises(ConfigError, match="too large"):
         tok_lib.load_or_train_tokenizer(_config("model.vocab_size=2048"), tmp_path / "bad", _Sources(["a b\n"] * 3))
     assert events.count("llm_jax_tokenizer") == 2
+
+
+# ----------------------------------------------------------------------------- masked-LM symbols
+
+
+def test_an_mlm_run_trains_cls_sep_mask_as_ids_4_5_6_before_the_user_symbols(tmp_path):
+    config = _config("model.arch=bert", 'tokenizer.user_defined_symbols=["<|user|>", "[MASK]"]')
+    tok = tok_lib.load_or_train_tokenizer(config, tmp_path, _Sources(_tiny_corpus(30)))
+    assert (tok.cls_id, tok.sep_id, tok.mask_id) == (4, 5, 6)
+    assert [tok._sp.id_to_piece(i) for i in range(4, 8)] == ["[CLS]", "[SEP]", "[MASK]", "<|user|>"]
+    assert tok.special_ids == (0, 1, 2, 3, 4, 5, 6, 7)
+    ids = tok.encode("for i in [MASK](10):")
+    assert ids.count(tok.mask_id) == 1 and tok.decode(ids) == "for i in [MASK](10):"
+    assert tok.encode("[MASK]") == [tok.mask_id]
+    assert pickle.loads(pickle.dumps(tok)).special_ids == tok.special_ids  # as in a data worker
+
+
+def test_a_tokenizer_without_mask_symbols_for_an_mlm_run_is_a_one_line_config_error(trained, tmp_path):
+    tok, workdir = trained  # trained for a clm run
+    assert (tok.cls_id, tok.sep_id, tok.mask_id) == (None, None, None)
+    assert tok.special_ids == (0, 1, 2, 3)
+    mlm = _config("model.arch=bert")
+    with pytest.raises(ConfigError, match=r"^workdir: .*lacks \[CLS\], \[SEP\], \[MASK\]") as err:
+        tok_lib.load_or_train_tokenizer(mlm, workdir, _Sources(_Forbidden()))
+    assert "\n" not in str(err.value)
+    given = tmp_path / "given.model"
+    shutil.copyfile(tok.path, given)
+    with pytest.raises(ConfigError, match=r"^tokenizer.path: .*train.objective=mlm") as err:
+        tok_lib.load_or_train_tokenizer(_config("model.arch=bert", f"tokenizer.path={given}"), tmp_path / "run",
+                                        _Sources(_Forbidden()))
+    assert "\n" not in str(err.value) and not (tmp_path / "run" / "tokenizer" / "spm.model").exists()
+
+
+def test_the_vocab_floor_counts_the_mlm_symbols():
+    _config("model.vocab_size=260")  # clm: pad, unk, bos, eos and 256 bytes
+    with pytest.raises(ConfigError, match=r"at least 263 .* \[MASK\] for mlm"):
+        _config("model.arch=bert", "model.vocab_size=262")
+    with pytest.raises(ConfigError, match="at least 264"):  # [MASK] listed again is one piece
+        _config("model.arch=bert", "model.vocab_size=263", 'tokenizer.user_defined_symbols=["[MASK]", "<x>"]')

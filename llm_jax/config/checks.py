@@ -40,11 +40,14 @@ def validate(c: Config) -> None:
              f"{m.family.objective} (leave train.objective unset for the family's)")
     _require(0.0 <= m.dropout < 1.0, f"config key 'model.dropout' must be in [0, 1), got {m.dropout}")
     tk = c.tokenizer
-    # pad, unk, bos, eos, then the user's symbols, then 256 byte pieces with byte fallback.
-    needed = 4 + len(tk.user_defined_symbols) + (256 if tk.byte_fallback else 0)
+    # pad, unk, bos, eos, for mlm [CLS] [SEP] [MASK] (data/tokenizer.py, MLM_SYMBOLS), then the user's
+    # symbols (one listed twice is one piece), then 256 byte pieces with byte fallback.
+    reserved = ("[CLS]", "[SEP]", "[MASK]") if c.objective == "mlm" else ()
+    symbols = len(dict.fromkeys((*reserved, *tk.user_defined_symbols)))
+    needed = 4 + symbols + (256 if tk.byte_fallback else 0)
     _require(m.vocab_size >= needed or bool(tk.path),
              f"model.vocab_size ({m.vocab_size}) must be at least {needed} to train a tokenizer with "
-             f"{len(tk.user_defined_symbols)} user-defined symbols"
+             f"{symbols} user-defined symbols" + (" (with [CLS], [SEP], [MASK] for mlm)" if reserved else "")
              + (" and byte fallback" if tk.byte_fallback else ""))
     _require(all(tk.user_defined_symbols) and len(set(tk.user_defined_symbols)) == len(tk.user_defined_symbols),
              "config key 'tokenizer.user_defined_symbols' must list distinct, non-empty strings")

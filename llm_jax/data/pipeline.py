@@ -11,8 +11,16 @@ piece gives inputs = piece[:-1], targets = piece[1:]. Pieces are packed into row
 segment ids (1, 2, ... per piece, 0 on padding) and positions (0-based within the piece), which the
 model uses to mask attention across pieces.
 
+Masked LM (`config.objective == "mlm"`): a document's ids are cut into chunks of seq_len - 2, each
+becoming a piece [CLS] chunk [SEP] masked by `objectives.mask_tokens` (inputs = the corrupted ids,
+targets = the original ids, weights = 1 on the selected positions only); the pieces are packed the
+same way, the weights with them. A document's rng is a pure function of the seed and its place in
+the stream (`cut_documents`), so the masks of a step never depend on the layout, the workers or
+a resume, and a document seen again in a later epoch gets fresh masks.
+
 Batch layout (every array [rows, seq_len]: the global batch, or the rows a process holds): inputs,
-targets, segment_ids, positions (int32) and weights (float32: 1 on real targets, 0 on padding).
+targets, segment_ids, positions (int32) and weights (float32: 1 on real targets, 0 on padding; for
+mlm 1 on the selected positions only).
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import tensorflow_datasets as tfds
 
 from llm_jax.config import Config, ConfigError, DataConfig, MixtureSource
 from llm_jax.data import corpus as corpus_lib
-from llm_jax.data import tfds_builder
+from llm_jax.data import objectives, tfds_builder
 from llm_jax.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -234,6 +242,57 @@ class DocumentCutter:
         return document_pieces(tok.encode(text), self.seq_len, tok.bos_id, tok.eos_id)
 
 
+def masked_pieces(ids: list[int], seq_len: int, cls_id: int, sep_id: int) -> list[np.ndarray]:
+    """Cuts ids into [CLS] chunk [SEP] pieces of at most seq_len tokens (chunks of seq_len - 2 ids).
+
+    No overlap: a masked LM predicts tokens in place, so no target is lost at a cut. An empty
+    document gives no piece (it would hold nothing to predict).
+    """
+    chunk = seq_len - 2
+    tokens = np.asarray(ids, dtype=np.int32)
+    return [np.concatenate([[cls_id], tokens[start:start + chunk], [sep_id]]).astype(np.int32)
+            for start in range(0, len(tokens), chunk)]
+
+
+class MaskedDocumentCutter:
+    """(index, document) -> its masked pieces, with the rng of `seed_words` + [index]. Picklable.
+
+    `index` is the document's place in its stream (grain's `map_with_index`), so the masks are a
+    pure function of the seed words and that place.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, seq_len: int, seed_words: tuple[int, ...]):
+        if None in (tokenizer.cls_id, tokenizer.sep_id, tokenizer.mask_id):
+            raise ConfigError(f"train.objective=mlm needs a tokenizer with [CLS], [SEP] and [MASK]; {tokenizer!r} "
+                              "lacks some")
+        if seq_len < 3:
+            raise ConfigError(f"train.seq_len={seq_len} is too short for mlm: [CLS] and [SEP] take two tokens")
+        self.tokenizer, self.seq_len, self.seed_words = tokenizer, seq_len, tuple(int(w) for w in seed_words)
+        self.special_ids = np.asarray(tokenizer.special_ids, dtype=np.int64)
+
+    def __call__(self, index: int, text: str) -> list[dict[str, np.ndarray]]:
+        tok = self.tokenizer
+        rng = np.random.default_rng([*self.seed_words, int(index)])
+        pieces = []
+        for piece in masked_pieces(tok.encode(text), self.seq_len, tok.cls_id, tok.sep_id):
+            inputs, targets, weights = objectives.mask_tokens(
+                piece, rng, mask_id=tok.mask_id, vocab_size=tok.vocab_size, special_ids=self.special_ids)
+            pieces.append({"inputs": inputs, "targets": targets, "weights": weights})
+        return pieces
+
+
+def cut_documents(config: Config, tokenizer: Tokenizer, docs: grain.MapDataset,
+                  seed_words: tuple[int, ...]) -> grain.MapDataset:
+    """Documents (str) -> their lists of pieces, for the run's objective.
+
+    clm: `DocumentCutter`. mlm: `MaskedDocumentCutter`, whose rng for the document at index i of
+    `docs` is seeded by `seed_words` + [i]: the caller's words name the stream (seed, shard).
+    """
+    if config.objective == "mlm":
+        return docs.map_with_index(MaskedDocumentCutter(tokenizer, config.train.seq_len, seed_words))
+    return docs.map(DocumentCutter(tokenizer, config.train.seq_len))
+
+
 class _Pieces(grain.experimental.FlatMapTransform):
     """Flattens the per-document lists of pieces into single pieces."""
 
@@ -249,23 +308,33 @@ def flatten_pieces(per_document: grain.IterDataset) -> grain.IterDataset:
 
 
 def _to_batch(packed: dict[str, np.ndarray]) -> Batch:
-    """grain's packed feature names -> the trainer's batch layout."""
+    """grain's packed feature names -> the trainer's batch layout.
+
+    Pieces that carry their own weights (mlm) keep them; otherwise every real token weighs 1.
+    """
     segment_ids = packed["inputs_segment_ids"].astype(np.int32)
+    weights = packed["weights"] if "weights" in packed else segment_ids > 0
     return {
         "inputs": packed["inputs"].astype(np.int32),
         "targets": packed["targets"].astype(np.int32),
         "segment_ids": segment_ids,
         "positions": packed["inputs_positions"].astype(np.int32),
-        "weights": (segment_ids > 0).astype(np.float32),
+        "weights": weights.astype(np.float32),
     }
 
 
 def packed_batches(pieces: grain.IterDataset, seq_len: int, rows: int, num_bins: int, seed: int,
-                   shuffle_bins: bool, drop_remainder: bool) -> grain.IterDataset:
-    """Pieces -> rows of seq_len (first-fit packing over `num_bins` bins) -> batches of `rows` rows."""
+                   shuffle_bins: bool, drop_remainder: bool, with_weights: bool = False) -> grain.IterDataset:
+    """Pieces -> rows of seq_len (first-fit packing over `num_bins` bins) -> batches of `rows` rows.
+
+    `with_weights`: the pieces carry a "weights" feature (mlm), packed beside inputs and targets.
+    """
+    length_struct = {"inputs": seq_len, "targets": seq_len}
+    if with_weights:
+        length_struct["weights"] = seq_len
     packed = grain.experimental.FirstFitPackIterDataset(
         pieces,
-        length_struct={"inputs": seq_len, "targets": seq_len},
+        length_struct=length_struct,
         num_packing_bins=num_bins,
         seed=seed,
         shuffle_bins=shuffle_bins,
@@ -301,6 +370,10 @@ def global_documents(config: Config, sources: DataSources) -> grain.MapDataset:
     return grain.MapDataset.mix(streams, list(sources.weights))
 
 
+# The masks of the eval split, the same whatever train's seed: eval losses of runs compare.
+EVAL_MASK_SEED_WORDS = (0x6D6C6D, 0)
+
+
 def _pad_rows(batch: Batch, rows: int) -> Batch:
     """Adds all-zero rows (weight 0) so a short last eval batch keeps the static batch shape."""
     missing = rows - batch["inputs"].shape[0]
@@ -313,18 +386,20 @@ def make_eval_batches(config: Config, tokenizer: Tokenizer, sources: DataSources
                       rows: list[tuple[int, int]] | None = None) -> list[Batch]:
     """At most train.eval_batches batches of the eval split, the same on every run.
 
-    No shuffle. Every process builds the same global batches of train.batch_size rows and keeps
-    the global row ranges `rows` its devices hold (None: all), so all processes get the same number
-    of batches (a collective eval step would hang otherwise). An empty eval split gives [].
+    No shuffle; for mlm the masks of eval document i come from a fixed rng (`EVAL_MASK_SEED_WORDS`
+    + [i], not the run's seed), so every eval of every run scores the same positions. Every process
+    builds the same global batches of train.batch_size rows and keeps the global row ranges `rows`
+    its devices hold (None: all), so all processes get the same number of batches (a collective
+    eval step would hang otherwise). An empty eval split gives [].
     """
     if len(sources.eval) == 0:
         return []
     global_batch, seq_len = config.train.batch_size, config.train.seq_len
     read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=16)  # tokenizing holds the GIL: one thread
-    per_document = grain.MapDataset.source(sources.eval).map(DocumentCutter(tokenizer, seq_len))
+    per_document = cut_documents(config, tokenizer, grain.MapDataset.source(sources.eval), EVAL_MASK_SEED_WORDS)
     pieces = flatten_pieces(per_document.to_iter_dataset(read))
     batches = packed_batches(pieces, seq_len, global_batch, num_bins=global_batch, seed=0, shuffle_bins=False,
-                             drop_remainder=False)
+                             drop_remainder=False, with_weights=config.objective == "mlm")
     spans = rows if rows is not None else [(0, global_batch)]
     out = []
     for batch in itertools.islice(iter(batches), config.train.eval_batches):

@@ -3,8 +3,10 @@ step alone, whatever the number of processes, the mesh or `data.workers`.
 
 The one global document stream (`pipeline.global_documents`) is dealt to V virtual shards
 (`data.virtual_shards`): shard v reads documents v, v + V, v + 2V, ... and tokenizes, cuts,
-window-shuffles and packs them into R = train.batch_size / V rows per step. Row r of a step's
-global batch is row r % R of shard r // R. V is set by the config, never by the run's layout.
+window-shuffles and packs them into R = train.batch_size / V rows per step (for mlm, each document
+is masked with an rng of the seed, v and its index in shard v's stream, so the masks are fixed too).
+Row r of a step's global batch is row r % R of shard r // R. V is set by the config, never by the
+run's layout.
 
 A process runs the shards covering the global rows its devices hold (`rows`; a shard only partly
 held is run whole and sliced) and yields exactly those rows, in order. With `data.workers`, worker
@@ -40,7 +42,7 @@ Rows = list[tuple[int, int]]  # global row ranges [start, stop), sorted and disj
 
 DEFAULT_MAX_SHARDS = 8
 _CHUNK = 4  # documents per task sent to a worker process
-_SALT_WINDOW, _SALT_PACK = 2, 1  # seeds of the piece window and the packing, per shard
+_SALT_WINDOW, _SALT_PACK, _SALT_MASK = 2, 1, 3  # seeds of the piece window, the packing and (mlm) masks, per shard
 
 
 def num_virtual_shards(config: Config) -> int:
@@ -168,7 +170,7 @@ def shard_batches(config: Config, shard: int, documents: grain.IterDataset) -> g
     # More bins than rows: the short last pieces of documents find room, less padding.
     return data_lib.packed_batches(pieces, c.train.seq_len, rows, num_bins=max(2 * rows, 16),
                                    seed=_seed(c, _SALT_PACK, shard), shuffle_bins=c.data.shuffle,
-                                   drop_remainder=True)
+                                   drop_remainder=True, with_weights=c.objective == "mlm")
 
 
 class TrainIterator:
@@ -194,8 +196,10 @@ class TrainIterator:
         self._take = None if at == list(range(len(self.shards) * r)) else np.asarray(at)
 
         everything = data_lib.global_documents(c, sources)
-        cut = data_lib.DocumentCutter(tokenizer, c.train.seq_len)
-        documents = {v: everything[v::self.virtual_shards].map(cut) for v in self.shards}
+        # mlm: document i of shard v is masked with the rng of (seed, salt, v, i), in the worker
+        # processes too; i counts on through the epochs, so a document seen again gets new masks.
+        documents = {v: data_lib.cut_documents(c, tokenizer, everything[v::self.virtual_shards],
+                                               (c.seed % 2**32, _SALT_MASK, v)) for v in self.shards}
         self._pool = DocumentPool(documents, c.data.workers) if c.data.workers else None
         steps = grain.experimental.ZipIterDataset(
             [shard_batches(c, v, _Documents(documents[v], v, self._pool)) for v in self.shards]).map(self._assemble)

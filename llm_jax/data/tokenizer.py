@@ -8,6 +8,13 @@ or generate later.
 Training settings are chosen for source code and exact round trips: identity normalization, no
 dummy prefix, no whitespace squeezing (indentation is meaning in Python), whitespace-only pieces
 allowed, and byte fallback so that any text, even characters never seen, encodes without <unk>.
+
+Reserved ids: pad 0, unk 1, bos 2, eos 3. A tokenizer trained for a masked-LM run
+(`train.objective=mlm`, e.g. `model.arch=bert`) also reserves `[CLS]` 4, `[SEP]` 5 and `[MASK]` 6 as
+user-defined symbols, so each is always one piece, also inside text (`"for i in [MASK](10):"`
+encodes the mask as id 6); `tokenizer.user_defined_symbols` follow them (from 4 in a clm run). A
+tokenizer given or found for an mlm run must hold these three pieces (any ids); the masking never
+selects, and never inserts at random, any special id (`Tokenizer.special_ids`).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as sp_model
 
 from llm_jax.config import Config, ConfigError
 from llm_jax.runtime.faults import MachineFault
@@ -32,6 +40,9 @@ from llm_jax.runtime.faults import MachineFault
 log = logging.getLogger(__name__)
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+# The symbols a masked-LM run reserves, right after the four above: ids 4, 5, 6.
+MLM_SYMBOLS = ("[CLS]", "[SEP]", "[MASK]")
+CLS_ID, SEP_ID, MASK_ID = 4, 5, 6
 MODEL_NAME = "spm.model"
 
 # SentencePiece drops training sentences longer than max_sentence_length bytes, so documents are
@@ -45,16 +56,35 @@ _UNIGRAM_FAST_BYTES = 1_000_000
 
 
 class Tokenizer:
-    """Thin wrapper over `sentencepiece.SentencePieceProcessor` with the ids the data pipeline uses."""
+    """Thin wrapper over `sentencepiece.SentencePieceProcessor` with the ids the data pipeline uses.
+
+    `cls_id`, `sep_id`, `mask_id` are None when the model has no such user-defined piece (a
+    tokenizer trained for a clm run). `special_ids` lists, ascending, every id that is not text:
+    pad, unk, bos, eos (any control piece) and every user-defined symbol ([CLS], [SEP], [MASK] among them).
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._sp = spm.SentencePieceProcessor(model_file=os.fspath(self.path))
-        self.vocab_size: int = self._sp.get_piece_size()
-        self.pad_id: int = self._sp.pad_id()
-        self.unk_id: int = self._sp.unk_id()
-        self.bos_id: int = self._sp.bos_id()
-        self.eos_id: int = self._sp.eos_id()
+        self._load(spm.SentencePieceProcessor(model_file=os.fspath(self.path)))
+
+    def _load(self, sp: spm.SentencePieceProcessor) -> None:
+        self._sp = sp
+        self.vocab_size: int = sp.get_piece_size()
+        self.pad_id: int = sp.pad_id()
+        self.unk_id: int = sp.unk_id()
+        self.bos_id: int = sp.bos_id()
+        self.eos_id: int = sp.eos_id()
+        # SentencePiece's Python API cannot tell a user-defined piece: its type is in the model proto.
+        proto = sp_model.ModelProto.FromString(sp.serialized_model_proto())
+        kind = proto.SentencePiece.Type
+        self.user_defined: dict[str, int] = {
+            p.piece: i for i, p in enumerate(proto.pieces) if p.type == kind.USER_DEFINED}
+        self.cls_id: int | None = self.user_defined.get("[CLS]")
+        self.sep_id: int | None = self.user_defined.get("[SEP]")
+        self.mask_id: int | None = self.user_defined.get("[MASK]")
+        # Not text: control pieces (pad, bos, eos, any other), unk, unused ones and user symbols.
+        not_text = (kind.CONTROL, kind.UNKNOWN, kind.UNUSED, kind.USER_DEFINED)
+        self.special_ids: tuple[int, ...] = tuple(i for i, p in enumerate(proto.pieces) if p.type in not_text)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without bos/eos (the data pipeline adds them per document)."""
@@ -75,13 +105,17 @@ class Tokenizer:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.path = state["path"]
-        self._sp = spm.SentencePieceProcessor(model_proto=state["model"])
-        self.vocab_size = self._sp.get_piece_size()
-        self.pad_id, self.unk_id = self._sp.pad_id(), self._sp.unk_id()
-        self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
+        self._load(spm.SentencePieceProcessor(model_proto=state["model"]))
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.path}, vocab_size={self.vocab_size})"
+
+
+def training_symbols(config: Config) -> tuple[str, ...]:
+    """The user-defined symbols a tokenizer trained for `config` gets, in id order from 4: the
+    masked-LM symbols for an mlm run, then tokenizer.user_defined_symbols (without repeats)."""
+    reserved = MLM_SYMBOLS if config.objective == "mlm" else ()
+    return tuple(dict.fromkeys((*reserved, *config.tokenizer.user_defined_symbols)))
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -194,6 +228,13 @@ def _check_loaded(tokenizer: Tokenizer, config: Config) -> Tokenizer:
         )
     if tokenizer.bos_id < 0 or tokenizer.eos_id < 0:
         raise ConfigError(f"tokenizer.path: {tokenizer.path} has no bos/eos pieces; documents need both")
+    missing = [s for s in MLM_SYMBOLS if s not in tokenizer.user_defined]
+    if config.objective == "mlm" and missing:
+        where = "tokenizer.path" if config.tokenizer.path else "workdir"
+        raise ConfigError(
+            f"{where}: the tokenizer {tokenizer.path} lacks {', '.join(missing)}, which train.objective=mlm needs; "
+            "train one for mlm (a fresh workdir without tokenizer.path, or `llm-jax tokenizer train "
+            "model.arch=bert`) or give one that has them as user-defined symbols")
     return tokenizer
 
 
@@ -210,7 +251,7 @@ def _train_into(config: Config, sources: Any, model_dir: Path) -> dict[str, Any]
     texts = sample_documents(sources.train, t.sample_bytes, seed=config.seed)
     nbytes = sum(len(text.encode("utf-8")) for text in texts)
     train_tokenizer(texts, model_dir / "spm", config.model.vocab_size, t.model_type, t.byte_fallback,
-                    t.user_defined_symbols)
+                    training_symbols(config))
     seconds = time.perf_counter() - start
     log.info("trained a %s tokenizer of %d pieces on %d documents (%.1f MB) in %.1fs",
              t.model_type, config.model.vocab_size, len(texts), nbytes / 1e6, seconds)
@@ -257,7 +298,7 @@ def train_tokenizer_into(config: Config, sources: Any, out_dir: str | os.PathLik
             "vocab_size": tokenizer.vocab_size,
             "model_type": config.tokenizer.model_type,
             "byte_fallback": config.tokenizer.byte_fallback,
-            "user_defined_symbols": list(config.tokenizer.user_defined_symbols),
+            "user_defined_symbols": list(training_symbols(config)),
             **done,
             "held_out_documents": len(held_out),
             "held_out_bytes": sum(len(t.encode("utf-8")) for t in held_out),

@@ -1,0 +1,184 @@
+"""Tests of llm_jax.data.objectives and the masked-LM data path of data/pipeline.py and data/shards.py:
+80/10/10 masking statistics, [CLS] ... [SEP] pieces packed with their weights, masks fixed by the
+seed and the data position (resume, process layout, epochs), and clm batches as before."""
+
+import collections
+import json
+
+import grain
+import numpy as np
+from test_data import SEQ, ToyTokenizer, check_batch, expected_pairs, toy_config, toy_docs, toy_sources
+
+from llm_jax.data import objectives, pipeline, shards
+
+CLS, SEP, MASK = 4, 5, 6
+VOCAB = 1000
+SPECIAL = (0, 1, 2, 3, CLS, SEP, MASK)
+
+
+class MlmTokenizer(ToyTokenizer):
+    """ToyTokenizer (documents are space-separated ids) with the masked-LM symbols of a real one."""
+
+    cls_id, sep_id, mask_id = CLS, SEP, MASK
+    special_ids = SPECIAL
+    vocab_size = 1_000_000
+
+
+def _mlm_config(*extra):
+    return toy_config("model.arch=bert", *extra)
+
+
+# ----------------------------------------------------------------------------- mask_tokens
+
+
+def test_masking_selects_15_percent_of_real_tokens_split_80_10_10():
+    rng = np.random.default_rng(0)
+    data_rng = np.random.default_rng(1)
+    real = selected = masked = kept = replaced = 0
+    while real < 100_000:
+        length = int(data_rng.integers(0, 31))
+        ids = data_rng.integers(7, VOCAB, size=length)
+        # Special ids inside the text too (unk, bos, [MASK] typed by a user), and padding at the end.
+        ids[data_rng.random(length) < 0.05] = data_rng.choice([1, 2, 3, MASK])
+        piece = np.concatenate([[CLS], ids, [SEP], np.zeros(int(data_rng.integers(0, 3)), np.int64)])
+        inputs, targets, weights = objectives.mask_tokens(piece, rng, mask_id=MASK, vocab_size=VOCAB,
+                                                          special_ids=SPECIAL)
+        assert inputs.dtype == targets.dtype == np.int32 and weights.dtype == np.float32
+        np.testing.assert_array_equal(targets, piece)  # targets are the original tokens
+        special = np.isin(piece, SPECIAL)
+        assert not weights[special].any()  # never a special or pad token
+        np.testing.assert_array_equal(inputs[weights == 0], piece[weights == 0])  # unselected: unchanged
+        chosen = weights == 1
+        assert set(np.unique(weights)) <= {0.0, 1.0}
+        new = inputs[chosen]
+        swapped = (new != MASK) & (new != targets[chosen])
+        assert not np.isin(new[swapped], SPECIAL).any() and (new < VOCAB).all()  # random ids are regular
+        real += int((~special).sum())
+        selected += int(chosen.sum())
+        masked += int((new == MASK).sum())
+        kept += int((new == targets[chosen]).sum())
+        replaced += int(swapped.sum())
+    assert abs(selected / real - 0.15) < 0.01
+    # A random id equal to the original counts as kept: 1 in ~1000 of the 10%, far below 1%.
+    assert abs(masked / selected - 0.8) < 0.01
+    assert abs(replaced / selected - 0.1) < 0.01
+    assert abs(kept / selected - 0.1) < 0.01
+
+
+def test_masking_is_a_function_of_the_rng_and_spares_pieces_without_real_tokens():
+    piece = np.arange(7, 107)
+    a = objectives.mask_tokens(piece, np.random.default_rng(5), mask_id=MASK, vocab_size=VOCAB, special_ids=SPECIAL)
+    b = objectives.mask_tokens(piece, np.random.default_rng(5), mask_id=MASK, vocab_size=VOCAB, special_ids=SPECIAL)
+    c = objectives.mask_tokens(piece, np.random.default_rng(6), mask_id=MASK, vocab_size=VOCAB, special_ids=SPECIAL)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a[2], c[2])
+    only_special = np.asarray([CLS, SEP, 0, 0])
+    inputs, _, weights = objectives.mask_tokens(only_special, np.random.default_rng(0), mask_id=MASK,
+                                                vocab_size=VOCAB, special_ids=SPECIAL)
+    assert not weights.any() and inputs.tolist() == only_special.tolist()
+    drawn = objectives.random_regular_ids(np.random.default_rng(0), 20_000, 12, np.asarray([0, 3, 4, 11]))
+    assert sorted(set(drawn.tolist())) == [1, 2, 5, 6, 7, 8, 9, 10]  # every regular id, no special
+
+
+# ----------------------------------------------------------------------------- pieces and packing
+
+
+def _segments(batch):
+    """(inputs, targets, weights, positions) of every packed piece of a batch."""
+    out = []
+    seg = batch["segment_ids"]
+    for r in range(seg.shape[0]):
+        for s in sorted(set(seg[r][seg[r] > 0].tolist())):
+            where = seg[r] == s
+            out.append(tuple(batch[k][r][where] for k in ("inputs", "targets", "weights", "positions")))
+    return out
+
+
+def test_pieces_are_cls_chunk_sep_and_packing_carries_their_weights():
+    assert [p.tolist() for p in pipeline.masked_pieces(list(range(10, 17)), 5, CLS, SEP)] == [
+        [CLS, 10, 11, 12, SEP], [CLS, 13, 14, 15, SEP], [CLS, 16, SEP]]
+    assert pipeline.masked_pieces([], 5, CLS, SEP) == []
+    docs = toy_docs(25)
+    config = _mlm_config("train.eval_batches=1000")
+    batches = pipeline.make_eval_batches(config, MlmTokenizer(), toy_sources(["1"], docs))
+    ids, selected = collections.Counter(), 0
+    for batch in batches:
+        assert set(batch) == set(pipeline.BATCH_KEYS) and batch["weights"].dtype == np.float32
+        pad = batch["segment_ids"] == 0
+        assert not batch["weights"][pad].any() and not batch["inputs"][pad].any()
+        for inputs, targets, weights, positions in _segments(batch):
+            assert len(targets) <= SEQ and targets[0] == CLS and targets[-1] == SEP
+            np.testing.assert_array_equal(positions, np.arange(len(targets)))  # restarts per piece
+            assert weights[0] == weights[-1] == 0 and inputs[0] == CLS and inputs[-1] == SEP
+            np.testing.assert_array_equal(inputs[weights == 0], targets[weights == 0])
+            ids.update(targets[1:-1].tolist())
+            selected += int(weights.sum())
+    assert ids == collections.Counter(int(t) for doc in docs for t in doc.split())  # every token once
+    assert any(b["segment_ids"].max() > 1 for b in batches)  # several pieces share a row
+    assert 0.05 * sum(ids.values()) < selected < 0.3 * sum(ids.values())
+    # The eval masks are fixed: the same on every eval and every run, whatever the seed.
+    again = pipeline.make_eval_batches(_mlm_config("train.eval_batches=1000", "seed=99"), MlmTokenizer(),
+                                       toy_sources(["1"], docs))
+    for a, b in zip(batches, again, strict=True):
+        for k in pipeline.BATCH_KEYS:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_a_document_gets_fresh_masks_each_epoch_and_the_same_masks_at_the_same_place():
+    docs = [" ".join(str(100 + k) for k in range(40))]
+    stream = grain.MapDataset.source(docs).repeat()
+    cut = pipeline.cut_documents(_mlm_config(), MlmTokenizer(), stream, (7, 3, 0))
+    first, second, first_again = cut[0], cut[1], cut[0]
+    assert [p["targets"].tolist() for p in first] == [p["targets"].tolist() for p in second]
+    assert any(not np.array_equal(a["weights"], b["weights"]) for a, b in zip(first, second))
+    for a, b in zip(first, first_again):
+        np.testing.assert_array_equal(a["inputs"], b["inputs"])
+
+
+# ----------------------------------------------------------------------------- determinism of training batches
+
+
+def _batches(config, rows=None, steps=4, state=None):
+    it = shards.make_train_iterator(config, MlmTokenizer(), toy_sources(toy_docs(60)), rows)
+    if state is not None:
+        it.restore_from_saved([state])
+    out = [next(it) for _ in range(steps)]
+    saved = json.loads(json.dumps(shards.iterator_state(it)))  # as in a checkpoint
+    it.close()
+    return out, saved
+
+
+def _assert_same(got, want):
+    for step, (a, b) in enumerate(zip(got, want, strict=True)):
+        for k in pipeline.BATCH_KEYS:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"step {step}, {k}")
+
+
+def test_training_masks_survive_a_resume_and_do_not_depend_on_the_process_layout():
+    config = _mlm_config("train.batch_size=8", "data.shuffle_window=8")
+    uninterrupted, _ = _batches(config, steps=6)
+    assert all(b["weights"].any() and (b["weights"] < (b["segment_ids"] > 0)).any() for b in uninterrupted)
+    _, state = _batches(config, steps=3)
+    resumed, _ = _batches(config, steps=3, state=state)
+    _assert_same(resumed, uninterrupted[3:])
+    # Two processes holding half the rows each assemble the same global batches.
+    top, _ = _batches(config, rows=[(0, 4)], steps=6)
+    bottom, _ = _batches(config, rows=[(4, 8)], steps=6)
+    _assert_same([{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(top, bottom)], uninterrupted)
+    # Another seed masks (and orders) otherwise: the comparisons above can fail.
+    other, _ = _batches(_mlm_config("train.batch_size=8", "data.shuffle_window=8", "seed=8"), steps=1)
+    assert not np.array_equal(other[0]["weights"], uninterrupted[0]["weights"])
+
+
+def test_clm_batches_are_unchanged_by_a_tokenizer_with_masked_lm_symbols():
+    docs = toy_docs(30)
+    config = toy_config("train.batch_size=8", "data.shuffle_window=8")
+    runs = []
+    for tokenizer in (ToyTokenizer(), MlmTokenizer()):
+        it = shards.make_train_iterator(config, tokenizer, toy_sources(docs))
+        runs.append([next(it) for _ in range(3)])
+        it.close()
+    for batch in runs[1]:  # next-token pairs of [bos] doc [eos], every real token weighing 1
+        assert not set(check_batch(batch, 8)) - set(expected_pairs(docs))
+    _assert_same(runs[1], runs[0])
