@@ -55,6 +55,8 @@ def validate(c: Config) -> None:
     t = c.train
     for key in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches"):
         _require(getattr(t, key) > 0, f"config key 'train.{key}' must be positive, got {getattr(t, key)}")
+    _require(c.objective != "mlm" or t.seq_len >= 3,
+             f"train.seq_len ({t.seq_len}) must be at least 3 for masked LM: [CLS], a token and [SEP]")
     _require(t.seq_len <= m.max_len or m.resolved_position != "learned",
              f"train.seq_len ({t.seq_len}) exceeds model.max_len ({m.max_len}) of the learned positions")
     _require(m.attention != "splash" or t.seq_len % 128 == 0,

@@ -72,7 +72,7 @@ class TokenizerConfig:
     sample_bytes: int = 4_000_000  # training input is a sample of the corpus of about this size
     byte_fallback: bool = True  # characters outside the vocabulary become byte pieces, never <unk>
     # Pieces that are always one token and never split (e.g. ["<|user|>", "<|end|>"]); their ids follow
-    # pad/unk/bos/eos in the order given.
+    # pad/unk/bos/eos (and, for masked LM, [CLS] [SEP] [MASK]: ids 4-6) in the order given.
     user_defined_symbols: tuple[str, ...] = ()
 
 
