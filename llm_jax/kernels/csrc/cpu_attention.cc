@@ -177,9 +177,9 @@ void ScatterHead(const float* rows, int64_t b, int64_t head, int64_t n_heads, co
   }
 }
 
-// The keys [begin, end) that query block number `block` (rows [block * kQueryBlock, ...)) is
-// computed against: from the first key of its first row's document to the last key of its last
-// row's document, cut after the block's last row when causal. Packed documents are runs of equal
+// For each query block (rows [i0, i0 + kQueryBlock)), the keys [begin, end) it is computed
+// against: from the first key of its rows' documents to the last one, cut after the block's last
+// row when causal. Packed documents are runs of equal
 // ids, so a block of a short document skips the rest of the row; the span is taken from each id's
 // first and last position, so any segment ids (runs or not) give a span that holds every visible
 // key, and the mask is still applied inside it.
