@@ -1,12 +1,14 @@
-"""llm_jax against PyTorch (eager and torch.compile) on the baby GPT, side by side on this machine.
+"""llm_jax against PyTorch (eager and torch.compile) on the baby GPT or baby BERT, side by side on this machine.
 
-Runs `llm-jax bench configs/baby_gpt.yaml` and scripts/torch_baby_gpt.py in both modes, interleaved
+Runs `llm-jax bench configs/baby_gpt.yaml` and scripts/torch_baby_gpt.py in both modes (with
+`--model bert`: `llm-jax bench` with BERT_OVERRIDES and scripts/torch_baby_bert.py), interleaved
 round by round (jax, eager, compile, jax, eager, compile, ...) so that a change in machine load hits
 all three alike, each in a fresh process. Prints every run, then a table of median tokens/s per
 implementation and the ratios jax/eager and jax/compile (the median of the per-round ratios), and a
 final JSON line with the same numbers. Uses only the standard library, so any Python runs it:
 
     python scripts/bench_vs_torch.py --rounds 3 --steps 20
+    python scripts/bench_vs_torch.py --model bert --rounds 3 --steps 20
 
 `--torch-tuned-malloc` adds PyTorch runs with the glibc malloc settings that `llm-jax` makes for
 itself on CPU (llm_jax/kernels/host_memory.py), so the comparison can also be made on equal allocators.
@@ -28,6 +30,12 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# The baby BERT of scripts/torch_baby_bert.py: the baby GPT's sizes as an encoder (masked LM), llm_jax's
+# default vocabulary, the position table as long as the rows (so both count the same parameters).
+BERT_OVERRIDES = ["model.arch=bert", "model.n_layers=6", "model.d_model=384", "model.n_heads=6",
+                  "model.d_ff=1536", "model.vocab_size=2048", "model.max_len=256", "model.dtype=float32",
+                  "model.param_dtype=float32", "train.seq_len=256", "train.batch_size=16", "optimizer.lr=1e-3"]
 
 
 def _default_python(env_var: str, candidate: str) -> str:
@@ -59,6 +67,7 @@ def run_one(name: str, command: list[str], env: dict[str, str] | None = None) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=["gpt", "bert"], default="gpt", help="baby GPT or baby BERT")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run (median taken)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first/compiling one")
@@ -71,13 +80,14 @@ def main() -> None:
     torch_py = _default_python("TORCH_PY", "/tmp/torchvenv/bin/python")
     timing = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
     workdir = tempfile.mkdtemp(prefix="bench_vs_torch_")  # bench writes nothing there; keeps runs/ clean
+    model = ["configs/baby_gpt.yaml"] if args.model == "gpt" else BERT_OVERRIDES
+    torch_script = f"scripts/torch_baby_{args.model}.py"
     commands = {
-        "jax": [jax_py, "-m", "llm_jax.cli", "bench", "configs/baby_gpt.yaml", f"workdir={workdir}",
-                *args.overrides, *timing],
-        "torch-eager": [torch_py, "scripts/torch_baby_gpt.py", "--mode", "eager", *timing],
+        "jax": [jax_py, "-m", "llm_jax.cli", "bench", *model, f"workdir={workdir}", *args.overrides, *timing],
+        "torch-eager": [torch_py, torch_script, "--mode", "eager", *timing],
     }
     if not args.skip_compile:
-        commands["torch-compile"] = [torch_py, "scripts/torch_baby_gpt.py", "--mode", "compile", *timing]
+        commands["torch-compile"] = [torch_py, torch_script, "--mode", "compile", *timing]
     environments = {name: None for name in commands}
     if args.torch_tuned_malloc:
         for name in [name for name in commands if name.startswith("torch")]:
@@ -96,7 +106,7 @@ def main() -> None:
     params = {"jax": reports["jax"][0].get("params"), "torch": reports["torch-eager"][0]["params"]}
     print(f"\nparameters: llm_jax {params['jax']:,}, torch {params['torch']:,}"
           + ("" if params["jax"] == params["torch"] else "  <-- NOT THE SAME MODEL"))
-    summary = {"rounds": args.rounds, "steps": args.steps, "params": params,
+    summary = {"model": args.model, "rounds": args.rounds, "steps": args.steps, "params": params,
                "jax_device": reports["jax"][0].get("device"), "jax_mfu": [r["mfu"] for r in reports["jax"]]}
     print(f"\n{'implementation':27s} {'median tok/s':>12s} {'per round':>30s}")
     for name, runs in reports.items():

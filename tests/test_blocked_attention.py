@@ -1,11 +1,11 @@
-"""The blocked causal attention against the full-square explicit attention: values and gradients."""
+"""The blocked causal and bidirectional attention against the full-square explicit attention: values and gradients."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_jax.kernels.blocked_attention import causal_attention
+from llm_jax.kernels.blocked_attention import bidirectional_attention, causal_attention
 from llm_jax.models.layers import causal_segment_mask, xla_attention
 
 
@@ -54,3 +54,30 @@ def test_bfloat16_inputs_keep_their_dtype_and_stay_close():
     np.testing.assert_allclose(value, expected_value, rtol=2e-2)
     for got, expected in zip(grads, expected_grads):
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("segment_ids, block", [
+    # blocks of 4 over 10 rows: a document and the padding cross block edges, so a block's rows see
+    # keys of the blocks before and after it
+    ([[1, 1, 1, 1, 1, 2, 2, 2, 2, 0], [1, 1, 1, 2, 2, 2, 2, 2, 2, 2]], 4),
+    (None, 3),  # one document per row: every query sees every key
+])
+def test_bidirectional_blocked_attention_matches_full_attention_and_its_gradients(segment_ids, block):
+    batch, length, heads, kv_heads, head_dim = 2, 10, 4, 2, 8
+    q = _normal(1, (batch, length, heads, head_dim))
+    k = _normal(2, (batch, length, kv_heads, head_dim))
+    v = _normal(3, (batch, length, kv_heads, head_dim))
+    cotangent = _normal(4, (batch, length, heads, head_dim))
+    if segment_ids is None:
+        mask = jnp.ones((1, 1, length, length), bool)
+    else:
+        ids = jnp.array(segment_ids)
+        mask = (ids[:, :, None] == ids[:, None, :])[:, None]  # the encoder's: same document, either order
+
+    value, grads = _value_and_grads(lambda q, k, v: bidirectional_attention(q, k, v, mask, block), q, k, v,
+                                    cotangent)
+    expected_value, expected_grads = _value_and_grads(lambda q, k, v: xla_attention(q, k, v, mask), q, k, v,
+                                                      cotangent)
+    np.testing.assert_allclose(value, expected_value, rtol=1e-5)
+    for got, expected in zip(grads, expected_grads):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)

@@ -63,6 +63,69 @@ def test_kernel_matches_explicit_attention_and_its_gradients(length, heads, kv_h
         np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-4, atol=2e-5)
 
 
+def _document_mask(segment_ids, length):
+    """The encoder's mask, written out here: query i sees key j iff both lie in the same document."""
+    if segment_ids is None:
+        return jnp.ones((1, 1, length, length), bool)
+    return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+
+
+def _packed_rows(seed, batch, length, n_docs):
+    """Rows of contiguous documents 1..n_docs followed by padding (segment 0), cut at random places."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(batch):
+        cuts = np.sort(rng.choice(np.arange(1, length), n_docs, replace=False))
+        row = np.searchsorted(cuts, np.arange(length), side="right") + 1
+        rows.append(np.where(row > n_docs, 0, row))
+    return rows
+
+
+@needs_kernel
+@pytest.mark.parametrize("length, heads, kv_heads, head_dim, segments", [
+    (10, 4, 2, 8, [[1, 1, 1, 1, 1, 2, 2, 2, 2, 0], [1] * 10]),  # GQA; documents and padding
+    (100, 2, 2, 24, None),  # one document per row; a ragged last query block of 36
+    (130, 6, 3, 64, "packed"),  # several documents and padding, blocks that start inside a document
+    (150, 4, 1, 16, "scattered"),  # ids that are not runs: every block sees keys all over the row
+])
+def test_bidirectional_kernel_matches_explicit_attention_and_its_gradients(length, heads, kv_heads, head_dim,
+                                                                          segments):
+    batch = 2
+    if segments == "packed":
+        segments = _packed_rows(0, batch, length, n_docs=4)
+    elif segments == "scattered":
+        segments = np.random.default_rng(0).integers(0, 3, (batch, length)).tolist()
+    segment_ids = None if segments is None else jnp.array(segments, jnp.int32)
+    q = _normal(1, (batch, length, heads, head_dim))
+    k = _normal(2, (batch, length, kv_heads, head_dim))
+    v = _normal(3, (batch, length, kv_heads, head_dim))
+    cotangent = _normal(4, (batch, length, heads, head_dim))
+    mask = _document_mask(segment_ids, length)
+
+    value, grads = _value_and_grads(lambda q, k, v: cpu_kernels.bidirectional_attention(q, k, v, segment_ids),
+                                    q, k, v, cotangent)
+    expected_value, expected_grads = _value_and_grads(lambda q, k, v: xla_attention(q, k, v, mask), q, k, v,
+                                                      cotangent)
+    np.testing.assert_allclose(value, expected_value, rtol=1e-5)
+    for got, expected in zip(grads, expected_grads):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-4, atol=2e-5)
+
+
+@needs_kernel
+def test_bidirectional_kernel_sees_later_keys_of_its_document_only():
+    """The first token's output moves with the last key of its document, never with another document's."""
+    segment_ids = jnp.array([[1] * 70 + [2] * 60], jnp.int32)  # the first document crosses a query block
+    q, k, v = (_normal(seed, (1, 130, 2, 16)) for seed in (1, 2, 3))
+    attention = jax.jit(cpu_kernels.bidirectional_attention)
+    out = np.asarray(attention(q, k, v, segment_ids))
+    later_in_document = np.asarray(attention(q, k, v.at[0, 69].add(1.0), segment_ids))
+    other_document = np.asarray(attention(q, k, v.at[0, 129].add(1.0), segment_ids))
+    assert np.abs(later_in_document[0, 0] - out[0, 0]).max() > 1e-3  # a causal mask would hide key 69 from query 0
+    np.testing.assert_array_equal(other_document[0, :70], out[0, :70])
+    causal = np.asarray(jax.jit(cpu_kernels.causal_attention)(q, k, v, segment_ids))
+    np.testing.assert_allclose(out[0, 69], causal[0, 69], rtol=1e-5, atol=1e-6)  # the last row sees the same keys
+
+
 @needs_kernel
 def test_nan_input_gives_nan_output():
     q = _normal(1, (1, 8, 2, 16)).at[0, 3, 0, 0].set(jnp.nan)
@@ -72,8 +135,9 @@ def test_nan_input_gives_nan_output():
     assert np.isfinite(out[0, :3]).all()
 
 
-def _attention_hlo(dtype: str) -> str:
-    config = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=16, dtype=dtype)
+def _attention_hlo(dtype: str, arch: str = "gpt2") -> str:
+    config = ModelConfig(arch=arch, vocab_size=64, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=16,
+                         dtype=dtype)
     module = layers.Attention(config)
     x = jnp.ones((2, 16, 32), layers.to_dtype(dtype))
     positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
@@ -90,6 +154,14 @@ def test_model_uses_the_kernels_for_float32_on_one_cpu_device_only():
     mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     with jax.set_mesh(mesh):
         assert "llm_jax_cpu_attention_fwd" in _attention_hlo("float32")
+
+
+@needs_kernel
+def test_an_encoder_uses_the_bidirectional_kernel_and_a_decoder_the_causal_one():
+    encoder_hlo, decoder_hlo = _attention_hlo("float32", arch="bert"), _attention_hlo("float32")
+    assert "llm_jax_cpu_attention_fwd" in encoder_hlo and "causal = false" in encoder_hlo
+    assert "causal = true" not in encoder_hlo
+    assert "llm_jax_cpu_attention_fwd" in decoder_hlo and "causal = true" in decoder_hlo
 
 
 @needs_kernel

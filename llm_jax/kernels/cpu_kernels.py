@@ -1,12 +1,13 @@
-"""Fused CPU kernels called through XLA FFI: causal attention, float32 matmuls, norms (csrc/).
+"""Fused CPU kernels called through XLA FFI: attention, float32 matmuls, norms (csrc/).
 
 XLA:CPU leaves speed on the table in three places (docs/benchmarks.md): it has no fused attention,
 so the explicit form writes and reads score-sized arrays many times per layer; its matmuls run
 the step's shapes 5-40% slower than an optimised BLAS; and inside a whole step it splits each
 norm into many separate passes. Here:
 
-- `causal_attention` (csrc/cpu_attention.cc) keeps each (batch row, head)'s scores in cache and
-  skips the masked blocks, forward and backward;
+- `causal_attention` and `bidirectional_attention` (csrc/cpu_attention.cc, one kernel with a
+  `causal` attribute: decoders and encoders) keep each (batch row, head)'s scores in cache and skip
+  the masked blocks (after the diagonal, outside the block's documents), forward and backward;
 - `matmul` (csrc/cpu_matmul.cc) is op(A) @ op(B) through OpenBLAS (the `scipy-openblas32` wheel),
   single-threaded per band, the bands spread over XLA's own thread pool;
 - `layer_norm` (csrc/cpu_layer_norm.cc) is LayerNorm or RMSNorm, each row normalised in one pass,
@@ -180,32 +181,39 @@ def available() -> bool:
 # ----------------------------------------------------------------------------- attention
 
 
-def _forward_call(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL):
+def _forward_call(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal: bool):
     batch, length, n_heads, _ = q_BLHD.shape
     out_types = (jax.ShapeDtypeStruct(q_BLHD.shape, jnp.float32),
                  jax.ShapeDtypeStruct((batch, n_heads, length), jnp.float32))
-    return jax.ffi.ffi_call(_FORWARD, out_types)(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
+    return jax.ffi.ffi_call(_FORWARD, out_types)(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal=causal)
 
 
-@jax.custom_vjp
-def _attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL):
-    return _forward_call(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal: bool):
+    return _forward_call(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal)[0]
 
 
-def _attention_fwd(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL):
-    out_BLHD, lse_BHL = _forward_call(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
+def _attention_fwd(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal):
+    out_BLHD, lse_BHL = _forward_call(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal)
     return out_BLHD, (q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, out_BLHD, lse_BHL)
 
 
-def _attention_bwd(residuals, dout_BLHD):
+def _attention_bwd(causal, residuals, dout_BLHD):
     q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, out_BLHD, lse_BHL = residuals
     out_types = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q_BLHD, k_BLKD, v_BLKD))
     dq, dk, dv = jax.ffi.ffi_call(_BACKWARD, out_types)(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, out_BLHD,
-                                                         lse_BHL, dout_BLHD)
+                                                         lse_BHL, dout_BLHD, causal=causal)
     return dq, dk, dv, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _fused_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal: bool) -> jax.Array:
+    if segment_ids_BL is None:
+        segment_ids_BL = jnp.zeros(q_BLHD.shape[:2], jnp.int32)
+    return _attention(q_BLHD.astype(jnp.float32), k_BLKD.astype(jnp.float32), v_BLKD.astype(jnp.float32),
+                      segment_ids_BL.astype(jnp.int32), causal)
 
 
 def causal_attention(q_BLHD: jax.Array, k_BLKD: jax.Array, v_BLKD: jax.Array,
@@ -215,10 +223,20 @@ def causal_attention(q_BLHD: jax.Array, k_BLKD: jax.Array, v_BLKD: jax.Array,
     The same function as `layers.xla_attention` with `layers.causal_segment_mask(segment_ids_BL)`.
     Call only when `available()`; `layers.use_cpu_kernels` decides.
     """
-    if segment_ids_BL is None:
-        segment_ids_BL = jnp.zeros(q_BLHD.shape[:2], jnp.int32)
-    return _attention(q_BLHD.astype(jnp.float32), k_BLKD.astype(jnp.float32), v_BLKD.astype(jnp.float32),
-                      segment_ids_BL.astype(jnp.int32))
+    return _fused_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal=True)
+
+
+def bidirectional_attention(q_BLHD: jax.Array, k_BLKD: jax.Array, v_BLKD: jax.Array,
+                            segment_ids_BL: jax.Array | None) -> jax.Array:
+    """Grouped-query attention of every token to every token of its document (an encoder's), float32,
+    on CPU; [B, L, H, D].
+
+    The same function as `layers.xla_attention` with mask[b, 0, i, j] = (segment_ids_BL[b, i] ==
+    segment_ids_BL[b, j]) (no segment ids: one document per row; padding, segment 0, sees only
+    padding). Packed documents are runs of equal ids, so a query block of a short document skips
+    the keys of the others. Call only when `available()`; `layers.use_cpu_kernels` decides.
+    """
+    return _fused_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal=False)
 
 
 # ----------------------------------------------------------------------------- matmul

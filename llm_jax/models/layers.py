@@ -402,7 +402,8 @@ class Attention(nn.Module):
             elif cfg.attention == "splash" and not decode:  # the cache's init call may be any length
                 out_BLHD = splash_attention_on(traced_platform(), q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
             elif use_cpu_kernels(q_BLHD.dtype):  # fused C++ kernel (cpu_kernels.py), same function
-                out_BLHD = cpu_kernels.causal_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
+                fused = cpu_kernels.bidirectional_attention if cfg.family.encoder else cpu_kernels.causal_attention
+                out_BLHD = fused(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
             else:  # the same function as xla_attention, computed block by block (blocked_attention.py)
                 mask_B1LL = causal_segment_mask(segment_ids_BL, x_BLE.shape[1])
                 out_BLHD = causal_attention(q_BLHD, k_BLKD, v_BLKD, mask_B1LL)

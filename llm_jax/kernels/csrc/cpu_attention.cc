@@ -1,15 +1,17 @@
-// Causal self-attention for XLA:CPU as two XLA FFI custom calls (forward and backward), float32.
+// Self-attention within documents for XLA:CPU as two XLA FFI custom calls (forward and
+// backward), float32, causal (decoders) or bidirectional (encoders) by the `causal` attribute.
 //
 // Why: XLA:CPU has no fused attention, so the explicit attention writes and reads [B, H, L, S]
 // score arrays many times per layer (forward and backward); on a CPU that makes attention about
 // twice as slow as a fused kernel. Here each (batch row, head) is one task whose scores stay in
 // the core's cache: scores, softmax and the products are done block by block of query rows, and
-// only blocks on or below the diagonal are computed.
+// each block is computed against only the keys its rows may see: none after its last row when
+// causal, none outside the span of its rows' documents (KeySpans) either way.
 //
 // Layouts (as in llm_jax/layers.py): q [B, L, H, D], k and v [B, L, K, D] with H = G * K heads
-// (grouped-query attention), segment ids [B, L] int32: key j is visible to query i when j <= i
-// and both are in the same segment (document). Outputs: out [B, L, H, D], lse [B, H, L] (the
-// log-sum-exp of each query row's scaled scores, kept for the backward pass).
+// (grouped-query attention), segment ids [B, L] int32: key j is visible to query i when both are
+// in the same segment (document) and, if causal, j <= i. Outputs: out [B, L, H, D], lse [B, H, L]
+// (the log-sum-exp of each query row's scaled scores, kept for the backward pass).
 // Backward (FlashAttention's): recomputes a block's probabilities from q, k and lse, takes the
 // softmax's row correction from rowsum(dout * out), returns dq [B, L, H, D], dk and dv [B, L, K, D].
 //
@@ -22,6 +24,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <unordered_map>
 #include <vector>
 
 #include "parallel_for.h"
@@ -174,22 +177,56 @@ void ScatterHead(const float* rows, int64_t b, int64_t head, int64_t n_heads, co
   }
 }
 
-// Probabilities of query rows [i0, i0 + rows) against keys [0, end) from their scores (in place):
-// masked entries become 0. With `lse` == nullptr the row statistics are computed and returned
-// in row_max / row_sum (forward, unnormalised p = exp(s - max)); otherwise p = exp(s - lse).
-void Probabilities(float* scores, int64_t ld, int64_t i0, int rows, int64_t end, const int32_t* seg,
-                   const float* lse, float* row_max, float* row_sum) {
+// For each query block (rows [i0, i0 + kQueryBlock)), the keys [begin, end) it is computed
+// against: from the first key of its rows' documents to the last one, cut after the block's last
+// row when causal. Packed documents are runs of equal
+// ids, so a block of a short document skips the rest of the row; the span is taken from each id's
+// first and last position, so any segment ids (runs or not) give a span that holds every visible
+// key, and the mask is still applied inside it.
+struct KeySpan {
+  int64_t begin, end;
+};
+
+std::vector<KeySpan> KeySpans(const int32_t* seg, int64_t length, bool causal) {
+  std::unordered_map<int32_t, KeySpan> extent;  // id -> [first, last + 1)
+  for (int64_t j = 0; j < length; ++j) {
+    auto [it, added] = extent.try_emplace(seg[j], KeySpan{j, j + 1});
+    if (!added) it->second.end = j + 1;
+  }
+  std::vector<KeySpan> spans;
+  for (int64_t i0 = 0; i0 < length; i0 += kQueryBlock) {
+    const int64_t last = std::min<int64_t>(i0 + kQueryBlock, length);
+    KeySpan span{length, 0};
+    for (int64_t i = i0; i < last; ++i) {
+      const KeySpan& doc = extent[seg[i]];
+      span = KeySpan{std::min(span.begin, doc.begin), std::max(span.end, doc.end)};
+    }
+    if (causal) span.end = std::min(span.end, last);  // no key after the block's last row
+    spans.push_back(span);
+  }
+  return spans;
+}
+
+// Probabilities of query rows [i0, i0 + rows) against keys [span.begin, span.end) from their
+// scores (in place; column c is key span.begin + c): masked entries become 0. With `lse` ==
+// nullptr the row statistics are computed and returned in row_max / row_sum (forward,
+// unnormalised p = exp(s - max)); otherwise p = exp(s - lse).
+void Probabilities(float* scores, int64_t ld, int64_t i0, int rows, KeySpan span, const int32_t* seg,
+                   bool causal, const float* lse, float* row_max, float* row_sum) {
+  const int64_t width = span.end - span.begin;
+  const int32_t* seg_keys = seg + span.begin;
   for (int r = 0; r < rows; ++r) {
     const int64_t i = i0 + r;
+    const int64_t last_visible = causal ? i - span.begin : width;  // column of key i when causal
     const int32_t seg_i = seg[i];
     float* s = scores + r * ld;
-    auto visible = [&](int64_t j) { return j <= i && seg[j] == seg_i; };
-    const float m = lse != nullptr ? lse[i] : RowMax(end, kNegInf, [&](int64_t j) {
-      return visible(j) ? s[j] : kNegInf;
+    auto visible = [&](int64_t c) { return c <= last_visible && seg_keys[c] == seg_i; };
+    const float m = lse != nullptr ? lse[i] : RowMax(width, kNegInf, [&](int64_t c) {
+      return visible(c) ? s[c] : kNegInf;
     });
-    const float total = RowSum(end, [&](int64_t j) {
-      s[j] = visible(j) ? ExpNonPositive(s[j] - m) : 0.0f;
-      return s[j];
+    const float total = RowSum(width, [&](int64_t c) {
+      s[c] = visible(c) ? ExpNonPositive(s[c] - m) : 0.0f;
+      return s[c];
     });
     if (lse == nullptr) {
       row_max[r] = m;
@@ -203,11 +240,11 @@ void Probabilities(float* scores, int64_t ld, int64_t i0, int rows, int64_t end,
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> segment_ids,
-                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
+                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, bool causal) {
   Dims d;
   if (!ReadDims(q, k, &d)) return ffi::Error::InvalidArgument(kShapeError);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d.head_dim));
-  ParallelFor(pool, d.batch * d.heads, [&, d, scale](int64_t task) {
+  ParallelFor(pool, d.batch * d.heads, [&, d, scale, causal](int64_t task) {
     const int64_t b = task / d.heads, h = task % d.heads, kv = h / d.group();
     const int64_t L = d.length, D = d.head_dim;
     auto qc = Scratch(L * D), kt = Scratch(D * L), vc = Scratch(L * D), scores = Scratch(kQueryBlock * L),
@@ -217,12 +254,14 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
     GatherHeadTransposed(k.typed_data(), b, kv, d.kv_heads, d, kt.get());
     GatherHead(v.typed_data(), b, kv, d.kv_heads, d, 1.0f, vc.get());
     const int32_t* seg = segment_ids.typed_data() + b * L;
+    const std::vector<KeySpan> spans = KeySpans(seg, L, causal);
     for (int64_t i0 = 0; i0 < L; i0 += kQueryBlock) {
       const int rows = static_cast<int>(std::min<int64_t>(kQueryBlock, L - i0));
-      const int64_t end = i0 + rows;  // causal: no key after the block's last row
-      Gemm<false>(rows, end, D, qc.get() + i0 * D, D, 1, kt.get(), L, scores.get(), end);
-      Probabilities(scores.get(), end, i0, rows, end, seg, nullptr, row_max, row_sum);
-      Gemm<false>(rows, D, end, scores.get(), end, 1, vc.get(), D, o.get(), D);
+      const KeySpan span = spans[i0 / kQueryBlock];
+      const int64_t width = span.end - span.begin;
+      Gemm<false>(rows, width, D, qc.get() + i0 * D, D, 1, kt.get() + span.begin, L, scores.get(), width);
+      Probabilities(scores.get(), width, i0, rows, span, seg, causal, nullptr, row_max, row_sum);
+      Gemm<false>(rows, D, width, scores.get(), width, 1, vc.get() + span.begin * D, D, o.get(), D);
       for (int r = 0; r < rows; ++r) {
         const float inv = 1.0f / row_sum[r];
         for (int64_t e = 0; e < D; ++e) o[r * D + e] *= inv;
@@ -238,12 +277,12 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> segment_ids,
                     ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
                     ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                    ffi::ResultBuffer<ffi::F32> dv) {
+                    ffi::ResultBuffer<ffi::F32> dv, bool causal) {
   Dims d;
   if (!ReadDims(q, k, &d)) return ffi::Error::InvalidArgument(kShapeError);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d.head_dim));
   // One task per (batch row, kv head): it owns dk and dv of that head, summed over its group.
-  ParallelFor(pool, d.batch * d.kv_heads, [&, d, scale](int64_t task) {
+  ParallelFor(pool, d.batch * d.kv_heads, [&, d, scale, causal](int64_t task) {
     const int64_t b = task / d.kv_heads, kv = task % d.kv_heads;
     const int64_t L = d.length, D = d.head_dim;
     auto kc = Scratch(L * D), kt = Scratch(D * L), vt = Scratch(D * L), qc = Scratch(L * D), doc = Scratch(L * D),
@@ -254,6 +293,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
     GatherHeadTransposed(k.typed_data(), b, kv, d.kv_heads, d, kt.get());
     GatherHeadTransposed(v.typed_data(), b, kv, d.kv_heads, d, vt.get());
     const int32_t* seg = segment_ids.typed_data() + b * L;
+    const std::vector<KeySpan> spans = KeySpans(seg, L, causal);
     for (int64_t g = 0; g < d.group(); ++g) {
       const int64_t h = kv * d.group() + g;
       GatherHead(q.typed_data(), b, h, d.heads, d, scale, qc.get());
@@ -264,23 +304,24 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
       const float* row_lse = lse.typed_data() + (b * d.heads + h) * L;
       for (int64_t i0 = 0; i0 < L; i0 += kQueryBlock) {
         const int rows = static_cast<int>(std::min<int64_t>(kQueryBlock, L - i0));
-        const int64_t end = i0 + rows;
-        Gemm<false>(rows, end, D, qc.get() + i0 * D, D, 1, kt.get(), L, probs.get(), end);
-        Probabilities(probs.get(), end, i0, rows, end, seg, row_lse, nullptr, nullptr);
-        // dv[:end] += p^T dout_block
-        Gemm<true>(end, D, rows, probs.get(), 1, end, doc.get() + i0 * D, D, dv_acc.data(), D);
+        const KeySpan span = spans[i0 / kQueryBlock];
+        const int64_t width = span.end - span.begin, first = span.begin;
+        Gemm<false>(rows, width, D, qc.get() + i0 * D, D, 1, kt.get() + first, L, probs.get(), width);
+        Probabilities(probs.get(), width, i0, rows, span, seg, causal, row_lse, nullptr, nullptr);
+        // dv[span] += p^T dout_block
+        Gemm<true>(width, D, rows, probs.get(), 1, width, doc.get() + i0 * D, D, dv_acc.data() + first * D, D);
         // dp = dout_block v^T; then dscores = p * (dp - delta) in place
-        Gemm<false>(rows, end, D, doc.get() + i0 * D, D, 1, vt.get(), L, dprobs.get(), end);
+        Gemm<false>(rows, width, D, doc.get() + i0 * D, D, 1, vt.get() + first, L, dprobs.get(), width);
         for (int r = 0; r < rows; ++r) {
           const float dl = delta[i0 + r];
-          float* ds = dprobs.get() + r * end;
-          const float* p = probs.get() + r * end;
-          for (int64_t j = 0; j < end; ++j) ds[j] = p[j] * (ds[j] - dl);
+          float* ds = dprobs.get() + r * width;
+          const float* p = probs.get() + r * width;
+          for (int64_t c = 0; c < width; ++c) ds[c] = p[c] * (ds[c] - dl);
         }
-        // dq_block = scale * dscores k; dk[:end] += dscores^T (scale * q_block)
-        Gemm<false>(rows, D, end, dprobs.get(), end, 1, kc.get(), D, dq_rows.get(), D);
+        // dq_block = scale * dscores k; dk[span] += dscores^T (scale * q_block)
+        Gemm<false>(rows, D, width, dprobs.get(), width, 1, kc.get() + first * D, D, dq_rows.get(), D);
         ScatterHead(dq_rows.get(), b, h, d.heads, d, i0, rows, scale, dq->typed_data());
-        Gemm<true>(end, D, rows, dprobs.get(), 1, end, qc.get() + i0 * D, D, dk_acc.data(), D);
+        Gemm<true>(width, D, rows, dprobs.get(), 1, width, qc.get() + i0 * D, D, dk_acc.data() + first * D, D);
       }
     }
     ScatterHead(dk_acc.data(), b, kv, d.kv_heads, d, 0, L, 1.0f, dk->typed_data());
@@ -299,7 +340,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmJaxCpuAttentionForward, Forward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("causal"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmJaxCpuAttentionBackward, Backward,
                               ffi::Ffi::Bind()
@@ -313,4 +355,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmJaxCpuAttentionBackward, Backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("causal"));
