@@ -20,16 +20,20 @@ from llm_jax.models.flops import flops_per_token, mfu, total_peak_flops
 
 
 def synthetic_batch(config: Config, seed: int = 0) -> dict[str, np.ndarray]:
-    """Full-length single-document rows of random tokens: the step costs the same as real data."""
+    """Full-length single-document rows of random tokens: the step costs the same as real data.
+    Masked LM weighs 15% of the positions, as its masking does (the step computes every position)."""
     rng = np.random.default_rng(seed)
     b, length = config.train.batch_size // jax.process_count(), config.train.seq_len
     tokens = rng.integers(4, config.model.vocab_size, size=(b, length + 1), dtype=np.int32)
+    weights = np.ones((b, length), np.float32)
+    if config.objective == "mlm":
+        weights = (rng.random((b, length)) < 0.15).astype(np.float32)
     return {
         "inputs": tokens[:, :-1],
         "targets": tokens[:, 1:],
         "segment_ids": np.ones((b, length), np.int32),
         "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (b, length)).copy(),
-        "weights": np.ones((b, length), np.float32),
+        "weights": weights,
     }
 
 
