@@ -19,7 +19,7 @@ from llm_jax.models.decoder import Transformer, count_params
 from llm_jax.models.encoder import Encoder
 from llm_jax.models.flops import flops_per_token, matmul_param_count
 from llm_jax.train.optim import make_optimizer
-from llm_jax.train.steps import init_state, train_step
+from llm_jax.train.steps import TrainState, init_state, train_step
 
 V, E, F, P, N_LAYERS = 64, 32, 64, 32, 2
 
@@ -176,16 +176,20 @@ def _loss(config, tokens, targets):
     return loss
 
 
+@functools.cache
+def _reference_loss_and_grads():
+    config = tiny(n_layers=1)
+    params = random_params(config)
+    return params, jax.jit(jax.value_and_grad(_loss(config, tokens_of(6), tokens_of(7))))(params)
+
+
 @pytest.mark.parametrize("remat,scan,policy", [("full", False, "policy=None"),
                                                ("dots", True, "save_from_both_policies")])
 def test_remat_gives_the_same_loss_and_gradients(remat, scan, policy):
-    tokens, targets = tokens_of(6), tokens_of(7)
-    config = tiny(n_layers=1)
-    params = random_params(config)
-    loss, expected = jax.jit(jax.value_and_grad(_loss(config, tokens, targets)))(params)
+    params, (loss, expected) = _reference_loss_and_grads()
     if scan:
         params, expected = restack(params), restack(expected)
-    grad_fn = jax.value_and_grad(_loss(tiny(n_layers=1, scan_layers=scan, remat=remat), tokens, targets))
+    grad_fn = jax.value_and_grad(_loss(tiny(n_layers=1, scan_layers=scan, remat=remat), tokens_of(6), tokens_of(7)))
     jaxpr = str(jax.make_jaxpr(grad_fn)(params))
     assert "remat" in jaxpr and policy in jaxpr
     got_loss, grads = jax.jit(grad_fn)(params)
@@ -212,10 +216,9 @@ def test_cudnn_attention_path_equals_xla():
     params = random_params(config)
     tokens = tokens_of(9)
     segment_ids = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 0], [1] * 8], jnp.int32)
-    for segments in (segment_ids, None):
-        expected = forward(config)(params, tokens, None, segments)
-        got = forward(tiny(attention="cudnn"))(params, tokens, None, segments)
-        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
+    expected = forward(config)(params, tokens, None, segment_ids)
+    got = forward(tiny(attention="cudnn"))(params, tokens, None, segment_ids)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
 
 
 def test_splash_attention_both_ways_equals_explicit_attention():
@@ -262,9 +265,15 @@ def test_flops_per_token_of_the_encoder():
 def test_trains_through_the_step_functions():
     """Masked LM as the data side builds it: inputs with some tokens masked, targets the originals,
     weight 1 only at the masked positions; two packed documents and padding."""
-    model = make_model(tiny())
+    config = tiny(n_layers=1)
+    model = make_model(config)
     tx, schedule = make_optimizer(OptimizerConfig(lr=1e-2, warmup_steps=0), total_steps=100)
-    state = jax.jit(lambda r: nn.unbox(init_state(r, model, tx, seq_len=16)))(jax.random.key_data(jax.random.key(0)))
+    # init_state's tree, traced (compiling init costs seconds), filled with numpy-drawn weights.
+    abstract = jax.eval_shape(lambda r: nn.unbox(init_state(r, model, tx, seq_len=16)), jax.random.key(0))
+    params = random_params(config)
+    assert jax.tree.structure(params) == jax.tree.structure(abstract.params)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                       rng=jax.random.key_data(jax.random.key(0)))
     targets = np.asarray(tokens_of(10, (4, 16)))
     masked = np.random.default_rng(11).random((4, 16)) < 0.3
     segment_ids = np.asarray([[1] * 9 + [2] * 5 + [0] * 2] * 4, np.int32)
