@@ -21,10 +21,12 @@ have a leading [n_layers] axis named "layers", as in decoder.py), and the Huggin
     mlm_head/transform_norm/{scale,bias} [E]    cls.predictions.transform.LayerNorm
     mlm_head/bias [V]                           cls.predictions.bias (the decoder is the tied embed)
     mlm_head/decoder/kernel [E, V]              cls.predictions.decoder (untied embeddings only)
-    pooler: kernel [E, E], bias [E]             bert.pooler.dense
-Hugging Face kernels are [out, in] (torch Linear): the mapping transposes them and splits E into
-heads x head_dim. One difference of function: dropout acts on the residual branches, as in the
-decoder (layers.Attention), not also on the attention probabilities.
+    pooler: kernel [E, E], bias [E]             bert.pooler.dense (BertModel, BertForPreTraining,
+                                                BertForSequenceClassification; BertForMaskedLM has none)
+Norm scale/bias are LayerNorm.weight/bias. Hugging Face kernels are [out, in] (torch Linear): the
+mapping transposes them and splits E into heads x head_dim. One difference of function: dropout
+acts on the residual branches, as in the decoder (layers.Attention), not also on the attention
+probabilities.
 """
 
 from __future__ import annotations
