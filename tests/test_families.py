@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import pytest
 
 from llm_jax.config import CHOICES, Config, ModelConfig
-from llm_jax.models.decoder import Transformer
+from llm_jax.models.build import make_model
 from llm_jax.models.families import FAMILIES
 from llm_jax.models.flops import matmul_param_count
 
@@ -30,7 +30,7 @@ def test_defaults_come_from_the_family(arch):
 def test_the_built_network_follows_the_family(arch):
     family = FAMILIES[arch]
     model_config = ModelConfig(arch=arch, vocab_size=64, n_layers=1, d_model=16, n_heads=2, d_ff=24, max_len=8)
-    variables = Transformer(model_config).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    variables = make_model(model_config).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
     params = nn.unbox(variables["params"])
     block = params["layer_0"]
     mlp_kernels = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(block["mlp"])
@@ -39,8 +39,12 @@ def test_the_built_network_follows_the_family(arch):
     has_bias = any(path[-1].key == "bias" for path, _ in jax.tree_util.tree_leaves_with_path(block["attn"]))
     assert has_bias == family.bias
     assert ("bias" in block["attn_norm"]) == (family.norm == "layer")
-    # The FLOPs count sees the same matrices the network has (all but the input embedding lookup).
+    # An encoder ends in the masked-LM head and a pooler, a decoder in a final norm.
+    assert {"mlm_head" in params, "pooler" in params, "final_norm" not in params} == {family.encoder}
+    # The FLOPs count sees the same matrices the network has (all but the input embedding lookup, and
+    # the pooler, which pretraining does not run).
     config = Config(model=model_config)
     matmul_weights = sum(leaf.size for path, leaf in jax.tree_util.tree_leaves_with_path(params)
-                         if path[-1].key == "kernel" or (family.tie_embeddings and path[0].key == "embed"))
+                         if (path[-1].key == "kernel" and path[0].key != "pooler")
+                         or (family.tie_embeddings and path[0].key == "embed"))
     assert matmul_param_count(config) == matmul_weights

@@ -1,8 +1,10 @@
-"""Causal attention on TPU through the Pallas splash attention kernel (`model.attention=splash`).
+"""Attention on TPU through the Pallas splash attention kernel (`model.attention=splash`).
 
 Splash ("sparse flash") attention computes only the blocks of the score matrix that its static
 mask leaves visible, so causal attention costs about half of the full square, and never holds a
 [L, S] array in HBM. Documents packed into one row (segment ids) are masked inside the kernel.
+An encoder's bidirectional attention is the same kernel with a full static mask (`causal=False`):
+then only the segment ids mask.
 
 The kernel works on one sequence and one key/value head at a time: q [G, L, D] against k and v
 [S, D] (its multi-query form), so grouped-query attention needs no repeated keys. Here it is
@@ -35,24 +37,25 @@ def block_size(length: int) -> int:
     raise ValueError(f"model.attention=splash needs a sequence length that is a multiple of 128, got {length}")
 
 
-def _kernel(length: int, group: int, interpret: bool):
-    """The multi-query splash kernel for `group` query heads per key/value head, causal, L = S.
+def _kernel(length: int, group: int, causal: bool, interpret: bool):
+    """The multi-query splash kernel for `group` query heads per key/value head, causal or full, L = S.
 
     Built anew at every trace: it holds its block masks as arrays of the trace it was made in."""
     block = block_size(length)
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                               block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
                               block_kv_dq=block)
-    mask = splash.MultiHeadMask([splash.CausalMask((length, length)) for _ in range(group)])
+    head_mask = splash.CausalMask((length, length)) if causal else splash.FullMask((length, length))
+    mask = splash.MultiHeadMask([head_mask for _ in range(group)])
     return splash.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
 
 
-def _local_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, interpret: bool):
+def _local_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, causal: bool, interpret: bool):
     """Attention over the rows and heads this device holds; [B, L, H, D] in and out."""
     batch, length, heads, head_dim = q_BLHD.shape
     kv_heads = k_BSKD.shape[2]
     group = heads // kv_heads
-    kernel = _kernel(length, group, interpret)
+    kernel = _kernel(length, group, causal, interpret)
     q_BKGLD = (q_BLHD * head_dim ** -0.5).reshape(batch, length, kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
     k_BKSD, v_BKSD = k_BSKD.transpose(0, 2, 1, 3), v_BSKD.transpose(0, 2, 1, 3)
 
@@ -68,10 +71,17 @@ def causal_attention(q_BLHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, se
                      interpret: bool = False) -> jax.Array:
     """Causal grouped-query attention within documents, [B, L, H, D]: the same function as
     `layers.xla_attention` with `layers.causal_segment_mask(segment_ids_BL)`."""
+    return attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, causal=True, interpret=interpret)
+
+
+def attention(q_BLHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, segment_ids_BL: jax.Array | None,
+              causal: bool = True, interpret: bool = False) -> jax.Array:
+    """Grouped-query attention within documents, [B, L, H, D]; causal=False: in both directions, the
+    same function as `layers.xla_attention` with `layers.segment_mask(segment_ids_BL)`."""
     args = (q_BLHD, k_BSKD, v_BSKD) if segment_ids_BL is None else (q_BLHD, k_BSKD, v_BSKD, segment_ids_BL)
 
     def attend(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL=None):
-        return _local_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, interpret)
+        return _local_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, causal, interpret)
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:

@@ -6,13 +6,12 @@ import flax.linen as nn
 
 from llm_jax.config import ModelConfig
 from llm_jax.models.decoder import Transformer
+from llm_jax.models.encoder import Encoder
 
 
 def make_model(config: ModelConfig) -> nn.Module:
     """The Linen module for `config`. Every family's module takes (tokens, positions=, segment_ids=,
     deterministic=) and returns float32 logits [batch, length, vocab]."""
     if config.family.encoder:
-        from llm_jax.models.encoder import Encoder  # noqa: PLC0415 - written with the bert family
-
         return Encoder(config)
     return Transformer(config)

@@ -29,22 +29,46 @@ SCANNED_LAYERS = "layers"
 _STATIC_BLOCK_ARGS = (4, 5)  # deterministic, decode
 
 
-def _block_class(config: ModelConfig) -> type[nn.Module]:
-    """DecoderBlock, wrapped in `nn.remat` when the backward pass should recompute it.
+def remat_block(block: type[nn.Module], config: ModelConfig, static_argnums: tuple[int, ...]) -> type[nn.Module]:
+    """`block`, wrapped in `nn.remat` when the backward pass should recompute it.
 
     full: keep only each block's input, recompute the rest. dots: also keep the outputs of
     matmuls without batch dimensions (the weight projections), recompute only the cheap
     elementwise work and attention. `prevent_cse` is only needed outside `scan`.
+    `static_argnums`: the positions (self = 0) of the block's Python-valued arguments.
     """
     if config.remat == "none":
-        return DecoderBlock
+        return block
     policy = None
     if config.remat == "dots":  # weight projections, as dots or as the CPU matmul kernel (cpu_kernels.py)
         policy = jax.checkpoint_policies.save_from_both_policies(
             jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
             jax.checkpoint_policies.save_only_these_names(cpu_kernels.MATMUL_NAME))
-    return nn.remat(DecoderBlock, policy=policy, prevent_cse=not config.scan_layers,
-                    static_argnums=_STATIC_BLOCK_ARGS)
+    return nn.remat(block, policy=policy, prevent_cse=not config.scan_layers, static_argnums=static_argnums)
+
+
+def layer_stack(block: type[nn.Module], config: ModelConfig, x_BLE: jax.Array, *args) -> jax.Array:
+    """`config.n_layers` blocks in sequence, called as block(config)(x_BLE, *args) -> (x_BLE, None).
+
+    With `scan_layers`, one compiled body looped by `nn.scan`: the subtree SCANNED_LAYERS, whose
+    leaves have a leading [n_layers] axis named "layers" (what LAMB's per-layer trust ratios and the
+    checkpoints' scan conversion read); else the subtrees layer_0, layer_1, ... Called inside a
+    compact method, so the blocks belong to the calling module. `args` are the same for every layer.
+    """
+    if config.scan_layers:
+        stack = nn.scan(
+            block,
+            variable_axes={"params": 0, "cache": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast,) * len(args),
+            length=config.n_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x_BLE, _ = stack(config, name=SCANNED_LAYERS)(x_BLE, *args)
+        return x_BLE
+    for i in range(config.n_layers):
+        x_BLE, _ = block(config, name=f"layer_{i}")(x_BLE, *args)
+    return x_BLE
 
 
 class Transformer(nn.Module):
@@ -87,20 +111,8 @@ class Transformer(nn.Module):
         x_BLE = nn.Dropout(cfg.dropout)(x_BLE, deterministic=deterministic)
         x_BLE = constrain(x_BLE, ("batch", "length", "embed"))
 
-        block = _block_class(cfg)
-        if cfg.scan_layers:
-            stack = nn.scan(
-                block,
-                variable_axes={"params": 0, "cache": 0},
-                split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                length=cfg.n_layers,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )
-            x_BLE, _ = stack(cfg, name=SCANNED_LAYERS)(x_BLE, positions_BL, segment_ids_BL, deterministic, decode)
-        else:
-            for i in range(cfg.n_layers):
-                x_BLE, _ = block(cfg, name=f"layer_{i}")(x_BLE, positions_BL, segment_ids_BL, deterministic, decode)
+        block = remat_block(DecoderBlock, cfg, _STATIC_BLOCK_ARGS)
+        x_BLE = layer_stack(block, cfg, x_BLE, positions_BL, segment_ids_BL, deterministic, decode)
 
         x_BLE = make_norm(cfg, "final_norm")(x_BLE)
         if cfg.resolved_tie_embeddings:

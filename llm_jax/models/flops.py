@@ -3,8 +3,9 @@
 FLOPs per token follow the PaLM appendix convention: 6 * N for the matmul weights (forward and
 backward; N counts every weight used in a matmul, the output projection included but not the input
 embedding lookup) plus 12 * n_layers * d_model * seq_len for attention scores and values (the full
-square, as the kernels compute it, though causality masks half). Norms, softmax, the optimizer and
-rematerialised recomputation are not counted: MFU is model FLOPs over peak, not hardware FLOPs.
+square, as the kernels compute it, though causality masks half; an encoder attends to all of it).
+Norms, softmax, the optimizer and rematerialised recomputation are not counted: MFU is model FLOPs
+over peak, not hardware FLOPs.
 
 The peak is a table of dense bf16 figures for accelerators. A CPU has no such figure that XLA
 reaches, so its peak is a float32 matmul measured through XLA on the spot, once per process.
@@ -36,12 +37,17 @@ PEAK_FLOPS = {
 
 
 def matmul_param_count(config: Config) -> int:
-    """Weights that take part in a matmul, per token: all but the input embedding lookup."""
+    """Weights that take part in a matmul, per token: all but the input embedding lookups.
+
+    An encoder (BERT) also runs its masked-LM head's d x d transform before the vocab projection, at
+    every position as the logits are computed; its pooler does not run in pretraining.
+    """
     m = config.model
     d, f, h = m.d_model, m.d_ff, m.head_dim
     attn = d * (m.n_heads * h) * 2 + d * (m.kv_heads * h) * 2
     mlp = d * f * m.family.mlp_matrices
-    return m.n_layers * (attn + mlp) + d * m.vocab_size
+    head_transform = d * d if m.family.encoder else 0
+    return m.n_layers * (attn + mlp) + head_transform + d * m.vocab_size
 
 
 def flops_per_token(config: Config) -> float:

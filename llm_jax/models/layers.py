@@ -1,4 +1,4 @@
-"""Building blocks of the decoder: projections, norms, positions, attention, MLP, the block.
+"""Building blocks of the networks: projections, norms, positions, attention (causal or both ways), MLP, blocks.
 
 Conventions:
 - Shapes are written as suffixes: `x_BLE` is [batch, length, embed]. Letters: B batch, L query
@@ -253,6 +253,15 @@ def causal_segment_mask(segment_ids_BL: jax.Array | None, length: int) -> jax.Ar
     return jnp.logical_and(mask_11LL, same_B1LL)
 
 
+def segment_mask(segment_ids_BL: jax.Array | None, length: int) -> jax.Array:
+    """Bool [B or 1, 1, L, L]: query i sees key j iff both lie in the same document, in either
+    direction (an encoder's attention). Padding (segment 0) only sees padding, so no row is fully
+    masked; segment_ids None: the whole row is one document."""
+    if segment_ids_BL is None:
+        return jnp.ones((1, 1, length, length), bool)
+    return segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
+
+
 def xla_attention(q_BLHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, mask_B1LS: jax.Array) -> jax.Array:
     """Explicit grouped-query attention: each group of G query heads shares one key/value head
     without materialising repeated keys. Scores and softmax in float32."""
@@ -267,13 +276,22 @@ def xla_attention(q_BLHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, mask_
     return out_BLKGD.reshape(batch, length, n_heads, head_dim)
 
 
+def bidirectional_attention(q_BLHD: jax.Array, k_BLKD: jax.Array, v_BLKD: jax.Array,
+                            segment_ids_BL: jax.Array | None) -> jax.Array:
+    """An encoder's attention on the explicit path (`model.attention=xla`): every key of the query's
+    document, before or after it. The causal kernels (blocked_attention.py, cpu_kernels'
+    causal_attention) skip the blocks above the diagonal, so they cannot compute this."""
+    return xla_attention(q_BLHD, k_BLKD, v_BLKD, segment_mask(segment_ids_BL, q_BLHD.shape[1]))
+
+
 def segment_runs(segment_ids_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Packed rows in cuDNN's ragged ("THD") description: (offsets [B, L+1], lengths [B, L]) int32.
 
     Each run of equal segment ids is one sequence: its start in the row and its length, runs in
     order, then -1 padding (the layout `q_offsets`/`q_seqlen` of jax's cuDNN attention take; L+1
     and L: a row holds at most L runs). Linear in L, where a mask is quadratic. Trailing padding
-    (segment 0) is a run of its own, so it attends only to itself, as in `causal_segment_mask`.
+    (segment 0) is a run of its own, so it attends only to itself, as in `causal_segment_mask`
+    and `segment_mask`.
     The packer gives each document of a row its own id, so runs and documents are the same.
     """
     batch, length = segment_ids_BL.shape
@@ -288,39 +306,38 @@ def segment_runs(segment_ids_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def fused_attention(q_BLHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array,
-                    segment_ids_BL: jax.Array | None, platform: str | None = None) -> jax.Array:
+                    segment_ids_BL: jax.Array | None, platform: str | None = None, causal: bool = True) -> jax.Array:
     """`model.attention=cudnn`: cuDNN's fused flash attention on GPU for 16-bit dtypes (the only
     ones it supports), JAX's XLA attention elsewhere (`jax.nn.dot_product_attention`).
 
     On GPU, packed documents go in as cuDNN's own ragged sequences (`segment_runs`): the kernel
-    masks within each document and causally, and no [B, 1, L, L] mask or bias is ever built (a
-    mask would be quadratic in memory: as a bfloat16 bias 256 MiB at batch 32 x 2048). Without
-    segment ids causality is `is_causal`, so cuDNN skips the masked half.
+    masks within each document (and causally, for a decoder), and no [B, 1, L, L] mask or bias is
+    ever built (a mask would be quadratic in memory: as a bfloat16 bias 256 MiB at batch 32 x 2048).
+    Without segment ids causality is `is_causal`, so cuDNN skips the masked half. causal=False (an
+    encoder): the same within documents, in both directions.
     """
     platform = platform or traced_platform()
     if platform == "tpu":
         _warn_once("model.attention=cudnn on TPU is JAX's XLA attention with a dense document mask; "
                    "use model.attention=splash there")
     if platform != "gpu" or q_BLHD.dtype not in (jnp.bfloat16, jnp.float16):
-        return _masked_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, implementation=None)
+        return _masked_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, None, causal)
     if segment_ids_BL is None:
-        return jax.nn.dot_product_attention(q_BLHD, k_BSKD, v_BSKD, is_causal=True, implementation="cudnn")
+        return jax.nn.dot_product_attention(q_BLHD, k_BSKD, v_BSKD, is_causal=causal, implementation="cudnn")
     try:
-        return _cudnn_packed_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL)
+        return _cudnn_packed_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, causal)
     except NotImplementedError as e:  # e.g. the packed layout needs a Hopper GPU (H100/H200) or newer
         _warn_once(f"cuDNN cannot take packed documents here ({e}); building a [B, 1, L, L] mask instead")
-        return _masked_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, implementation="cudnn")
+        return _masked_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, "cudnn", causal)
 
 
-def _masked_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, implementation):
-    mask_B1LL = None
-    if segment_ids_BL is not None:
-        mask_B1LL = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
-    return jax.nn.dot_product_attention(q_BLHD, k_BSKD, v_BSKD, mask=mask_B1LL, is_causal=True,
+def _masked_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, implementation, causal):
+    mask_B1LL = None if segment_ids_BL is None else segment_mask(segment_ids_BL, q_BLHD.shape[1])
+    return jax.nn.dot_product_attention(q_BLHD, k_BSKD, v_BSKD, mask=mask_B1LL, is_causal=causal,
                                         implementation=implementation)
 
 
-def _cudnn_packed_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL):
+def _cudnn_packed_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, causal):
     # jax.nn.dot_product_attention takes only per-row lengths, not several sequences per row; its
     # cuDNN module (jax 0.10) takes them as offsets and lengths per row ("packed" layout, Hopper+).
     from jax._src.cudnn import fused_attention_stablehlo as cudnn
@@ -335,18 +352,19 @@ def _cudnn_packed_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL):
     offsets_BL1, lengths_BL = segment_runs(segment_ids_BL)
     return cudnn.dot_product_attention(
         q_BLHD, k_BSKD, v_BSKD, q_seqlen=lengths_BL, kv_seqlen=lengths_BL, q_offsets=offsets_BL1,
-        kv_offsets=offsets_BL1, scale=1.0 / math.sqrt(q_BLHD.shape[-1]), mask_type=cudnn.MaskType.PADDING_CAUSAL,
-        qkv_layout="BTNH")
+        kv_offsets=offsets_BL1, scale=1.0 / math.sqrt(q_BLHD.shape[-1]),
+        mask_type=cudnn.MaskType.PADDING_CAUSAL if causal else cudnn.MaskType.PADDING, qkv_layout="BTNH")
 
 
 def splash_attention_on(platform: str, q_BLHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array,
-                        segment_ids_BL: jax.Array | None) -> jax.Array:
+                        segment_ids_BL: jax.Array | None, causal: bool = True) -> jax.Array:
     """Pallas splash attention (splash_attention.py): compiled for a TPU; elsewhere the same kernel
     runs in the Pallas interpreter, to check numerics on a laptop, not for speed."""
     if platform != "tpu":
         _warn_once(f"model.attention=splash runs in the Pallas interpreter on {platform}: correct but slow; "
                    "use model.attention=xla or cudnn off TPU")
-    return splash_attention.causal_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, interpret=platform != "tpu")
+    return splash_attention.attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, causal=causal,
+                                      interpret=platform != "tpu")
 
 
 @functools.cache
@@ -355,7 +373,8 @@ def _warn_once(message: str) -> None:
 
 
 class Attention(nn.Module):
-    """Causal grouped-query self-attention with an optional KV cache.
+    """Grouped-query self-attention: causal with an optional KV cache (a decoder), or bidirectional
+    within each document (an encoder family, `config.family.encoder`; no decode mode).
 
     Decoding follows the Flax convention: `init(..., decode=True)` with the full length creates
     zeroed "cache" variables; each later `apply(..., decode=True, mutable=["cache"])` writes its
@@ -376,6 +395,9 @@ class Attention(nn.Module):
         cfg = self.config
         dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
         use_bias = cfg.family.bias
+        causal = not cfg.family.encoder
+        if decode and not causal:
+            raise ValueError(f"model.arch={cfg.arch} is an encoder: it has no decode mode (KV cache)")
 
         def proj(name, n_heads, heads_axis):
             return Dense(features=(n_heads, cfg.head_dim), kernel_axes=("embed", heads_axis, "head_dim"),
@@ -398,9 +420,11 @@ class Attention(nn.Module):
             if decode:  # the init call: create the cache, sized by this full-length input
                 self._cache_variables(k_BLKD.shape, k_BLKD.dtype)
             if cfg.attention == "cudnn":
-                out_BLHD = fused_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
+                out_BLHD = fused_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal=causal)
             elif cfg.attention == "splash" and not decode:  # the cache's init call may be any length
-                out_BLHD = splash_attention_on(traced_platform(), q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
+                out_BLHD = splash_attention_on(traced_platform(), q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal)
+            elif not causal:  # an encoder's explicit path
+                out_BLHD = bidirectional_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
             elif use_cpu_kernels(q_BLHD.dtype):  # fused C++ kernel (cpu_kernels.py), same function
                 fused = cpu_kernels.bidirectional_attention if cfg.family.encoder else cpu_kernels.causal_attention
                 out_BLHD = fused(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
