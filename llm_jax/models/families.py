@@ -21,8 +21,9 @@ class Family:
     position: str  # the default of model.position: learned | sinusoidal | rope
     tie_embeddings: bool  # the default of model.tie_embeddings: the output projection reuses the embedding
     objective: str = "clm"  # the pretraining task it learns (train.objective): clm | mlm
-    encoder: bool = False  # bidirectional self-attention (BERT) instead of causal (a decoder)
-    post_norm: bool = False  # x = norm(x + f(x)) after each sublayer (BERT) instead of x + f(norm(x))
+    # An encoder (models/encoder.py: bidirectional attention, post-norm blocks x = norm(x + f(x)), a
+    # masked-LM head) instead of a decoder (models/decoder.py: causal, pre-norm blocks x + f(norm(x))).
+    encoder: bool = False
     norm_eps: float = 1e-5  # the default of model.norm_eps
 
     @property
@@ -41,7 +42,7 @@ FAMILIES = {
     # BERT (Devlin et al. 2019): a bidirectional encoder trained by masked LM; post-LayerNorm blocks
     # (eps 1e-12), exact GELU, biases everywhere, learned positions and token types, tied MLM output.
     "bert": Family(norm="layer", bias=True, activation="gelu", gated_mlp=False, position="learned",
-                   tie_embeddings=True, objective="mlm", encoder=True, post_norm=True, norm_eps=1e-12),
+                   tie_embeddings=True, objective="mlm", encoder=True, norm_eps=1e-12),
 }
 
 OBJECTIVES = ("clm", "mlm")

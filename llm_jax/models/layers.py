@@ -23,8 +23,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from llm_jax.config import ModelConfig
-from llm_jax.kernels import cpu_kernels, splash_attention
-from llm_jax.kernels.blocked_attention import causal_attention
+from llm_jax.kernels import blocked_attention, cpu_kernels, splash_attention
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -279,9 +278,10 @@ def xla_attention(q_BLHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, mask_
 def bidirectional_attention(q_BLHD: jax.Array, k_BLKD: jax.Array, v_BLKD: jax.Array,
                             segment_ids_BL: jax.Array | None) -> jax.Array:
     """An encoder's attention on the explicit path (`model.attention=xla`): every key of the query's
-    document, before or after it. The causal kernels (blocked_attention.py, cpu_kernels'
-    causal_attention) skip the blocks above the diagonal, so they cannot compute this."""
-    return xla_attention(q_BLHD, k_BLKD, v_BLKD, segment_mask(segment_ids_BL, q_BLHD.shape[1]))
+    document, before or after it. The same function as `xla_attention` with `segment_mask`, computed
+    block by block with a FlashAttention backward (blocked_attention.py)."""
+    return blocked_attention.bidirectional_attention(q_BLHD, k_BLKD, v_BLKD,
+                                                     segment_mask(segment_ids_BL, q_BLHD.shape[1]))
 
 
 def segment_runs(segment_ids_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -423,14 +423,14 @@ class Attention(nn.Module):
                 out_BLHD = fused_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal=causal)
             elif cfg.attention == "splash" and not decode:  # the cache's init call may be any length
                 out_BLHD = splash_attention_on(traced_platform(), q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal)
+            elif use_cpu_kernels(q_BLHD.dtype):  # fused C++ kernels (cpu_kernels.py), the same functions
+                fused = cpu_kernels.causal_attention if causal else cpu_kernels.bidirectional_attention
+                out_BLHD = fused(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
             elif not causal:  # an encoder's explicit path
                 out_BLHD = bidirectional_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
-            elif use_cpu_kernels(q_BLHD.dtype):  # fused C++ kernel (cpu_kernels.py), same function
-                fused = cpu_kernels.bidirectional_attention if cfg.family.encoder else cpu_kernels.causal_attention
-                out_BLHD = fused(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
             else:  # the same function as xla_attention, computed block by block (blocked_attention.py)
                 mask_B1LL = causal_segment_mask(segment_ids_BL, x_BLE.shape[1])
-                out_BLHD = causal_attention(q_BLHD, k_BLKD, v_BLKD, mask_B1LL)
+                out_BLHD = blocked_attention.causal_attention(q_BLHD, k_BLKD, v_BLKD, mask_B1LL)
         out_BLHD = constrain(out_BLHD, ("batch", "length", "heads", "head_dim"))
 
         return Dense(features=(cfg.d_model,), kernel_axes=("heads", "head_dim", "embed"), n_in=2,

@@ -22,7 +22,7 @@ from llm_jax.models.decoder import SCANNED_LAYERS
 # regularise) or learned position embeddings (a lookup table read at every step: decay only shrinks
 # the position signal); none of those three is decayed.
 NO_DECAY_NAMES = ("bias", "scale")  # leaf names: Norm scale/bias, Dense bias
-NO_DECAY_MODULES = ("pos_embed",)  # module names: the learned position table
+NO_DECAY_MODULES = ("pos_embed", "type_embed")  # module names: the learned position and token-type tables
 
 
 def _names(path) -> tuple[str, ...]:

@@ -1,0 +1,121 @@
+"""BERT (masked LM) end to end: eval accuracy, `eval`, `fill-mask`, export and init_from, and an exact
+resume after SIGTERM and SIGKILL through the CLI (masks are a function of seed and data position)."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_fault_tolerance import _cli_args, _train_rows
+from test_trainer import _config, corpus  # noqa: F401 - the corpus fixture
+
+from llm_jax import cli
+from llm_jax.commands.export import export_run
+from llm_jax.train.loop import train
+from llm_jax.train.metrics import read_metrics
+
+ROOT = Path(__file__).parent.parent
+BERT = ("model.arch=bert", "optimizer.decay_steps=12", "train.sample_prompt=the cat [MASK] on the mat")
+
+
+@pytest.fixture(scope="module")
+def bert_run(tmp_path_factory, corpus):  # noqa: F811
+    """One finished 12-step bert run, a row per step, evaluated at 6 and 12, checkpoints at 6 and 12."""
+    root = tmp_path_factory.mktemp("bert")
+    summary = train(_config(root, corpus, *BERT, "train.steps=12", "train.log_every=1", "train.eval_every=6",
+                            "checkpoint.every=6"))
+    return root / "run", summary
+
+
+def test_a_bert_run_learns_and_reports_masked_accuracy(bert_run, capsys):
+    workdir, summary = bert_run
+    rows = read_metrics(workdir / "metrics.jsonl")
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in eval_rows] == [6, 12]
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 0.5
+    for row in eval_rows:
+        assert 0.0 <= row["eval_accuracy"] <= 1.0
+    assert eval_rows[-1]["eval_loss"] < eval_rows[0]["eval_loss"]
+    assert eval_rows[-1]["eval_accuracy"] > 0.1  # chance is 1/300; "the" alone is most of this corpus
+    assert summary["eval_accuracy"] == eval_rows[-1]["eval_accuracy"]
+    assert summary["sample"].startswith("[MASK] 1: ")  # the final model fills the sample prompt's mask
+
+    assert cli.main(["eval", str(workdir)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["step"] == 12
+    assert result["eval_accuracy"] == pytest.approx(eval_rows[-1]["eval_accuracy"], abs=1e-6)
+    assert result["eval_loss"] == pytest.approx(eval_rows[-1]["eval_loss"], rel=1e-5)
+
+
+def test_fill_mask_ranks_candidates_for_each_mask(bert_run, capsys):
+    workdir, _ = bert_run
+    assert cli.main(["fill-mask", str(workdir), "--text", "the [MASK] sat on the [MASK]", "--top-k", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["[MASK] 1", "[MASK] 2"]
+    for line in lines:
+        probabilities = [float(part.rsplit(" ", 1)[1]) for part in line.split(": ", 1)[1].split(" | ")]
+        assert len(probabilities) == 3 and probabilities == sorted(probabilities, reverse=True)
+        assert 0 < sum(probabilities) <= 1.0 + 1e-6
+
+    assert cli.main(["fill-mask", str(workdir), "--text", "no mask here"]) == 2
+    assert "holds no [MASK]" in capsys.readouterr().err
+    assert cli.main(["fill-mask", str(workdir), "--text", "[MASK]", "--top-k", "0"]) == 2
+    assert cli.main(["generate", str(workdir), "--prompt", "the"]) == 2
+    assert "fill-mask" in capsys.readouterr().err
+
+
+def test_bert_export_then_init_from(bert_run, tmp_path, corpus):  # noqa: F811
+    workdir, _ = bert_run
+    out = tmp_path / "exported"
+    assert export_run(workdir, out)["step"] == 12
+    tuned = train(_config(tmp_path / "tuned", corpus, *BERT, "train.steps=1", "train.log_every=1", f"init_from={out}"))
+    assert tuned["step"] == 1  # a fresh run from the exported parameters
+    first = _train_rows(tmp_path / "tuned" / "run")[0]["loss"]
+    trained = _train_rows(workdir)[-1]["loss"]
+    assert first == pytest.approx(trained, abs=0.5)  # the exported encoder, on another batch
+    assert first < np.log(300) - 1.0  # a random init starts near ln(vocab_size)
+
+
+def _start(tmp_path, corpus, *extra):  # noqa: F811
+    return subprocess.Popen([sys.executable, "-m", "llm_jax.cli", *_cli_args(tmp_path, corpus, *BERT, *extra)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(proc, workdir: Path, step: int, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    def last_step() -> int:
+        rows = _train_rows(workdir) if (workdir / "metrics.jsonl").exists() else []
+        return rows[-1]["step"] if rows else 0
+
+    while time.time() < deadline and proc.poll() is None and last_step() < step:
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+
+
+def test_sigterm_and_sigkill_then_resume_match_the_uninterrupted_run(bert_run, tmp_path, corpus):  # noqa: F811
+    workdir = tmp_path / "run"
+    args = ("train.steps=12", "train.log_every=1", "train.eval_every=6", "checkpoint.async_save=false")
+    first = _start(tmp_path, corpus, *args, "checkpoint.every=100")
+    _wait_for_step(first, workdir, 3)
+    first.send_signal(signal.SIGTERM)  # finishes its step, saves it, exits 0
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err[-3000:]
+
+    second = _start(tmp_path, corpus, *args, "checkpoint.every=2")
+    _wait_for_step(second, workdir, 9)
+    second.send_signal(signal.SIGKILL)  # loses the steps after its last checkpoint
+    second.communicate(timeout=60)
+
+    train(_config(tmp_path, corpus, *BERT, *args, "checkpoint.every=2"))
+    resumed: dict[int, float] = {}
+    for row in _train_rows(workdir):  # a step run twice (after SIGKILL) counts as its last run
+        resumed[row["step"]] = row["loss"]
+    whole = {row["step"]: row["loss"] for row in _train_rows(bert_run[0])}
+    assert sorted(resumed) == list(range(1, 13))
+    for step in range(1, 13):
+        assert resumed[step] == pytest.approx(whole[step], rel=1e-5), step
