@@ -54,8 +54,9 @@ def test_known_accelerators_use_the_table_and_the_cpu_is_measured_once():
     assert flops.device_peak_flops(cpu) == flops.measure_cpu_matmul_flops()
 
 
-def test_bench_reports_parameters_memory_and_cpu_time(tmp_path):
-    config = load_config("configs/tiny.yaml", [f"workdir={tmp_path}"])
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+def test_bench_reports_parameters_memory_and_cpu_time(tmp_path, arch):
+    config = load_config("configs/tiny.yaml", [f"workdir={tmp_path}", f"model.arch={arch}"])
     report = bench.run_bench(config, steps=2, warmup=0)
     assert report["params"] == count_params(loop.build(config, with_data=False).abstract_state.params)
     assert 0 < report["temp_memory_bytes"] <= report["peak_memory_bytes"]

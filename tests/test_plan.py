@@ -18,8 +18,9 @@ def _plan_json(capsys, *args) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def test_single_device_plan_counts_every_byte(capsys):
-    plan = _plan_json(capsys, "mesh.data=1", "--devices", "1", "--device-memory", "1GiB")
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+def test_single_device_plan_counts_every_byte(capsys, arch):
+    plan = _plan_json(capsys, f"model.arch={arch}", "mesh.data=1", "--devices", "1", "--device-memory", "1GiB")
     assert plan["param_bytes"] == 4 * plan["params"]  # float32, nothing sharded
     assert plan["optimizer_bytes"] >= 2 * plan["param_bytes"]  # AdamW's two moments
     assert plan["total_bytes"] > plan["param_bytes"] + plan["optimizer_bytes"]
