@@ -43,8 +43,8 @@ def _train(args: list[str], processes: int, devices: int) -> list[str]:
 def _side_by_side(*runs: tuple[list[str], int, int]) -> list[list[str]]:
     """Runs independent jobs (args, processes, devices) at the same time; the outputs of each.
 
-    Each job is mostly one core's work of compiling per process: started together, two jobs share
-    the machine's cores instead of waiting for each other. Every process is waited for (or killed
+    A job's processes spend most of their time compiling: started together, two jobs share the
+    machine's cores instead of waiting for each other. Every process is waited for (or killed
     past the timeout) before any return code is checked."""
     results = [wait_all(procs, timeout=300) for procs in [_start(*run) for run in runs]]
     for job in results:

@@ -11,8 +11,8 @@ import pytest
 ROOT = Path(__file__).parent.parent
 
 
-# The modes of sharding_modes.py, in two processes run side by side: each mode compiles its own
-# programs, one CPU core's work, so two cores take about half the time. Split by compile time.
+# The modes of sharding_modes.py, in two processes run side by side: each mode is seconds of compiling
+# programs of its own, and one process left the CI machine's second core mostly idle. Split by CPU time.
 MODE_GROUPS = (["single", "data8", "pmap8"], ["fsdp8", "mixed222", "tensor8"])
 
 
