@@ -4,6 +4,7 @@ devices, same seed, step by step; and runs resumed on another process count."""
 
 import subprocess
 import sys
+import tempfile
 
 import pytest
 from multiprocess import REPO, launch, process_env, wait_all
@@ -23,17 +24,33 @@ def _args(root, corpus, name: str, steps: int, *extra: str) -> list[str]:  # noq
             "optimizer.warmup_steps=2", f"optimizer.decay_steps={STEPS + 2}", "train.sample_tokens=4", *extra]
 
 
+def _start(args: list[str], processes: int, devices: int) -> list[subprocess.Popen]:
+    """Starts `llm-jax train` as `processes` processes of `devices` fake CPU devices each."""
+    if processes == 1:
+        log = tempfile.TemporaryFile(mode="w+")
+        proc = subprocess.Popen([sys.executable, "-m", "llm_jax.cli", "train", *args], env=process_env(devices),
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
+        proc.log = log
+        return [proc]
+    return launch(["train", *args], num_processes=processes, devices_per_process=devices)
+
+
 def _train(args: list[str], processes: int, devices: int) -> list[str]:
     """Runs `llm-jax train` as `processes` processes of `devices` fake CPU devices each; their outputs."""
-    if processes == 1:
-        run = subprocess.run([sys.executable, "-m", "llm_jax.cli", "train", *args], capture_output=True, text=True,
-                             env=process_env(devices), cwd=REPO, timeout=300)
-        assert run.returncode == 0, run.stderr[-3000:]
-        return [run.stderr]
-    results = wait_all(launch(["train", *args], num_processes=processes, devices_per_process=devices), timeout=300)
-    for pid, (rc, output) in enumerate(results):
-        assert rc == 0, f"process {pid} exited {rc}:\n{output[-3000:]}"
-    return [output for _, output in results]
+    return _side_by_side((args, processes, devices))[0]
+
+
+def _side_by_side(*runs: tuple[list[str], int, int]) -> list[list[str]]:
+    """Runs independent jobs (args, processes, devices) at the same time; the outputs of each.
+
+    A job's processes spend most of their time compiling: started together, two jobs share the
+    machine's cores instead of waiting for each other. Every process is waited for (or killed
+    past the timeout) before any return code is checked."""
+    results = [wait_all(procs, timeout=300) for procs in [_start(*run) for run in runs]]
+    for job in results:
+        for pid, (rc, output) in enumerate(job):
+            assert rc == 0, f"process {pid} exited {rc}:\n{output[-3000:]}"
+    return [[output for _, output in job] for job in results]
 
 
 def _losses(workdir) -> dict[int, float]:
@@ -57,11 +74,12 @@ def _assert_same_losses(got: dict[int, float], want: dict[int, float], steps) ->
 ])
 def test_the_process_count_changes_nothing_even_on_resume(tmp_path, corpus, mesh, whole, split):  # noqa: F811
     """An uninterrupted run on one layout; on the other, a run stopped at STEPS, resumed on the first."""
-    _train(_args(tmp_path, corpus, "whole", STEPS + 2, *mesh), *whole)
+    # The first two runs are independent jobs, in workdirs of their own: side by side.
+    _, outputs = _side_by_side((_args(tmp_path, corpus, "whole", STEPS + 2, *mesh), *whole),
+                               (_args(tmp_path, corpus, "split", STEPS, *mesh), *split))
     expected = _losses(tmp_path / "whole")
     assert expected[STEPS + 2] < expected[1]  # it learns: a trajectory worth comparing
 
-    outputs = _train(_args(tmp_path, corpus, "split", STEPS, *mesh), *split)
     if len(outputs) > 1:
         assert "per-device bytes" in outputs[0] and "per-device bytes" not in outputs[1]  # one log, process 0's
     data_dir = tmp_path / "split" / "checkpoints" / str(STEPS) / "data"
@@ -76,6 +94,6 @@ def test_the_process_count_changes_nothing_even_on_resume(tmp_path, corpus, mesh
 
 def test_pmap_two_processes_train_like_one(tmp_path, corpus):  # noqa: F811
     mesh = ["parallel.mode=pmap", "mesh.data=-1"]
-    _train(_args(tmp_path, corpus, "one", STEPS, *mesh), 1, 4)
-    _train(_args(tmp_path, corpus, "two", STEPS, *mesh), 2, 2)
+    _side_by_side((_args(tmp_path, corpus, "one", STEPS, *mesh), 1, 4),  # independent jobs
+                  (_args(tmp_path, corpus, "two", STEPS, *mesh), 2, 2))
     _assert_same_losses(_losses(tmp_path / "two"), _losses(tmp_path / "one"), range(1, STEPS + 1))
