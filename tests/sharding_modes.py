@@ -1,7 +1,7 @@
 """Runs 12 train steps of a tiny model in several mesh layouts; prints the loss trajectories.
 
 Started by test_sharding.py in a fresh process, because the fake device count must be set before
-JAX starts: python tests/sharding_modes.py [MODE ...]  (with XLA_FLAGS=--xla_force_host_platform_device_count=8);
+JAX starts: python tests/sharding_modes.py [[bert-]MODE ...]  (with XLA_FLAGS=--xla_force_host_platform_device_count=8);
 no MODE runs them all. Each mode compiles its own programs, so the test runs the modes in two processes
 side by side, each on its own 8 fake devices.
 """
@@ -29,9 +29,12 @@ PMAP_MODES = {"pmap8"}
 STEPS = 12
 
 
-def run(name: str, mode: dict) -> dict:
-    parallel = "pmap" if name in PMAP_MODES else "jit"
-    config = load_config("configs/tiny.yaml", [f"parallel.mode={parallel}",
+def run(name: str) -> dict:
+    """`name`: a mode of MODES, or `bert-` and a mode: the same layout for the encoder."""
+    arch, _, layout = name.rpartition("-")
+    mode = MODES[layout]
+    parallel = "pmap" if layout in PMAP_MODES else "jit"
+    config = load_config("configs/tiny.yaml", [f"parallel.mode={parallel}", f"model.arch={arch or 'gpt2'}",
         "model.n_heads=8", "model.d_model=64", "train.batch_size=8", "train.seq_len=32", "optimizer.lr=1e-2",
         "optimizer.warmup_steps=2", f"train.steps={STEPS}", *[f"mesh.{k}={v}" for k, v in mode.items()]])
     devices = jax.devices()[:1] if mode == MODES["single"] else jax.devices()
@@ -52,4 +55,4 @@ def run(name: str, mode: dict) -> dict:
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(MODES)
-    print(json.dumps({name: run(name, MODES[name]) for name in names}))
+    print(json.dumps({name: run(name) for name in names}))

@@ -13,7 +13,8 @@ ROOT = Path(__file__).parent.parent
 
 # The modes of sharding_modes.py, in two processes run side by side: each mode is seconds of compiling
 # programs of its own, and one process left the CI machine's second core mostly idle. Split by CPU time.
-MODE_GROUPS = (["single", "data8", "pmap8"], ["fsdp8", "mixed222", "tensor8"])
+MODE_GROUPS = (["single", "data8", "pmap8", "bert-fsdp8", "bert-mixed222", "bert-tensor8"],
+               ["fsdp8", "mixed222", "tensor8", "bert-single", "bert-data8", "bert-pmap8"])
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +37,10 @@ def trajectories():
     return results
 
 
+@pytest.mark.parametrize("arch", ["", "bert-"])
 @pytest.mark.parametrize("mode", ["data8", "fsdp8", "mixed222", "tensor8", "pmap8"])
-def test_mode_matches_single_device(trajectories, mode):
-    single, sharded = trajectories["single"]["losses"], trajectories[mode]["losses"]
+def test_mode_matches_single_device(trajectories, arch, mode):
+    single, sharded = trajectories[f"{arch}single"]["losses"], trajectories[f"{arch}{mode}"]["losses"]
     assert len(sharded) == len(single) == 12
     assert single[-1] < single[0] - 0.5  # the run learns, so the comparison means something
     for step, (a, b) in enumerate(zip(single, sharded)):
