@@ -81,6 +81,8 @@ class BabyBert(nn.Module):
         self.head_dense = nn.Linear(d_model, d_model)
         self.head_norm = nn.LayerNorm(d_model, eps=NORM_EPS)
         self.head_bias = nn.Parameter(torch.zeros(vocab_size))
+        # BERT's pooler, as llm_jax's encoder has it: in the model, unused by the masked-LM loss.
+        self.pooler = nn.Linear(d_model, d_model)
         # As torch_baby_gpt.py: normal(0.02), residual-branch outputs scaled by 1/sqrt(2 * n_layers), zero biases.
         for name, p in self.named_parameters():
             if name.endswith("bias"):
