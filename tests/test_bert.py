@@ -15,6 +15,8 @@ from test_trainer import _config, corpus  # noqa: F401 - the corpus fixture
 
 from llm_jax import cli
 from llm_jax.commands.export import export_run
+from llm_jax.data.tokenizer import Tokenizer
+from llm_jax.infer.fill_mask import encode_with_masks
 from llm_jax.train.loop import train
 from llm_jax.train.metrics import read_metrics
 
@@ -119,3 +121,13 @@ def test_sigterm_and_sigkill_then_resume_match_the_uninterrupted_run(bert_run, t
     assert sorted(resumed) == list(range(1, 13))
     for step in range(1, 13):
         assert resumed[step] == pytest.approx(whole[step], rel=1e-5), step
+
+
+def test_fill_mask_reads_the_space_before_a_mask_as_part_of_it(bert_run):
+    """Training masks whole pieces, a word's leading space included (' sat'); a lone ' ' before the
+    mask would be a context the model never saw there."""
+    tok = Tokenizer(bert_run[0] / "tokenizer" / "spm.model")
+    ids_1L, masks = encode_with_masks(tok, " [MASK] cat [MASK] on the  [MASK]", max_len=64)
+    m = tok.mask_id
+    expected = [tok.cls_id, m, *tok.encode(" cat"), m, *tok.encode(" on the "), m, tok.sep_id]
+    assert ids_1L[0].tolist() == expected and masks.tolist() == [1, 1 + len(tok.encode(" cat")) + 1, len(expected) - 2]

@@ -2,6 +2,12 @@
 
 The text is encoded as one document, `[CLS] ids [SEP]`, exactly as masked-LM training sees it
 (data/objectives.py); the literal `[MASK]` in the text is the tokenizer's mask symbol.
+
+A space just before `[MASK]` belongs to the mask: the tokenizer puts a word's leading space into its
+piece (' sat'), so when training masked that piece the space went with it, and "the cat [MASK] on"
+reads as training would have shown it, `the, ' cat', [MASK], ' on'`. Kept, the space would be a lone
+' ' piece before the mask, a context training never shows there, and the model would rank pieces
+that go on a word ('at') rather than words.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ def encode_with_masks(tokenizer, text: str, max_len: int) -> tuple[np.ndarray, n
     if tokenizer.mask_id is None:
         raise ConfigError("this run's tokenizer has no [MASK] symbol: fill-mask needs a masked-LM run "
                           "(model.arch=bert)")
-    ids = np.asarray([tokenizer.cls_id, *tokenizer.encode(text), tokenizer.sep_id], np.int32)
+    pieces = tokenizer.encode(text.replace(" [MASK]", "[MASK]"))  # the mask takes its word's space (above)
+    ids = np.asarray([tokenizer.cls_id, *pieces, tokenizer.sep_id], np.int32)
     masks = np.flatnonzero(ids == tokenizer.mask_id)
     if masks.size == 0:
         raise ConfigError(f"fill-mask --text holds no [MASK] to fill: {text!r}")
