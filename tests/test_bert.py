@@ -15,8 +15,10 @@ from test_trainer import _config, corpus  # noqa: F401 - the corpus fixture
 
 from llm_jax import cli
 from llm_jax.commands.export import export_run
+from llm_jax.config import ConfigError
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.infer.fill_mask import encode_with_masks
+from llm_jax.train import loop
 from llm_jax.train.loop import train
 from llm_jax.train.metrics import read_metrics
 
@@ -131,3 +133,20 @@ def test_fill_mask_reads_the_space_before_a_mask_as_part_of_it(bert_run):
     m = tok.mask_id
     expected = [tok.cls_id, m, *tok.encode(" cat"), m, *tok.encode(" on the "), m, tok.sep_id]
     assert ids_1L[0].tolist() == expected and masks.tolist() == [1, 1 + len(tok.encode(" cat")) + 1, len(expected) - 2]
+
+
+def test_a_sample_prompt_the_encoder_cannot_read_is_refused_before_the_first_step(tmp_path, corpus):  # noqa: F811
+    long_prompt = "train.sample_prompt=" + "the cat [MASK] on the mat " * 8
+    with pytest.raises(ConfigError, match=r"^train.sample_prompt is \d+ tokens .* at most 32 \(model.max_len\)$"):
+        train(_config(tmp_path, corpus, *BERT, "model.max_len=32", long_prompt, "train.steps=1"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_failing_final_sample_still_finishes_the_last_save(bert_run, tmp_path, corpus, monkeypatch):  # noqa: F811
+    def fails(setup, params):
+        raise RuntimeError("final sample failed")
+
+    monkeypatch.setattr(loop, "_final_sample", fails)
+    with pytest.raises(RuntimeError, match="final sample failed"):
+        train(_config(tmp_path, corpus, *BERT, "train.steps=2", "checkpoint.every=2"))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["2"]  # not 2.orbax-checkpoint-tmp

@@ -30,9 +30,11 @@ class Candidate:
     probability: float
 
 
-def encode_with_masks(tokenizer, text: str, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """([CLS] ids [SEP] as int32 [1, L], the indices of the masks). One-line errors for a text the
-    model cannot fill: no [MASK] in it, or longer than the model's positions."""
+def encode_with_masks(tokenizer, text: str, max_len: int, *, option: str = "fill-mask --text",
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """([CLS] ids [SEP] as int32 [1, L], the indices of the masks). One-line errors, naming `option`
+    (where the text came from), for a text the model cannot fill: no [MASK] in it, or longer than
+    the model's positions."""
     if tokenizer.mask_id is None:
         raise ConfigError("this run's tokenizer has no [MASK] symbol: fill-mask needs a masked-LM run "
                           "(model.arch=bert)")
@@ -40,9 +42,9 @@ def encode_with_masks(tokenizer, text: str, max_len: int) -> tuple[np.ndarray, n
     ids = np.asarray([tokenizer.cls_id, *pieces, tokenizer.sep_id], np.int32)
     masks = np.flatnonzero(ids == tokenizer.mask_id)
     if masks.size == 0:
-        raise ConfigError(f"fill-mask --text holds no [MASK] to fill: {text!r}")
+        raise ConfigError(f"{option} holds no [MASK] to fill: {text!r}")
     if ids.size > max_len:
-        raise ConfigError(f"fill-mask --text is {ids.size} tokens with [CLS] and [SEP]; the model reads at most "
+        raise ConfigError(f"{option} is {ids.size} tokens with [CLS] and [SEP]; the model reads at most "
                           f"{max_len} (model.max_len)")
     return ids[None, :], masks
 

@@ -221,6 +221,15 @@ def fill_mask_text(setup: Setup, params, text: str, top_k: int) -> list[list[fil
                                    max_len=setup.config.model.max_len)
 
 
+def _check_sample_prompt(setup: Setup) -> None:
+    """Refuses, before the first step, a masked-LM sample prompt the model cannot read (longer than
+    model.max_len): found at the end, it would fail a finished run."""
+    c = setup.config
+    if c.objective == "mlm" and "[MASK]" in c.train.sample_prompt:
+        fill_mask.encode_with_masks(setup.tokenizer, c.train.sample_prompt, c.model.max_len,
+                                    option="train.sample_prompt")
+
+
 def _final_sample(setup: Setup, params) -> str | None:
     """What the finished model makes of train.sample_prompt: a continuation (decoders), or the
     predictions at its [MASK]s (masked LM; None when the prompt has none)."""
@@ -274,6 +283,7 @@ def _train(config: Config, stop: StopSignal, on_exit: contextlib.ExitStack) -> d
         config = ckpt.check_init_from(config)  # before any work; brings the exported tokenizer
     check_workdir_matches(config, workdir)
     setup = build(config)
+    _check_sample_prompt(setup)
     if is_main:
         dump_config(config, workdir / "config.yaml")
     _log_setup(setup)
@@ -438,16 +448,18 @@ def _finish(run: _StepLoop, writer: MetricsWriter) -> dict[str, Any]:
         raise NonFiniteError(run.guard.message(step, last_good))
 
     summary: dict[str, Any] = {"step": step, "stopped_early": step < c.train.steps}
-    if not summary["stopped_early"]:
-        params = run.steps.to_global(run.state.params)
-        last_eval = run.last_eval
-        if run.last_eval_step != step:  # a finished run started again: evaluate its final state
-            last_eval = evaluate(run.setup, run.steps.eval, params, run.eval_batches)
-            writer.write(step, last_eval)
-            log_eval(None, step, last_eval)
-        summary.update(last_eval)
-        summary["sample"] = _final_sample(run.setup, params)
-    run.checkpointer.close()
+    try:
+        if not summary["stopped_early"]:
+            params = run.steps.to_global(run.state.params)
+            last_eval = run.last_eval
+            if run.last_eval_step != step:  # a finished run started again: evaluate its final state
+                last_eval = evaluate(run.setup, run.steps.eval, params, run.eval_batches)
+                writer.write(step, last_eval)
+                log_eval(None, step, last_eval)
+            summary.update(last_eval)
+            summary["sample"] = _final_sample(run.setup, params)
+    finally:  # a failure in the final eval or sample must not abandon the last save, still in flight
+        run.checkpointer.close()
     writer.close()
     return summary
 
