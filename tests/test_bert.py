@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_encoder import random_params, tiny
 from test_fault_tolerance import _cli_args, _train_rows
 from test_trainer import _config, corpus  # noqa: F401 - the corpus fixture
 
@@ -17,7 +18,8 @@ from llm_jax import cli
 from llm_jax.commands.export import export_run
 from llm_jax.config import ConfigError
 from llm_jax.data.tokenizer import Tokenizer
-from llm_jax.infer.fill_mask import encode_with_masks
+from llm_jax.infer.fill_mask import encode_with_masks, fill_mask
+from llm_jax.models.encoder import Encoder
 from llm_jax.train import loop
 from llm_jax.train.loop import train
 from llm_jax.train.metrics import read_metrics
@@ -150,3 +152,15 @@ def test_a_failing_final_sample_still_finishes_the_last_save(bert_run, tmp_path,
     with pytest.raises(RuntimeError, match="final sample failed"):
         train(_config(tmp_path, corpus, *BERT, "train.steps=2", "checkpoint.every=2"))
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["2"]  # not 2.orbax-checkpoint-tmp
+
+
+def test_fill_mask_ranks_only_the_tokenizers_ids_when_model_vocab_is_larger(bert_run):
+    """model.vocab_size may exceed the tokenizer's; the rows past it are no token and cannot be shown."""
+    tok = Tokenizer(bert_run[0] / "tokenizer" / "spm.model")
+    config = tiny(vocab_size=tok.vocab_size + 20)
+    params = random_params(config)
+    params["mlm_head"]["bias"] = params["mlm_head"]["bias"].at[tok.vocab_size:].set(50.0)  # they would rank first
+    candidates = fill_mask(Encoder(config), params, tok, "the [MASK] sat", top_k=3, max_len=config.max_len)
+    assert [len(mask) for mask in candidates] == [3]
+    assert all(c.id < tok.vocab_size for c in candidates[0])
+    assert sum(c.probability for c in candidates[0]) <= 1.0 + 1e-6

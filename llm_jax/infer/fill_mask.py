@@ -49,12 +49,14 @@ def encode_with_masks(tokenizer, text: str, max_len: int, *, option: str = "fill
     return ids[None, :], masks
 
 
-@functools.partial(jax.jit, static_argnames=("model", "top_k"))
-def _top_k(model: nn.Module, params, ids_1L: jax.Array, masks_M: jax.Array, *, top_k: int):
+@functools.partial(jax.jit, static_argnames=("model", "top_k", "vocab_size"))
+def _top_k(model: nn.Module, params, ids_1L: jax.Array, masks_M: jax.Array, *, top_k: int, vocab_size: int):
+    """The top_k (probability, id) at each mask, over the tokenizer's `vocab_size` ids: rows of a
+    model.vocab_size larger than the tokenizer's are no token (no text to show, never a target)."""
     length = ids_1L.shape[1]
     logits_1LV = model.apply({"params": params}, ids_1L, positions=jnp.arange(length, dtype=jnp.int32)[None, :],
                              segment_ids=jnp.ones_like(ids_1L))
-    probs_MV = jax.nn.softmax(logits_1LV[0, masks_M].astype(jnp.float32), axis=-1)
+    probs_MV = jax.nn.softmax(logits_1LV[0, masks_M, :vocab_size].astype(jnp.float32), axis=-1)
     return jax.lax.top_k(probs_MV, top_k)
 
 
@@ -68,7 +70,8 @@ def fill_mask(model: nn.Module, params, tokenizer, text: str, *, top_k: int, max
     check_top_k(top_k)
     ids_1L, masks = encode_with_masks(tokenizer, text, max_len)
     top_k = min(top_k, tokenizer.vocab_size)
-    probs_MK, ids_MK = jax.device_get(_top_k(model, params, jnp.asarray(ids_1L), jnp.asarray(masks), top_k=top_k))
+    probs_MK, ids_MK = jax.device_get(_top_k(model, params, jnp.asarray(ids_1L), jnp.asarray(masks), top_k=top_k,
+                                                  vocab_size=tokenizer.vocab_size))
     return [[Candidate(tokenizer.decode([int(i)]), int(i), float(p)) for p, i in zip(probs_K, ids_K)]
             for probs_K, ids_K in zip(probs_MK, ids_MK)]
 
