@@ -164,3 +164,12 @@ def test_fill_mask_ranks_only_the_tokenizers_ids_when_model_vocab_is_larger(bert
     assert [len(mask) for mask in candidates] == [3]
     assert all(c.id < tok.vocab_size for c in candidates[0])
     assert sum(c.probability for c in candidates[0]) <= 1.0 + 1e-6
+
+
+def test_an_eval_set_without_a_masked_token_is_refused_before_the_first_step(tmp_path, corpus):  # noqa: F811
+    """One piece `[CLS] t [SEP]` is masked with probability 0.15: an eval set of it alone may hold no
+    masked token, and would score loss 0, perplexity 1, as if the model were perfect."""
+    tiny_eval = ("train.seq_len=3", "train.batch_size=1", "train.eval_batches=1", "train.steps=1")
+    with pytest.raises(ConfigError, match=r"^the held-out batches hold no masked token .* raise train.eval_batches"):
+        train(_config(tmp_path, corpus, *BERT, *tiny_eval))
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -175,9 +175,26 @@ def compile_steps(setup: Setup) -> Steps:
 
 
 def held_out_batches(setup: Setup) -> list[dict[str, np.ndarray]]:
-    """The rows this process's devices hold of the fixed eval batches, built once per run."""
-    return data_lib.make_eval_batches(setup.config, setup.tokenizer, setup.sources,
-                                      mesh_lib.batch_rows(setup.mesh, setup.config.train.batch_size))
+    """The rows this process's devices hold of the fixed eval batches, built once per run.
+
+    Refuses a masked-LM eval set with no masked position (tiny batches of very short pieces): it
+    would score loss 0 and perplexity 1, and rank as the best checkpoint.
+    """
+    c = setup.config
+    batches = data_lib.make_eval_batches(c, setup.tokenizer, setup.sources,
+                                         mesh_lib.batch_rows(setup.mesh, c.train.batch_size))
+    if c.objective == "mlm":
+        weight = np.float32(sum(float(b["weights"].sum()) for b in batches))
+        if jax.process_count() > 1:  # every process builds its rows here: the sum is over all of them
+            from jax.experimental import multihost_utils
+
+            weight = np.sum(multihost_utils.process_allgather(weight))
+        if weight == 0:
+            raise ConfigError(
+                f"the held-out batches hold no masked token to score (train.eval_batches={c.train.eval_batches} "
+                f"of {c.train.batch_size} x {c.train.seq_len}): raise train.eval_batches, train.batch_size "
+                "or train.seq_len")
+    return batches
 
 
 def evaluate(setup: Setup, eval_fn, params, eval_batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
