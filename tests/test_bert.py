@@ -10,11 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_encoder import random_params, tiny
 from test_fault_tolerance import _cli_args, _train_rows
 from test_trainer import _config, corpus  # noqa: F401 - the corpus fixture
 
 from llm_jax import cli
 from llm_jax.commands.export import export_run
+from llm_jax.config import ConfigError
+from llm_jax.data.tokenizer import Tokenizer
+from llm_jax.infer.fill_mask import encode_with_masks, fill_mask
+from llm_jax.models.encoder import Encoder
+from llm_jax.train import loop
 from llm_jax.train.loop import train
 from llm_jax.train.metrics import read_metrics
 
@@ -119,3 +125,51 @@ def test_sigterm_and_sigkill_then_resume_match_the_uninterrupted_run(bert_run, t
     assert sorted(resumed) == list(range(1, 13))
     for step in range(1, 13):
         assert resumed[step] == pytest.approx(whole[step], rel=1e-5), step
+
+
+def test_fill_mask_reads_the_space_before_a_mask_as_part_of_it(bert_run):
+    """Training masks whole pieces, a word's leading space included (' sat'); a lone ' ' before the
+    mask would be a context the model never saw there."""
+    tok = Tokenizer(bert_run[0] / "tokenizer" / "spm.model")
+    ids_1L, masks = encode_with_masks(tok, " [MASK] cat [MASK] on the  [MASK]", max_len=64)
+    m = tok.mask_id
+    expected = [tok.cls_id, m, *tok.encode(" cat"), m, *tok.encode(" on the "), m, tok.sep_id]
+    assert ids_1L[0].tolist() == expected and masks.tolist() == [1, 1 + len(tok.encode(" cat")) + 1, len(expected) - 2]
+
+
+def test_a_sample_prompt_the_encoder_cannot_read_is_refused_before_the_first_step(tmp_path, corpus):  # noqa: F811
+    long_prompt = "train.sample_prompt=" + "the cat [MASK] on the mat " * 8
+    with pytest.raises(ConfigError, match=r"^train.sample_prompt is \d+ tokens .* at most 32 \(model.max_len\)$"):
+        train(_config(tmp_path, corpus, *BERT, "model.max_len=32", long_prompt, "train.steps=1"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_failing_final_sample_still_finishes_the_last_save(bert_run, tmp_path, corpus, monkeypatch):  # noqa: F811
+    def fails(setup, params):
+        raise RuntimeError("final sample failed")
+
+    monkeypatch.setattr(loop, "_final_sample", fails)
+    with pytest.raises(RuntimeError, match="final sample failed"):
+        train(_config(tmp_path, corpus, *BERT, "train.steps=2", "checkpoint.every=2"))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["2"]  # not 2.orbax-checkpoint-tmp
+
+
+def test_fill_mask_ranks_only_the_tokenizers_ids_when_model_vocab_is_larger(bert_run):
+    """model.vocab_size may exceed the tokenizer's; the rows past it are no token and cannot be shown."""
+    tok = Tokenizer(bert_run[0] / "tokenizer" / "spm.model")
+    config = tiny(vocab_size=tok.vocab_size + 20)
+    params = random_params(config)
+    params["mlm_head"]["bias"] = params["mlm_head"]["bias"].at[tok.vocab_size:].set(50.0)  # they would rank first
+    candidates = fill_mask(Encoder(config), params, tok, "the [MASK] sat", top_k=3, max_len=config.max_len)
+    assert [len(mask) for mask in candidates] == [3]
+    assert all(c.id < tok.vocab_size for c in candidates[0])
+    assert sum(c.probability for c in candidates[0]) <= 1.0 + 1e-6
+
+
+def test_an_eval_set_without_a_masked_token_is_refused_before_the_first_step(tmp_path, corpus):  # noqa: F811
+    """One piece `[CLS] t [SEP]` is masked with probability 0.15: an eval set of it alone may hold no
+    masked token, and would score loss 0, perplexity 1, as if the model were perfect."""
+    tiny_eval = ("train.seq_len=3", "train.batch_size=1", "train.eval_batches=1", "train.steps=1")
+    with pytest.raises(ConfigError, match=r"^the held-out batches hold no masked token .* raise train.eval_batches"):
+        train(_config(tmp_path, corpus, *BERT, *tiny_eval))
+    assert not (tmp_path / "run" / "checkpoints").exists()

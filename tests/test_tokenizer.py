@@ -266,6 +266,10 @@ def test_a_tokenizer_without_mask_symbols_for_an_mlm_run_is_a_one_line_config_er
         tok_lib.load_or_train_tokenizer(_config("model.arch=bert", f"tokenizer.path={given}"), tmp_path / "run",
                                         _Sources(_Forbidden()))
     assert "\n" not in str(err.value) and not (tmp_path / "run" / "tokenizer" / "spm.model").exists()
+    assert f"the tokenizer {given} lacks" in str(err.value)  # the user's file, not the temporary copy checked
+    with pytest.raises(ConfigError, match=rf"vocabulary \({tok.vocab_size}\) in {given};"):
+        tok_lib.load_or_train_tokenizer(_config(f"model.vocab_size={tok.vocab_size - 1}", f"tokenizer.path={given}"),
+                                        tmp_path / "run", _Sources(_Forbidden()))
 
 
 def test_the_vocab_floor_counts_the_mlm_symbols():

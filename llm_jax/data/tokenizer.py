@@ -220,19 +220,22 @@ def train_tokenizer(texts: list[str], model_prefix: Path, vocab_size: int, model
         raise
 
 
-def _check_loaded(tokenizer: Tokenizer, config: Config) -> Tokenizer:
+def _check_loaded(tokenizer: Tokenizer, config: Config, shown_path: str | os.PathLike | None = None) -> Tokenizer:
+    """Refuses a tokenizer this config cannot train with; `shown_path` is the file named in the
+    errors (the user's tokenizer.path, not the temporary copy that was loaded)."""
+    shown = tokenizer.path if shown_path is None else shown_path
     if tokenizer.vocab_size > config.model.vocab_size:
         raise ConfigError(
             f"model.vocab_size ({config.model.vocab_size}) is smaller than the tokenizer's vocabulary "
-            f"({tokenizer.vocab_size}) in {tokenizer.path}; set model.vocab_size >= {tokenizer.vocab_size}"
+            f"({tokenizer.vocab_size}) in {shown}; set model.vocab_size >= {tokenizer.vocab_size}"
         )
     if tokenizer.bos_id < 0 or tokenizer.eos_id < 0:
-        raise ConfigError(f"tokenizer.path: {tokenizer.path} has no bos/eos pieces; documents need both")
+        raise ConfigError(f"tokenizer.path: {shown} has no bos/eos pieces; documents need both")
     missing = [s for s in MLM_SYMBOLS if s not in tokenizer.user_defined]
     if config.objective == "mlm" and missing:
         where = "tokenizer.path" if config.tokenizer.path else "workdir"
         raise ConfigError(
-            f"{where}: the tokenizer {tokenizer.path} lacks {', '.join(missing)}, which train.objective=mlm needs; "
+            f"{where}: the tokenizer {shown} lacks {', '.join(missing)}, which train.objective=mlm needs; "
             "train one for mlm (a fresh workdir without tokenizer.path, or `llm-jax tokenizer train "
             "model.arch=bert`) or give one that has them as user-defined symbols")
     return tokenizer
@@ -344,9 +347,10 @@ def _write_run_tokenizer(config: Config, sources: Any, out_dir: Path) -> None:
             if vocab.is_file():
                 shutil.copyfile(vocab, tmp_model.with_suffix(".vocab"))
             try:
-                _check_loaded(Tokenizer(tmp_model), config)
+                tokenizer = Tokenizer(tmp_model)
             except (RuntimeError, OSError) as e:
                 raise ConfigError(f"tokenizer.path: {given} is not a SentencePiece model ({e})") from None
+            _check_loaded(tokenizer, config, shown_path=given)
             log.info("using tokenizer %s", given)
         else:
             _train_into(config, sources, tmp_dir)

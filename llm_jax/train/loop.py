@@ -175,9 +175,26 @@ def compile_steps(setup: Setup) -> Steps:
 
 
 def held_out_batches(setup: Setup) -> list[dict[str, np.ndarray]]:
-    """The rows this process's devices hold of the fixed eval batches, built once per run."""
-    return data_lib.make_eval_batches(setup.config, setup.tokenizer, setup.sources,
-                                      mesh_lib.batch_rows(setup.mesh, setup.config.train.batch_size))
+    """The rows this process's devices hold of the fixed eval batches, built once per run.
+
+    Refuses a masked-LM eval set with no masked position (tiny batches of very short pieces): it
+    would score loss 0 and perplexity 1, and rank as the best checkpoint.
+    """
+    c = setup.config
+    batches = data_lib.make_eval_batches(c, setup.tokenizer, setup.sources,
+                                         mesh_lib.batch_rows(setup.mesh, c.train.batch_size))
+    if c.objective == "mlm":
+        weight = np.float32(sum(float(b["weights"].sum()) for b in batches))
+        if jax.process_count() > 1:  # every process builds its rows here: the sum is over all of them
+            from jax.experimental import multihost_utils
+
+            weight = np.sum(multihost_utils.process_allgather(weight))
+        if weight == 0:
+            raise ConfigError(
+                f"the held-out batches hold no masked token to score (train.eval_batches={c.train.eval_batches} "
+                f"of {c.train.batch_size} x {c.train.seq_len}): raise train.eval_batches, train.batch_size "
+                "or train.seq_len")
+    return batches
 
 
 def evaluate(setup: Setup, eval_fn, params, eval_batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
@@ -219,6 +236,15 @@ def fill_mask_text(setup: Setup, params, text: str, top_k: int) -> list[list[fil
     with setup.context(split_batch=False):
         return fill_mask.fill_mask(setup.model, params, setup.tokenizer, text, top_k=top_k,
                                    max_len=setup.config.model.max_len)
+
+
+def _check_sample_prompt(setup: Setup) -> None:
+    """Refuses, before the first step, a masked-LM sample prompt the model cannot read (longer than
+    model.max_len): found at the end, it would fail a finished run."""
+    c = setup.config
+    if c.objective == "mlm" and "[MASK]" in c.train.sample_prompt:
+        fill_mask.encode_with_masks(setup.tokenizer, c.train.sample_prompt, c.model.max_len,
+                                    option="train.sample_prompt")
 
 
 def _final_sample(setup: Setup, params) -> str | None:
@@ -274,6 +300,7 @@ def _train(config: Config, stop: StopSignal, on_exit: contextlib.ExitStack) -> d
         config = ckpt.check_init_from(config)  # before any work; brings the exported tokenizer
     check_workdir_matches(config, workdir)
     setup = build(config)
+    _check_sample_prompt(setup)
     if is_main:
         dump_config(config, workdir / "config.yaml")
     _log_setup(setup)
@@ -438,16 +465,18 @@ def _finish(run: _StepLoop, writer: MetricsWriter) -> dict[str, Any]:
         raise NonFiniteError(run.guard.message(step, last_good))
 
     summary: dict[str, Any] = {"step": step, "stopped_early": step < c.train.steps}
-    if not summary["stopped_early"]:
-        params = run.steps.to_global(run.state.params)
-        last_eval = run.last_eval
-        if run.last_eval_step != step:  # a finished run started again: evaluate its final state
-            last_eval = evaluate(run.setup, run.steps.eval, params, run.eval_batches)
-            writer.write(step, last_eval)
-            log_eval(None, step, last_eval)
-        summary.update(last_eval)
-        summary["sample"] = _final_sample(run.setup, params)
-    run.checkpointer.close()
+    try:
+        if not summary["stopped_early"]:
+            params = run.steps.to_global(run.state.params)
+            last_eval = run.last_eval
+            if run.last_eval_step != step:  # a finished run started again: evaluate its final state
+                last_eval = evaluate(run.setup, run.steps.eval, params, run.eval_batches)
+                writer.write(step, last_eval)
+                log_eval(None, step, last_eval)
+            summary.update(last_eval)
+            summary["sample"] = _final_sample(run.setup, params)
+    finally:  # a failure in the final eval or sample must not abandon the last save, still in flight
+        run.checkpointer.close()
     writer.close()
     return summary
 
