@@ -57,7 +57,8 @@ def _cmd_train(args) -> int:
                 line += f" | eval accuracy {summary['eval_accuracy']:.4f}"
             print(line)
             if summary["sample"] is not None:
-                print(f"sample ({config.train.sample_prompt!r} ...):\n{summary['sample']}")
+                what = "fill-mask" if config.objective == "mlm" else "sample"
+                print(f"{what} ({config.train.sample_prompt!r}):\n{summary['sample']}")
     return 0
 
 
