@@ -27,17 +27,17 @@ as `llm-jax bench` does. It must run in a PyTorch environment alone, so it does 
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch_baby_gpt import make_optimizer  # scripts/ is this script's directory, so on sys.path
+from torch_baby_gpt import (  # scripts/ is this script's directory, so on sys.path
+    main,
+    make_optimizer,
+    time_steps,
+    update,
+)
 
 # `model.arch=bert` with bench_vs_torch.py's overrides (the baby GPT's sizes, llm_jax's default vocab).
 BABY_BERT = {"n_layers": 6, "d_model": 384, "n_heads": 6, "d_ff": 1536, "vocab_size": 2048, "seq_len": 256,
@@ -120,12 +120,7 @@ def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, vocab_si
     forward_loss = torch.compile(loss_fn) if compile_model else loss_fn
 
     def step(inputs: torch.Tensor, types: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = forward_loss(inputs, types, labels)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return update(model, optimizer, forward_loss(inputs, types, labels))
 
     return step
 
@@ -141,46 +136,22 @@ def run(mode: str, steps: int, warmup: int, fused_adamw: bool, seed: int = 0) ->
     inputs, labels = mask_tokens(tokens, cfg["vocab_size"], generator)
     types = torch.zeros_like(inputs)
 
-    t0 = time.perf_counter()
-    step(inputs, types, labels)  # compiles under torch.compile; first-call allocations in eager mode
-    first_step = time.perf_counter() - t0
-    for _ in range(warmup):
-        step(inputs, types, labels)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        loss = step(inputs, types, labels)
-        float(loss)  # eager CPU ops are synchronous already; this keeps the timing honest for any backend
-        times.append(time.perf_counter() - t0)
-    step_time = statistics.median(times)
+    timed = time_steps(step, (inputs, types, labels), steps, warmup)
     return {
         "impl": f"torch-{mode}",
         "model": "baby-bert",
-        "tokens_per_sec": cfg["batch_size"] * cfg["seq_len"] / step_time,  # every position, as llm-jax bench
-        "step_time_s": step_time,
-        "first_step_s": first_step,
+        # every position, as llm-jax bench
+        "tokens_per_sec": cfg["batch_size"] * cfg["seq_len"] / timed["step_time_s"],
+        "step_time_s": timed["step_time_s"],
+        "first_step_s": timed["first_step_s"],
         "params": sum(p.numel() for p in model.parameters()),
         "masked_fraction": float((labels != IGNORE).float().mean()),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "fused_adamw": fused_adamw,
-        "loss": float(loss),
+        "loss": timed["loss"],
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=["eager", "compile", "both"], default="both")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first one")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                        help="intra-op threads (default: the cores this process may use)")
-    parser.add_argument("--fused-adamw", action="store_true", help="torch's fused AdamW kernel instead of foreach")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    for mode in (["eager", "compile"] if args.mode == "both" else [args.mode]):
-        print(json.dumps(run(mode, args.steps, args.warmup, args.fused_adamw)), flush=True)
-
-
 if __name__ == "__main__":
-    main()
+    main(run, __doc__)

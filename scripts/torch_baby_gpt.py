@@ -96,14 +96,35 @@ def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, vocab_si
     forward_loss = torch.compile(loss_fn) if compile_model else loss_fn
 
     def step(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        loss = forward_loss(inputs, targets)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return update(model, optimizer, forward_loss(inputs, targets))
 
     return step
+
+
+def update(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> torch.Tensor:
+    """Backward, global-norm clipping at 1.0 and one optimizer step; returns the detached loss."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def time_steps(step, batch: tuple, steps: int, warmup: int) -> dict:
+    """The first step (compiling under torch.compile), `warmup` untimed steps, then the median of
+    `steps` timed ones, on the same batch."""
+    t0 = time.perf_counter()
+    step(*batch)  # compiles under torch.compile; first-call allocations in eager mode
+    first_step = time.perf_counter() - t0
+    for _ in range(warmup):
+        step(*batch)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        loss = step(*batch)
+        float(loss)  # eager CPU ops are synchronous already; this keeps the timing honest for any backend
+        times.append(time.perf_counter() - t0)
+    return {"step_time_s": statistics.median(times), "first_step_s": first_step, "loss": float(loss)}
 
 
 def run(mode: str, steps: int, warmup: int, fused_adamw: bool, seed: int = 0) -> dict:
@@ -116,33 +137,23 @@ def run(mode: str, steps: int, warmup: int, fused_adamw: bool, seed: int = 0) ->
     tokens = torch.randint(4, cfg["vocab_size"], (cfg["batch_size"], cfg["seq_len"] + 1), generator=generator)
     inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
-    t0 = time.perf_counter()
-    step(inputs, targets)  # compiles under torch.compile; first-call allocations in eager mode
-    first_step = time.perf_counter() - t0
-    for _ in range(warmup):
-        step(inputs, targets)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        loss = step(inputs, targets)
-        float(loss)  # eager CPU ops are synchronous already; this keeps the timing honest for any backend
-        times.append(time.perf_counter() - t0)
-    step_time = statistics.median(times)
+    timed = time_steps(step, (inputs, targets), steps, warmup)
     return {
         "impl": f"torch-{mode}",
-        "tokens_per_sec": cfg["batch_size"] * cfg["seq_len"] / step_time,
-        "step_time_s": step_time,
-        "first_step_s": first_step,
+        "tokens_per_sec": cfg["batch_size"] * cfg["seq_len"] / timed["step_time_s"],
+        "step_time_s": timed["step_time_s"],
+        "first_step_s": timed["first_step_s"],
         "params": sum(p.numel() for p in model.parameters()),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "fused_adamw": fused_adamw,
-        "loss": float(loss),
+        "loss": timed["loss"],
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(run=run, description: str = __doc__) -> None:
+    """The command line of a PyTorch reference: `run(mode, steps, warmup, fused_adamw)` per mode."""
+    parser = argparse.ArgumentParser(description=description.split("\n\n")[0])
     parser.add_argument("--mode", choices=["eager", "compile", "both"], default="both")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first one")
