@@ -48,14 +48,18 @@ def test_kernel_matches_explicit_attention_and_its_gradients(length, heads, kv_h
     if segments == "random":
         segments = np.sort(np.random.default_rng(0).integers(0, 5, (batch, length)), axis=1).tolist()
     segment_ids = None if segments is None else jnp.array(segments, jnp.int32)
+    _assert_kernel_matches_explicit(cpu_kernels.causal_attention, causal_segment_mask(segment_ids, length),
+                                    segment_ids, (batch, length, heads, kv_heads, head_dim))
+
+
+def _assert_kernel_matches_explicit(kernel, mask, segment_ids, shape):
+    """`kernel(q, k, v, segment_ids)` and its gradients against `xla_attention` under `mask`."""
+    batch, length, heads, kv_heads, head_dim = shape
     q = _normal(1, (batch, length, heads, head_dim))
     k = _normal(2, (batch, length, kv_heads, head_dim))
     v = _normal(3, (batch, length, kv_heads, head_dim))
     cotangent = _normal(4, (batch, length, heads, head_dim))
-    mask = causal_segment_mask(segment_ids, length)
-
-    value, grads = _value_and_grads(lambda q, k, v: cpu_kernels.causal_attention(q, k, v, segment_ids),
-                                    q, k, v, cotangent)
+    value, grads = _value_and_grads(lambda q, k, v: kernel(q, k, v, segment_ids), q, k, v, cotangent)
     expected_value, expected_grads = _value_and_grads(lambda q, k, v: xla_attention(q, k, v, mask), q, k, v,
                                                       cotangent)
     np.testing.assert_allclose(value, expected_value, rtol=1e-5)
@@ -96,19 +100,8 @@ def test_bidirectional_kernel_matches_explicit_attention_and_its_gradients(lengt
     elif segments == "scattered":
         segments = np.random.default_rng(0).integers(0, 3, (batch, length)).tolist()
     segment_ids = None if segments is None else jnp.array(segments, jnp.int32)
-    q = _normal(1, (batch, length, heads, head_dim))
-    k = _normal(2, (batch, length, kv_heads, head_dim))
-    v = _normal(3, (batch, length, kv_heads, head_dim))
-    cotangent = _normal(4, (batch, length, heads, head_dim))
-    mask = _document_mask(segment_ids, length)
-
-    value, grads = _value_and_grads(lambda q, k, v: cpu_kernels.bidirectional_attention(q, k, v, segment_ids),
-                                    q, k, v, cotangent)
-    expected_value, expected_grads = _value_and_grads(lambda q, k, v: xla_attention(q, k, v, mask), q, k, v,
-                                                      cotangent)
-    np.testing.assert_allclose(value, expected_value, rtol=1e-5)
-    for got, expected in zip(grads, expected_grads):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-4, atol=2e-5)
+    _assert_kernel_matches_explicit(cpu_kernels.bidirectional_attention, _document_mask(segment_ids, length),
+                                    segment_ids, (batch, length, heads, kv_heads, head_dim))
 
 
 @needs_kernel
