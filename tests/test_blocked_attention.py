@@ -27,14 +27,21 @@ def _value_and_grads(attention, q, k, v, cotangent):
     (None, 16),  # one block holding everything
 ])
 def test_blocked_attention_matches_full_attention_and_its_gradients(segment_ids, block):
-    batch, length, heads, kv_heads, head_dim = 2, 10, 4, 2, 8
-    q = _normal(1, (batch, length, heads, head_dim))
-    k = _normal(2, (batch, length, kv_heads, head_dim))
-    v = _normal(3, (batch, length, kv_heads, head_dim))
-    cotangent = _normal(4, (batch, length, heads, head_dim))
-    mask = causal_segment_mask(None if segment_ids is None else jnp.array(segment_ids), length)
+    mask = causal_segment_mask(None if segment_ids is None else jnp.array(segment_ids), LENGTH)
+    _assert_blocked_matches_full(causal_attention, mask, block)
 
-    value, grads = _value_and_grads(lambda q, k, v: causal_attention(q, k, v, mask, block), q, k, v, cotangent)
+
+LENGTH = 10  # rows of the comparisons with full attention
+
+
+def _assert_blocked_matches_full(attention, mask, block):
+    """`attention(q, k, v, mask, block)` and its gradients against `xla_attention` under `mask`."""
+    batch, heads, kv_heads, head_dim = 2, 4, 2, 8
+    q = _normal(1, (batch, LENGTH, heads, head_dim))
+    k = _normal(2, (batch, LENGTH, kv_heads, head_dim))
+    v = _normal(3, (batch, LENGTH, kv_heads, head_dim))
+    cotangent = _normal(4, (batch, LENGTH, heads, head_dim))
+    value, grads = _value_and_grads(lambda q, k, v: attention(q, k, v, mask, block), q, k, v, cotangent)
     expected_value, expected_grads = _value_and_grads(lambda q, k, v: xla_attention(q, k, v, mask), q, k, v,
                                                       cotangent)
     np.testing.assert_allclose(value, expected_value, rtol=1e-5)
@@ -63,21 +70,9 @@ def test_bfloat16_inputs_keep_their_dtype_and_stay_close():
     (None, 3),  # one document per row: every query sees every key
 ])
 def test_bidirectional_blocked_attention_matches_full_attention_and_its_gradients(segment_ids, block):
-    batch, length, heads, kv_heads, head_dim = 2, 10, 4, 2, 8
-    q = _normal(1, (batch, length, heads, head_dim))
-    k = _normal(2, (batch, length, kv_heads, head_dim))
-    v = _normal(3, (batch, length, kv_heads, head_dim))
-    cotangent = _normal(4, (batch, length, heads, head_dim))
     if segment_ids is None:
-        mask = jnp.ones((1, 1, length, length), bool)
+        mask = jnp.ones((1, 1, LENGTH, LENGTH), bool)
     else:
         ids = jnp.array(segment_ids)
         mask = (ids[:, :, None] == ids[:, None, :])[:, None]  # the encoder's: same document, either order
-
-    value, grads = _value_and_grads(lambda q, k, v: bidirectional_attention(q, k, v, mask, block), q, k, v,
-                                    cotangent)
-    expected_value, expected_grads = _value_and_grads(lambda q, k, v: xla_attention(q, k, v, mask), q, k, v,
-                                                      cotangent)
-    np.testing.assert_allclose(value, expected_value, rtol=1e-5)
-    for got, expected in zip(grads, expected_grads):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
+    _assert_blocked_matches_full(bidirectional_attention, mask, block)
