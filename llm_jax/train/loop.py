@@ -183,7 +183,7 @@ def held_out_batches(setup: Setup) -> list[dict[str, np.ndarray]]:
     c = setup.config
     batches = data_lib.make_eval_batches(c, setup.tokenizer, setup.sources,
                                          mesh_lib.batch_rows(setup.mesh, c.train.batch_size))
-    if c.objective == "mlm":
+    if c.objective == "mlm" and batches:  # an empty eval split skips evaluation, as for any objective
         weight = np.float32(sum(float(b["weights"].sum()) for b in batches))
         if jax.process_count() > 1:  # every process builds its rows here: the sum is over all of them
             from jax.experimental import multihost_utils
