@@ -84,7 +84,15 @@ def test_override_beats_file(tmp_path):
     ("mesh.data=-1", None),
     ("train.objective=mlm", "train.objective=mlm cannot train model.arch=gpt2, which learns clm"),
     ("model.arch=bert train.objective=clm", "train.objective=clm cannot train model.arch=bert, which learns mlm"),
-    ("train.objective=span", "one of clm, mlm, null"),
+    ("train.objective=span", "train.objective=span cannot train model.arch=gpt2, which learns clm"),
+    ("train.objective=prefix", "one of clm, mlm, span, seq2seq, null"),
+    ("model.arch=t5 train.objective=mlm", "which learns span or seq2seq"),
+    ("model.arch=gpt2 model.position=relative", "model.position=relative does not fit model.arch=gpt2"),
+    ("model.arch=t5 model.position=rope", "model.position=rope does not fit model.arch=t5"),
+    ("train.target_len=16", "train.target_len is an encoder-decoder"),
+    ("model.arch=t5 tokenizer.extra_ids=0", "tokenizer.extra_ids must be positive"),
+    ("model.arch=t5 model.n_decoder_layers=0", "model.n_decoder_layers' must be positive"),
+    ("model.activation=tanh", "one of gelu_tanh, gelu, silu, relu, null"),
     ("model.arch=bert train.objective=mlm", None),
 ])
 def test_config_errors_are_one_line(override, fragment):

@@ -35,7 +35,7 @@ def test_the_built_network_follows_the_family(arch):
     block = params["layer_0"]
     mlp_kernels = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(block["mlp"])
                    if path[-1].key == "kernel"]
-    assert len(mlp_kernels) == family.mlp_matrices
+    assert len(mlp_kernels) == model_config.mlp_matrices
     has_bias = any(path[-1].key == "bias" for path, _ in jax.tree_util.tree_leaves_with_path(block["attn"]))
     assert has_bias == family.bias
     assert ("bias" in block["attn_norm"]) == (family.norm == "layer")

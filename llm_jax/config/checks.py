@@ -4,6 +4,23 @@ from __future__ import annotations
 
 from llm_jax.config.schema import CHOICES, Config, ConfigError
 
+MLM_SYMBOLS = ("[CLS]", "[SEP]", "[MASK]")
+
+
+def sentinel_symbols(extra_ids: int) -> tuple[str, ...]:
+    """T5's sentinels, in id order: <extra_id_0>, <extra_id_1>, ..."""
+    return tuple(f"<extra_id_{i}>" for i in range(extra_ids))
+
+
+def reserved_symbols(c: Config) -> tuple[str, ...]:
+    """The symbols a run's tokenizer must hold for its objective, in the order they get ids (after
+    pad, unk, bos, eos): mlm [CLS] [SEP] [MASK]; span and seq2seq the sentinels."""
+    if c.objective == "mlm":
+        return MLM_SYMBOLS
+    if c.objective in ("span", "seq2seq"):
+        return sentinel_symbols(c.tokenizer.extra_ids)
+    return ()
+
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
@@ -35,26 +52,45 @@ def validate(c: Config) -> None:
         _require(getattr(m, key) != "float16",
                  f"model.{key}=float16 needs loss scaling, which llm_jax does not do (small gradients would "
                  f"silently underflow to zero); use model.{key}=bfloat16")
-    _require(c.objective == m.family.objective,
+    _require(c.objective in m.family.objectives,
              f"train.objective={c.objective} cannot train model.arch={m.arch}, which learns "
-             f"{m.family.objective} (leave train.objective unset for the family's)")
+             f"{' or '.join(m.family.objectives)} (leave train.objective unset for the family's)")
+    _require((m.resolved_position == "relative") == m.family.encoder_decoder,
+             f"model.position={m.resolved_position} does not fit model.arch={m.arch}: relative position biases "
+             "are the encoder-decoder's (t5) and its only positions")
+    for key in ("n_encoder_layers", "n_decoder_layers"):
+        value = getattr(m, key)
+        _require(value is None or value > 0, f"config key 'model.{key}' must be positive, got {value}")
+    for key in ("relative_buckets", "relative_max_distance"):
+        _require(getattr(m, key) > 0, f"config key 'model.{key}' must be positive, got {getattr(m, key)}")
     _require(0.0 <= m.dropout < 1.0, f"config key 'model.dropout' must be in [0, 1), got {m.dropout}")
     tk = c.tokenizer
     # pad, unk, bos, eos, for mlm [CLS] [SEP] [MASK] (data/tokenizer.py, MLM_SYMBOLS), then the user's
     # symbols (one listed twice is one piece), then 256 byte pieces with byte fallback.
-    reserved = ("[CLS]", "[SEP]", "[MASK]") if c.objective == "mlm" else ()
+    _require(tk.extra_ids >= 0, f"config key 'tokenizer.extra_ids' must be >= 0, got {tk.extra_ids}")
+    _require(c.objective != "span" or tk.extra_ids > 0,
+             "train.objective=span needs sentinels: tokenizer.extra_ids must be positive")
+    reserved = reserved_symbols(c)
     symbols = len(dict.fromkeys((*reserved, *tk.user_defined_symbols)))
     needed = 4 + symbols + (256 if tk.byte_fallback else 0)
+    what = {"mlm": " (with [CLS], [SEP], [MASK] for mlm)",
+            "span": f" (with {tk.extra_ids} sentinels <extra_id_N>)",
+            "seq2seq": f" (with {tk.extra_ids} sentinels <extra_id_N>)"}.get(c.objective, "") if reserved else ""
     _require(m.vocab_size >= needed or bool(tk.path),
              f"model.vocab_size ({m.vocab_size}) must be at least {needed} to train a tokenizer with "
-             f"{symbols} user-defined symbols" + (" (with [CLS], [SEP], [MASK] for mlm)" if reserved else "")
-             + (" and byte fallback" if tk.byte_fallback else ""))
+             f"{symbols} user-defined symbols" + what + (" and byte fallback" if tk.byte_fallback else ""))
     _require(all(tk.user_defined_symbols) and len(set(tk.user_defined_symbols)) == len(tk.user_defined_symbols),
              "config key 'tokenizer.user_defined_symbols' must list distinct, non-empty strings")
 
     t = c.train
     for key in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches"):
         _require(getattr(t, key) > 0, f"config key 'train.{key}' must be positive, got {getattr(t, key)}")
+    _require(t.target_len >= 0, f"config key 'train.target_len' must be >= 0 (0: derived), got {t.target_len}")
+    _require(t.target_len == 0 or m.family.encoder_decoder,
+             f"train.target_len is an encoder-decoder's decoder length; model.arch={m.arch} has one length, "
+             "train.seq_len")
+    _require(c.objective != "span" or t.seq_len >= 4,
+             f"train.seq_len ({t.seq_len}) must be at least 4 for span corruption")
     _require(c.objective != "mlm" or t.seq_len >= 3,
              f"train.seq_len ({t.seq_len}) must be at least 3 for masked LM: [CLS], a token and [SEP]")
     _require(t.seq_len <= m.max_len or m.resolved_position != "learned",

@@ -19,16 +19,25 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Everything the model sees; nothing else reaches the Linen modules."""
 
-    arch: str = "gpt2"  # a family of models/families.py: gpt2 | llama | bert
+    arch: str = "gpt2"  # a family of models/families.py: gpt2 | llama | bert | t5
     vocab_size: int = 2048
     n_layers: int = 4
+    n_encoder_layers: int | None = None  # an encoder-decoder's encoder stack (t5); None: n_layers
+    n_decoder_layers: int | None = None  # an encoder-decoder's decoder stack (t5); None: n_layers
     d_model: int = 256
     n_heads: int = 4
     n_kv_heads: int | None = None  # None: n_heads (multi-head); fewer: grouped-query attention
     d_ff: int = 1024
     max_len: int = 1024  # longest sequence the learned position table supports
-    position: str | None = None  # learned | sinusoidal | rope; None: the family's (gpt2 learned, llama rope)
+    # learned | sinusoidal | rope | relative (t5's bucketed biases); None: the family's (gpt2 learned, llama rope)
+    position: str | None = None
     tie_embeddings: bool | None = None  # None: the family's (gpt2 tied, llama untied)
+    activation: str | None = None  # of the MLP: gelu_tanh | gelu | silu | relu; None: the family's
+    gated_mlp: bool | None = None  # activation(gate) * up (GLU) instead of activation(fc); None: the family's
+    # Relative positions (t5): distances fall into this many buckets per direction, exact up to half of
+    # them and logarithmic up to relative_max_distance, beyond which they share the last bucket.
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
     dropout: float = 0.0
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of parameters
@@ -64,6 +73,27 @@ class ModelConfig:
     def resolved_norm_eps(self) -> float:
         return self.family.norm_eps if self.norm_eps is None else self.norm_eps
 
+    @property
+    def resolved_activation(self) -> str:
+        return self.family.activation if self.activation is None else self.activation
+
+    @property
+    def resolved_gated_mlp(self) -> bool:
+        return self.family.gated_mlp if self.gated_mlp is None else self.gated_mlp
+
+    @property
+    def mlp_matrices(self) -> int:
+        """The d_model x d_ff weight matrices of one MLP (gate, up and down when gated), for FLOPs."""
+        return 3 if self.resolved_gated_mlp else 2
+
+    @property
+    def encoder_layers(self) -> int:
+        return self.n_layers if self.n_encoder_layers is None else self.n_encoder_layers
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.n_layers if self.n_decoder_layers is None else self.n_decoder_layers
+
 
 @dataclasses.dataclass(frozen=True)
 class TokenizerConfig:
@@ -74,6 +104,9 @@ class TokenizerConfig:
     # Pieces that are always one token and never split (e.g. ["<|user|>", "<|end|>"]); their ids follow
     # pad/unk/bos/eos (and, for masked LM, [CLS] [SEP] [MASK]: ids 4-6) in the order given.
     user_defined_symbols: tuple[str, ...] = ()
+    # Sentinels <extra_id_0> ... <extra_id_{N-1}> that span corruption puts in place of the dropped spans
+    # (reserved by the tokenizer of a span or seq2seq run, after [pad, unk, bos, eos], before the user's).
+    extra_ids: int = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +128,9 @@ class DataConfig:
     source: str = "default"  # default | text | jsonl | tfds
     path: str = ""  # a glob of local files (text, jsonl)
     text_key: str = "text"  # the JSON field holding the text (jsonl)
+    # seq2seq: the JSON fields (jsonl) or TFDS features holding an example's input and its target.
+    input_key: str = "input"
+    target_key: str = "target"
     tfds_name: str = ""  # a TFDS catalog name, e.g. "lm1b" or "lm1b:1.1.0"
     tfds_data_dir: str = ""  # local or gs:// data dir for tfds; empty: the TFDS default
     tfds_train_split: str = "train"
@@ -140,10 +176,14 @@ class OptimizerConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     steps: int = 300
-    # clm (next-token prediction, decoders) | mlm (masked tokens, encoders); None: the family's
+    # clm (next-token prediction, decoders) | mlm (masked tokens, encoders) | span (T5's span corruption) |
+    # seq2seq (input -> target pairs; encoder-decoders); None: the family's
     objective: str | None = None
     batch_size: int = 16  # global, in sequences
-    seq_len: int = 128
+    seq_len: int = 128  # an encoder-decoder: the encoder's (input) length
+    # An encoder-decoder's decoder (target) length; 0: derived, for span from seq_len so that corrupted
+    # pieces fill both sides (data/objectives.span_lengths), for seq2seq equal to seq_len.
+    target_len: int = 0
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 8
@@ -230,7 +270,8 @@ class Config:
 
 CHOICES = {
     "model.arch": tuple(FAMILIES),
-    "model.position": ("learned", "sinusoidal", "rope", None),
+    "model.position": ("learned", "sinusoidal", "rope", "relative", None),
+    "model.activation": ("gelu_tanh", "gelu", "silu", "relu", None),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16", "float16"),
     "model.remat": ("none", "full", "dots"),

@@ -67,3 +67,46 @@ def mask_tokens(ids: Sequence[int] | np.ndarray, rng: np.random.Generator, *, ma
     inputs[selected[to_mask]] = mask_id
     inputs[selected[to_random]] = random_regular_ids(rng, int(to_random.sum()), vocab_size, special)
     return inputs, targets, weights
+
+
+# ----------------------------------------------------------------------------- span corruption (T5)
+
+NOISE_DENSITY = 0.15  # share of a piece's tokens that are dropped into the targets
+MEAN_SPAN_LENGTH = 3.0  # mean length of a dropped span
+
+
+def corrupted_lengths(tokens: int, noise_density: float = NOISE_DENSITY,
+                      mean_span_length: float = MEAN_SPAN_LENGTH) -> tuple[int, int]:
+    """(inputs, targets) lengths after span corruption of a piece of `tokens` ids.
+
+    The noise is round(tokens * density) ids in round(noise / mean span) spans (at least one). The
+    inputs keep the other ids plus one sentinel per span, the targets hold the noise plus one
+    sentinel per span, and each side ends in EOS.
+    """
+    noise = int(round(tokens * noise_density))
+    spans = max(1, int(round(noise / mean_span_length)))
+    return tokens - noise + spans + 1, noise + spans + 1
+
+
+def span_lengths(inputs_length: int, noise_density: float = NOISE_DENSITY,
+                 mean_span_length: float = MEAN_SPAN_LENGTH) -> tuple[int, int]:
+    """(piece length, target length) for span corruption whose inputs fill `inputs_length`.
+
+    The longest piece whose corrupted inputs still fit in inputs_length, so a packed row of full
+    pieces fills train.seq_len; the target length is that piece's targets (T5: inputs 512 -> pieces
+    of 568 ids, targets 114).
+    """
+    tokens = 1
+    while corrupted_lengths(tokens + 1, noise_density, mean_span_length)[0] <= inputs_length:
+        tokens += 1
+    return tokens, corrupted_lengths(tokens, noise_density, mean_span_length)[1]
+
+
+def decoder_length(config) -> int:
+    """An encoder-decoder's target length (`Config`): train.target_len, or derived from seq_len: span
+    corruption's targets of a piece that fills seq_len (`span_lengths`); seq2seq: seq_len."""
+    if config.train.target_len:
+        return config.train.target_len
+    if config.objective == "span":
+        return span_lengths(config.train.seq_len)[1]
+    return config.train.seq_len

@@ -35,13 +35,13 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_model
 
 from llm_jax.config import Config, ConfigError
+from llm_jax.config.checks import MLM_SYMBOLS, reserved_symbols
 from llm_jax.runtime.faults import MachineFault
 
 log = logging.getLogger(__name__)
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
-# The symbols a masked-LM run reserves, right after the four above: ids 4, 5, 6.
-MLM_SYMBOLS = ("[CLS]", "[SEP]", "[MASK]")
+# The symbols a masked-LM run reserves (config.checks.MLM_SYMBOLS), right after the four above: ids 4, 5, 6.
 CLS_ID, SEP_ID, MASK_ID = 4, 5, 6
 MODEL_NAME = "spm.model"
 
@@ -113,9 +113,9 @@ class Tokenizer:
 
 def training_symbols(config: Config) -> tuple[str, ...]:
     """The user-defined symbols a tokenizer trained for `config` gets, in id order from 4: the
-    masked-LM symbols for an mlm run, then tokenizer.user_defined_symbols (without repeats)."""
-    reserved = MLM_SYMBOLS if config.objective == "mlm" else ()
-    return tuple(dict.fromkeys((*reserved, *config.tokenizer.user_defined_symbols)))
+    objective's reserved symbols (masked LM: [CLS] [SEP] [MASK]; span, seq2seq: the sentinels), then
+    tokenizer.user_defined_symbols (without repeats)."""
+    return tuple(dict.fromkeys((*reserved_symbols(config), *config.tokenizer.user_defined_symbols)))
 
 
 # ----------------------------------------------------------------------------- sampling

@@ -90,7 +90,7 @@ class MlmHead(nn.Module):
         dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
         h_BLE = Dense(features=(cfg.d_model,), kernel_axes=("embed", "mlp"), use_bias=True, init_std=cfg.init_std,
                       dtype=dtype, param_dtype=param_dtype, name="transform")(x_BLE)
-        h_BLE = make_norm(cfg, "transform_norm")(ACTIVATIONS[cfg.family.activation](h_BLE))
+        h_BLE = make_norm(cfg, "transform_norm")(ACTIVATIONS[cfg.resolved_activation](h_BLE))
         if cfg.resolved_tie_embeddings:
             logits_BLV = embed.attend(h_BLE)
         else:

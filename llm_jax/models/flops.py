@@ -45,7 +45,7 @@ def matmul_param_count(config: Config) -> int:
     m = config.model
     d, f, h = m.d_model, m.d_ff, m.head_dim
     attn = d * (m.n_heads * h) * 2 + d * (m.kv_heads * h) * 2
-    mlp = d * f * m.family.mlp_matrices
+    mlp = d * f * m.mlp_matrices
     head_transform = d * d if m.family.encoder else 0
     return m.n_layers * (attn + mlp) + head_transform + d * m.vocab_size
 

@@ -464,9 +464,9 @@ class Attention(nn.Module):
 # ----------------------------------------------------------------------------- MLP and block
 
 
-# The MLP activations a family may name (models/families.py).
+# The MLP activations a family (models/families.py) or model.activation may name.
 ACTIVATIONS = {"gelu_tanh": functools.partial(nn.gelu, approximate=True),
-               "gelu": functools.partial(nn.gelu, approximate=False), "silu": nn.silu}
+               "gelu": functools.partial(nn.gelu, approximate=False), "silu": nn.silu, "relu": nn.relu}
 
 
 class Mlp(nn.Module):
@@ -484,8 +484,8 @@ class Mlp(nn.Module):
             return Dense(features=(features,), kernel_axes=axes, use_bias=use_bias, init_std=std,
                          dtype=dtype, param_dtype=param_dtype, name=name)
 
-        activation = ACTIVATIONS[cfg.family.activation]
-        if cfg.family.gated_mlp:
+        activation = ACTIVATIONS[cfg.resolved_activation]
+        if cfg.resolved_gated_mlp:
             gate_BLF = dense("gate", cfg.d_ff, ("embed", "mlp"), cfg.init_std)(x_BLE)
             up_BLF = dense("up", cfg.d_ff, ("embed", "mlp"), cfg.init_std)(x_BLE)
             h_BLF = activation(gate_BLF) * up_BLF

@@ -1,6 +1,7 @@
 """Pure train and eval step functions. No jit here: the trainer compiles them with shardings.
 
-A batch is a dict of [batch, length] arrays: inputs, targets, segment_ids, positions, weights.
+A batch is a dict of [batch, length] arrays: inputs, targets, segment_ids, positions, weights; an
+encoder-decoder's also holds its encoder side (models/build.ENCODER_KEYS, [batch, seq_len]).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from llm_jax.models.build import encoder_inputs, init_inputs
 from llm_jax.train.losses import accuracy_sum, cross_entropy_sum, mean_loss
 
 
@@ -27,8 +29,8 @@ class TrainState(struct.PyTreeNode):
 def init_state(rng: jax.Array, model, tx: optax.GradientTransformation, seq_len: int) -> TrainState:
     """Builds a fresh state. Under `jax.eval_shape` this also yields the boxed (logical) tree."""
     init_rng, train_rng = jax.random.split(rng)
-    tokens = jnp.zeros((1, seq_len), jnp.int32)
-    params = model.init({"params": init_rng, "dropout": init_rng}, tokens)["params"]
+    tokens, extra = init_inputs(model.config, seq_len)
+    params = model.init({"params": init_rng, "dropout": init_rng}, tokens, **extra)["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=train_rng)
 
 
@@ -41,6 +43,7 @@ def _logits(params, batch: dict[str, jax.Array], model, rng: jax.Array | None) -
         segment_ids=batch["segment_ids"],
         deterministic=deterministic,
         rngs=None if deterministic else {"dropout": rng},
+        **encoder_inputs(model.config, batch),
     )
 
 
