@@ -267,6 +267,20 @@ class Config:
         """What the run learns: train.objective, or the pretraining task of the model's family."""
         return self.train.objective or self.model.family.objective
 
+    @property
+    def target_len(self) -> int:
+        """An encoder-decoder's decoder (target) length: train.target_len, or derived from seq_len: for
+        span corruption the targets of a piece whose inputs fill seq_len (data/objectives.span_lengths),
+        for seq2seq seq_len. Other families: seq_len (one length)."""
+        if self.train.target_len:
+            return self.train.target_len
+        if self.objective == "span":
+            # The length rule belongs to span corruption; that module imports nothing of llm_jax.
+            from llm_jax.data.objectives import span_lengths
+
+            return span_lengths(self.train.seq_len)[1]
+        return self.train.seq_len
+
 
 CHOICES = {
     "model.arch": tuple(FAMILIES),

@@ -101,12 +101,3 @@ def span_lengths(inputs_length: int, noise_density: float = NOISE_DENSITY,
         tokens += 1
     return tokens, corrupted_lengths(tokens, noise_density, mean_span_length)[1]
 
-
-def decoder_length(config) -> int:
-    """An encoder-decoder's target length (`Config`): train.target_len, or derived from seq_len: span
-    corruption's targets of a piece that fills seq_len (`span_lengths`); seq2seq: seq_len."""
-    if config.train.target_len:
-        return config.train.target_len
-    if config.objective == "span":
-        return span_lengths(config.train.seq_len)[1]
-    return config.train.seq_len

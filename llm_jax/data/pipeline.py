@@ -24,7 +24,7 @@ mlm 1 on the selected positions only).
 
 An encoder-decoder (span, seq2seq) has two sides. The encoder side is encoder_inputs,
 encoder_segment_ids, encoder_positions [rows, seq_len] (models/build.ENCODER_KEYS); the decoder side
-is inputs, targets, segment_ids, positions, weights [rows, target_len] (objectives.decoder_length),
+is inputs, targets, segment_ids, positions, weights [rows, target_len] (`Config.target_len`),
 where inputs are the targets shifted right by one within each segment, starting with pad (id 0, T5's
 decoder start). An example's two sides are packed into the same row with the same segment id, so
 neither self- nor cross-attention crosses examples.
