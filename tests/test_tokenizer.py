@@ -283,8 +283,13 @@ def test_the_vocab_floor_counts_the_mlm_symbols():
 # ----------------------------------------------------------------------------- sentinels (span corruption, seq2seq)
 
 
+def _t5_config(*overrides):
+    return _config("model.arch=t5", "train.seq_len=32", *overrides)
+
+
 def test_a_t5_run_trains_its_sentinels_after_the_four_and_refuses_a_tokenizer_without_them(trained, tmp_path):
-    config = _config("model.arch=t5", "train.seq_len=32", "tokenizer.extra_ids=5", 'tokenizer.user_defined_symbols=["<|user|>"]')
+    config = _config("model.arch=t5", "train.seq_len=32", "tokenizer.extra_ids=5",
+                     'tokenizer.user_defined_symbols=["<|user|>"]')
     tok = tok_lib.load_or_train_tokenizer(config, tmp_path / "t5", _Sources(_tiny_corpus(30)))
     assert tok.sentinel_ids == (4, 5, 6, 7, 8) and tok.user_defined["<|user|>"] == 9
     assert tok.special_ids == tuple(range(10)) and tok.mask_id is None
@@ -300,10 +305,10 @@ def test_a_t5_run_trains_its_sentinels_after_the_four_and_refuses_a_tokenizer_wi
                                                     f"train.objective={objective}"), workdir, _Sources(_Forbidden()))
         assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match=r"^tokenizer.path: .* has 5 of the 6 sentinels"):
-        tok_lib.load_or_train_tokenizer(_config("model.arch=t5", "train.seq_len=32", "tokenizer.extra_ids=6", f"tokenizer.path={tok.path}"),
+        tok_lib.load_or_train_tokenizer(_t5_config("tokenizer.extra_ids=6", f"tokenizer.path={tok.path}"),
                                         tmp_path / "run", _Sources(_Forbidden()))
     # More sentinels than the run uses are fine.
-    fewer = _config("model.arch=t5", "train.seq_len=32", "tokenizer.extra_ids=3", f"tokenizer.path={tok.path}")
+    fewer = _t5_config("tokenizer.extra_ids=3", f"tokenizer.path={tok.path}")
     assert tok_lib.load_or_train_tokenizer(fewer, tmp_path / "run", _Sources(_Forbidden())).sentinel_ids == tok.sentinel_ids
 
 
