@@ -309,7 +309,8 @@ def test_a_t5_run_trains_its_sentinels_after_the_four_and_refuses_a_tokenizer_wi
                                         tmp_path / "run", _Sources(_Forbidden()))
     # More sentinels than the run uses are fine.
     fewer = _t5_config("tokenizer.extra_ids=3", f"tokenizer.path={tok.path}")
-    assert tok_lib.load_or_train_tokenizer(fewer, tmp_path / "run", _Sources(_Forbidden())).sentinel_ids == tok.sentinel_ids
+    loaded = tok_lib.load_or_train_tokenizer(fewer, tmp_path / "run", _Sources(_Forbidden()))
+    assert loaded.sentinel_ids == tok.sentinel_ids
 
 
 def test_the_vocab_floor_counts_the_sentinels():
