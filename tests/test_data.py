@@ -80,6 +80,31 @@ def check_batch(batch, rows):
     return pairs
 
 
+def encdec_examples(batch, rows, seq_len, target_len):
+    """Layout invariants of an encoder-decoder batch; yields each packed example's (encoder inputs,
+    decoder inputs, targets, weights). Both sides of an example share its row and segment id."""
+    assert set(batch) == set(pipeline.BATCH_KEYS) | set(pipeline.ENCODER_BATCH_KEYS)
+    for key in batch:
+        length = seq_len if key.startswith("encoder_") else target_len
+        assert batch[key].shape == (rows, length), key
+        assert batch[key].dtype == (np.float32 if key == "weights" else np.int32), key
+    np.testing.assert_array_equal(batch["weights"], (batch["segment_ids"] > 0).astype(np.float32))
+    for side in ("encoder_", ""):
+        pad = batch[f"{side}segment_ids"] == 0
+        assert not batch[f"{side}inputs"][pad].any() and not batch[f"{side}positions"][pad].any()
+    for r in range(rows):
+        enc_seg, dec_seg = batch["encoder_segment_ids"][r], batch["segment_ids"][r]
+        ids = sorted(set(enc_seg[enc_seg > 0].tolist()))
+        assert ids == sorted(set(dec_seg[dec_seg > 0].tolist())) == list(range(1, len(ids) + 1))
+        for s in ids:
+            enc, dec = enc_seg == s, dec_seg == s
+            np.testing.assert_array_equal(batch["encoder_positions"][r][enc], np.arange(enc.sum()))
+            np.testing.assert_array_equal(batch["positions"][r][dec], np.arange(dec.sum()))
+            targets = batch["targets"][r][dec]
+            np.testing.assert_array_equal(batch["inputs"][r][dec], [pipeline.DECODER_START_ID, *targets[:-1]])
+            yield batch["encoder_inputs"][r][enc], batch["inputs"][r][dec], targets, batch["weights"][r][dec]
+
+
 # ----------------------------------------------------------------------------- pieces and packing
 
 
