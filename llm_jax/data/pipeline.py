@@ -125,7 +125,7 @@ class DataSources:
     tokenizer sample and the held-out batches.
     """
 
-    train: Any  # __len__ and __getitem__ -> str
+    train: Any  # __len__ and __getitem__ -> str (seq2seq: (input, target))
     eval: Any
     description: str
     documents: int | None = None  # usable documents found in local files; None: TFDS records, not checked
