@@ -74,7 +74,7 @@ def test_override_beats_file(tmp_path):
     ("model.n_heads=3", "divisible by model.n_heads"),
     ("model.n_kv_heads=3", "divisible by model.n_kv_heads"),
     ("optimizer.name=sgd", "one of adamw, lamb"),
-    ("model.arch=t5", "one of gpt2, llama, bert"),
+    ("model.arch=t6", "one of gpt2, llama, bert, t5"),
     ("train.steps=0", "'train.steps' must be positive"),
     ("optimizer.grad_accum=3", "divisible by optimizer.grad_accum"),
     ("data.source=text", "needs data.path"),
