@@ -9,9 +9,10 @@ import numpy as np
 import optax
 import pytest
 
-from llm_jax.config import DEFAULT_AXIS_RULES, ModelConfig, OptimizerConfig
+from llm_jax.config import DEFAULT_AXIS_RULES, Config, ModelConfig, OptimizerConfig, TrainConfig
 from llm_jax.models.decoder import count_params
 from llm_jax.models.encdec import EncoderDecoder
+from llm_jax.models.flops import flops_per_token, tokens_per_row
 from llm_jax.models.relative import relative_position_bucket
 from llm_jax.train.optim import make_optimizer
 from llm_jax.train.steps import init_state, train_step
@@ -209,6 +210,24 @@ def test_separate_encoder_and_decoder_depths():
     params = abstract_variables(tiny(n_encoder_layers=3, n_decoder_layers=1))["params"]
     assert sorted(k for k in params["encoder"] if k.startswith("layer_")) == ["layer_0", "layer_1", "layer_2"]
     assert sorted(k for k in params["decoder"] if k.startswith("layer_")) == ["layer_0"]
+
+
+def test_flops_count_each_weight_at_its_positions():
+    # Grouped-query keys and unequal stacks, so that each kind of weight has its own size.
+    model = tiny(n_encoder_layers=3, n_decoder_layers=2, n_kv_heads=1)
+    config = Config(model=model, train=TrainConfig(seq_len=16, target_len=6))
+    enc_len, dec_len = 16, 6
+    assert tokens_per_row(config) == enc_len + dec_len
+    # Every kernel of the network, at the positions it runs at: the encoder's and the cross-attention's
+    # keys and values over the encoder's positions, the rest of the decoder and lm_head over the targets.
+    weighted = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(nn.unbox(abstract_variables(model)["params"])):
+        names = [key.key for key in path]
+        if names[-1] == "kernel":
+            over_encoder = names[0] == "encoder" or ("cross_attn" in names and names[-2] in ("key", "value"))
+            weighted += leaf.size * (enc_len if over_encoder else dec_len)
+    attention = 12 * model.d_model * (3 * enc_len**2 + 2 * (dec_len**2 + dec_len * enc_len))
+    assert flops_per_token(config) * tokens_per_row(config) == pytest.approx(6 * weighted + attention, rel=1e-12)
 
 
 def test_original_t5_ties_and_scales_its_output():
