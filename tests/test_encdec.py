@@ -278,3 +278,119 @@ def test_train_steps_learn_to_read_the_encoder():
     for stack in ("encoder", "decoder"):
         assert np.abs(np.asarray(state.params[stack]["relative_position"]["bias"])
                       - np.asarray(first[stack]["relative_position"]["bias"])).max() > 1e-4
+
+
+def hugging_face_state_dict(params, config: ModelConfig) -> dict[str, np.ndarray]:
+    """The parameters under T5ForConditionalGeneration's names and axes, as encdec.py's docstring maps them."""
+    e, hd = config.d_model, config.n_heads * config.head_dim
+    sd = {"shared.weight": params["embed"]["embedding"]}
+    if "lm_head" in params:
+        sd["lm_head.weight"] = params["lm_head"]["kernel"].T
+    mlp_names = {"gate": "wi_0", "up": "wi_1", "fc": "wi", "proj": "wo"}
+    sublayers = {"encoder": [("attn", "SelfAttention"), ("mlp", "DenseReluDense")],
+                 "decoder": [("self_attn", "SelfAttention"), ("cross_attn", "EncDecAttention"),
+                             ("mlp", "DenseReluDense")]}
+    for stack, parts in sublayers.items():
+        table = params[stack]["relative_position"]["bias"]
+        sd[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = table
+        sd[f"{stack}.final_layer_norm.weight"] = params[stack]["final_norm"]["scale"]
+        for i in range(config.n_layers):
+            layer = params[stack][f"layer_{i}"]
+            for j, (ours, theirs) in enumerate(parts):
+                prefix = f"{stack}.block.{i}.layer.{j}"
+                sd[f"{prefix}.layer_norm.weight"] = layer[f"{ours}_norm"]["scale"]
+                if ours == "mlp":
+                    for name, kernel in layer["mlp"].items():
+                        sd[f"{prefix}.DenseReluDense.{mlp_names[name]}.weight"] = kernel["kernel"].T
+                else:
+                    for name, short in (("query", "q"), ("key", "k"), ("value", "v")):
+                        sd[f"{prefix}.{theirs}.{short}.weight"] = layer[ours][name]["kernel"].reshape(e, hd).T
+                    sd[f"{prefix}.{theirs}.o.weight"] = layer[ours]["out"]["kernel"].reshape(hd, e).T
+    return {k: np.asarray(v, np.float32) for k, v in sd.items()}
+
+
+def hugging_face_forward(sd, config: ModelConfig, input_ids, attention_mask, decoder_input_ids):
+    """numpy transcription of T5ForConditionalGeneration's forward (eval mode, no cache), read from
+    Hugging Face's modeling_t5.py: T5LayerNorm, _relative_position_bucket, T5Attention, T5LayerFF."""
+    heads, d_kv, n_buckets, max_distance = config.n_heads, config.head_dim, config.relative_buckets, 128
+    neg = np.finfo(np.float32).min
+
+    def layer_norm(x, weight):
+        return weight * (x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + 1e-6))
+
+    def bucket(relative, bidirectional):
+        buckets, n = np.zeros_like(relative), n_buckets
+        if bidirectional:
+            n //= 2
+            buckets += (relative > 0) * n
+            relative = np.abs(relative)
+        else:
+            relative = -np.minimum(relative, 0)
+        max_exact = n // 2
+        with np.errstate(divide="ignore", invalid="ignore"):  # log(0), unused
+            large = max_exact + (np.log(relative.astype(np.float32) / max_exact) / np.log(max_distance / max_exact)
+                                 * (n - max_exact)).astype(np.int64)
+        return buckets + np.where(relative < max_exact, relative, np.minimum(large, n - 1))
+
+    def attention(x, kv, prefix, bias):
+        def split(w, h):
+            return (h @ sd[f"{prefix}.{w}.weight"].T).reshape(h.shape[0], h.shape[1], heads, d_kv).transpose(0, 2, 1, 3)
+
+        scores = split("q", x) @ split("k", kv).transpose(0, 1, 3, 2) + bias
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        out = (probs / probs.sum(-1, keepdims=True)) @ split("v", kv)
+        return out.transpose(0, 2, 1, 3).reshape(x.shape[0], x.shape[1], heads * d_kv) @ sd[f"{prefix}.o.weight"].T
+
+    def feed_forward(x, prefix):
+        gelu = functools.partial(jax.nn.gelu, approximate=True)
+        if f"{prefix}.wi_0.weight" in sd:
+            h = np.asarray(gelu(x @ sd[f"{prefix}.wi_0.weight"].T)) * (x @ sd[f"{prefix}.wi_1.weight"].T)
+        else:
+            h = np.maximum(x @ sd[f"{prefix}.wi.weight"].T, 0)
+        return h @ sd[f"{prefix}.wo.weight"].T
+
+    def position_bias(stack, length, bidirectional):
+        relative = np.arange(length)[None, :] - np.arange(length)[:, None]
+        table = sd[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+        return table[bucket(relative, bidirectional)].transpose(2, 0, 1)[None]
+
+    encoder_mask = (1.0 - attention_mask[:, None, None, :]) * neg
+    x = sd["shared.weight"][input_ids]
+    bias = position_bias("encoder", x.shape[1], True) + encoder_mask
+    for i in range(config.n_layers):
+        p = f"encoder.block.{i}.layer"
+        x = x + attention(layer_norm(x, sd[f"{p}.0.layer_norm.weight"]), layer_norm(x, sd[f"{p}.0.layer_norm.weight"]),
+                          f"{p}.0.SelfAttention", bias)
+        x = x + feed_forward(layer_norm(x, sd[f"{p}.1.layer_norm.weight"]), f"{p}.1.DenseReluDense")
+    encoded = layer_norm(x, sd["encoder.final_layer_norm.weight"])
+
+    length = decoder_input_ids.shape[1]
+    causal = (1.0 - np.tril(np.ones((length, length))))[None, None] * neg
+    bias = position_bias("decoder", length, False) + causal
+    y = sd["shared.weight"][decoder_input_ids]
+    for i in range(config.n_layers):
+        p = f"decoder.block.{i}.layer"
+        h = layer_norm(y, sd[f"{p}.0.layer_norm.weight"])
+        y = y + attention(h, h, f"{p}.0.SelfAttention", bias)
+        y = y + attention(layer_norm(y, sd[f"{p}.1.layer_norm.weight"]), encoded, f"{p}.1.EncDecAttention",
+                          encoder_mask)
+        y = y + feed_forward(layer_norm(y, sd[f"{p}.2.layer_norm.weight"]), f"{p}.2.DenseReluDense")
+    y = layer_norm(y, sd["decoder.final_layer_norm.weight"])
+    if "lm_head.weight" in sd:
+        return y @ sd["lm_head.weight"].T
+    return (y * config.d_model**-0.5) @ sd["shared.weight"].T
+
+
+@pytest.mark.parametrize("original", [False, True])
+def test_the_hugging_face_mapping_gives_hugging_face_t5(original):
+    # Distances past the exact buckets (8 both ways in the encoder) reach the log region.
+    config = tiny(relative_buckets=16, **(dict(activation="relu", gated_mlp=False, tie_embeddings=True)
+                                          if original else {}))
+    params = random_params(config)
+    encoder_tokens, targets = tokens_of(12, (2, 12)), tokens_of(13, (2, 10))
+    attention_mask = np.ones((2, 12), np.float32)
+    attention_mask[1, 9:] = 0  # row 1 ends in padding
+    ours = forward(config)(params, targets, None, None, encoder_tokens, None, jnp.asarray(attention_mask, jnp.int32))
+    theirs = hugging_face_forward(hugging_face_state_dict(params, config), config, np.asarray(encoder_tokens),
+                                  attention_mask, np.asarray(targets))
+    np.testing.assert_allclose(np.asarray(ours), theirs, rtol=2e-4, atol=2e-4)
