@@ -256,7 +256,9 @@ class EncoderDecoder(nn.Module):
         decode=True: cached decoding (Flax convention, see relative.SelfAttention and CrossAttention).
         The first call (no "cache" yet; apply with mutable=["cache"]) takes the full-length targets
         (e.g. zeros [B, max_target_len]): it creates zeroed self-attention keys/values of that length
-        and projects `encoded` once into the cross-attention's cached keys/values. Each later call
+        and projects `encoded` once into the cross-attention's cached keys/values (so the cache must come
+        from that call: zeros shaped like it, as infer/generate.py makes a decoder's, would hold zero
+        cross-attention keys and values). Each later call
         takes the next token(s) [B, 1], writes them at the cache index and attends to what is written;
         its positions are the cache slots, so `positions` and `segment_ids` are ignored.
         `encoder_segment_ids` == 0 marks encoder padding, which cross-attention never sees.
