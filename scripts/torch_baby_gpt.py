@@ -151,9 +151,13 @@ def run(mode: str, steps: int, warmup: int, fused_adamw: bool, seed: int = 0) ->
     }
 
 
-def main(run=run, description: str = __doc__) -> None:
-    """The command line of a PyTorch reference: `run(mode, steps, warmup, fused_adamw)` per mode."""
-    parser = argparse.ArgumentParser(description=description.split("\n\n")[0])
+def main(run=run, description: str = __doc__, parser: argparse.ArgumentParser | None = None) -> None:
+    """The command line of a PyTorch reference: `run(mode, steps, warmup, fused_adamw)` per mode.
+
+    `parser` may bring a script's own arguments (its model's sizes); they reach `run` as keyword arguments.
+    """
+    parser = parser or argparse.ArgumentParser(description=description.split("\n\n")[0])
+    own = set(vars(parser.parse_known_args([])[0]))
     parser.add_argument("--mode", choices=["eager", "compile", "both"], default="both")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first one")
@@ -163,7 +167,8 @@ def main(run=run, description: str = __doc__) -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for mode in (["eager", "compile"] if args.mode == "both" else [args.mode]):
-        print(json.dumps(run(mode, args.steps, args.warmup, args.fused_adamw)), flush=True)
+        extra = {name: value for name, value in vars(args).items() if name in own}
+        print(json.dumps(run(mode, args.steps, args.warmup, args.fused_adamw, **extra)), flush=True)
 
 
 if __name__ == "__main__":
