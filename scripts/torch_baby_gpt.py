@@ -77,11 +77,12 @@ class BabyGPT(nn.Module):
         return F.linear(self.final_norm(x_BLE), self.embed.weight)  # tied output projection
 
 
-def make_optimizer(model: nn.Module, lr: float, fused: bool) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, lr: float, fused: bool,
+                   tables: tuple[str, ...] = ("pos_embed",)) -> torch.optim.Optimizer:
     # As llm_jax (optim.decay_mask): kernels and the token embedding decay; biases, norms and the
-    # learned position table do not.
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("pos_embed")]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or n.startswith("pos_embed")]
+    # position tables (the 2-D parameters whose names start with one of `tables`) do not.
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith(tables)]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or n.startswith(tables)]
     groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
 

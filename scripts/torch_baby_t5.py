@@ -21,8 +21,9 @@ behind T5's start id 0 (pad), no padding, so no attention masks. target_len is `
 derived as llm_jax derives it: span corruption's targets of a piece whose inputs fill seq_len
 (llm_jax/data/objectives.span_lengths: 512 -> 114), seq2seq's seq_len. The loss is the cross
 entropy over every target position. AdamW as scripts/torch_baby_gpt.py (llm_jax's defaults: betas
-0.9/0.95, eps 1e-8, weight decay 0.1 on the 2-D weights, the relative bias tables included, not on
-the norms; global clipping at 1.0; `optimizer.lr`).
+0.9/0.95, eps 1e-8, weight decay 0.1 on the 2-D weights but the relative bias tables, which llm_jax
+keeps from decay as it does position tables, and not on the norms; global clipping at 1.0;
+`optimizer.lr`).
 
 It times the median training step after a warm-up, in eager mode and/or under `torch.compile`, and
 prints one JSON line per mode; tokens/s counts seq_len + target_len tokens per row, as `llm-jax
@@ -57,6 +58,9 @@ from transformers import T5Config, T5ForConditionalGeneration
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESET = ROOT / "configs" / "t5_tiny.yaml"
+# The relative position bias tables, kept from weight decay as llm_jax's decay mask keeps them.
+RELATIVE_TABLES = ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias",
+                   "decoder.block.0.layer.0.SelfAttention.relative_attention_bias")
 
 # llm_jax's defaults (config/schema.py) for model.arch=t5, the t5 family's choices (models/families.py)
 # filled in: what the run builds when the config does not say otherwise.
@@ -183,7 +187,7 @@ def run(mode: str, steps: int, warmup: int, fused_adamw: bool, config: str | Non
     model.train()  # dropout is 0: train mode changes nothing but says what is timed
     vocab_size, batch_size = sizes["model.vocab_size"], sizes["train.batch_size"]
     seq_len, target_len = sizes["train.seq_len"], sizes["target_len"]
-    optimizer = make_optimizer(model, sizes["optimizer.lr"], fused_adamw)
+    optimizer = make_optimizer(model, sizes["optimizer.lr"], fused_adamw, tables=RELATIVE_TABLES)
     step = make_train_step(model, optimizer, vocab_size, compile_model=mode == "compile")
     batch = random_batch(batch_size, seq_len, target_len, vocab_size, torch.Generator().manual_seed(seed))
 
