@@ -72,9 +72,11 @@ DEFAULTS = {
     "train.batch_size": 16, "train.seq_len": 128, "train.target_len": 0, "train.objective": "span",
     "optimizer.lr": 2e-3,
 }
-# Keys of an llm_jax config that this reference reads as they are or ignores without changing the
-# model: a YAML's other keys (workdir, steps, data, ...) do not shape one training step.
-NOT_SHAPING = ("model.arch", "model.max_len", "model.dtype", "model.param_dtype", "model.dropout")
+# Keys of an llm_jax config that this reference ignores without changing what a step computes (the
+# schedule changes the learning rate's value only); a YAML's keys outside model. and optimizer.
+# (workdir, steps, data, ...) do not shape one training step either.
+NOT_SHAPING = ("model.arch", "model.max_len", "model.dropout", "optimizer.warmup_steps", "optimizer.min_lr_ratio",
+               "optimizer.decay_steps")
 # llm_jax's MLP activations by their Hugging Face (ACT2FN) names; T5 v1.1's GELU is tanh's `gelu_new`.
 HF_ACTIVATIONS = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
 
@@ -116,6 +118,8 @@ def load_sizes(config: str | None, overrides: list[str]) -> dict:
         if key in DEFAULTS:
             if value is not None or key in ("model.n_encoder_layers", "model.n_decoder_layers"):
                 sizes[key] = value  # None elsewhere means "the family's": DEFAULTS already has it
+        elif key in ("model.dtype", "model.param_dtype") and value == "float32":
+            pass  # the reference's precision
         elif key.startswith(("model.", "optimizer.")) and key not in NOT_SHAPING:
             print(f"torch_baby_t5: {key}={value} is not applied to the PyTorch reference", file=sys.stderr)
     sizes["path"] = str(path) if path else None
