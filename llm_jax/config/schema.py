@@ -34,8 +34,9 @@ class ModelConfig:
     tie_embeddings: bool | None = None  # None: the family's (gpt2 tied, llama untied)
     activation: str | None = None  # of the MLP: gelu_tanh | gelu | silu | relu; None: the family's
     gated_mlp: bool | None = None  # activation(gate) * up (GLU) instead of activation(fc); None: the family's
-    # Relative positions (t5): distances fall into this many buckets per direction, exact up to half of
-    # them and logarithmic up to relative_max_distance, beyond which they share the last bucket.
+    # Relative positions (t5): distances fall into this many buckets (rows of each stack's bias table; the
+    # encoder splits them between the two directions), exact for short distances, then logarithmic up to
+    # relative_max_distance, beyond which they share the last bucket.
     relative_buckets: int = 32
     relative_max_distance: int = 128
     dropout: float = 0.0
