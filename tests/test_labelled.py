@@ -168,6 +168,15 @@ def test_label_set_is_saved_and_reloaded(tmp_path):
     assert json.loads((tmp_path / "labels.json").read_text()) == {"task": "tag", "labels": ["B-X", "I-X", "O"]}
     again = labelled.load_labels(tmp_path / "labels.json")
     assert again == labels and again.id("O") == 2 and "I-X" in again and "I-Y" not in again
+    # A run's saved set wins over the training split's: ids keep their meaning on resume.
+    (tmp_path / "t.conll").write_text("a B-X\nb I-X\n\nc B-Y\n\nd O\n")
+    config = load_config(None, ["task.kind=tag", "data.source=conll", f"data.path={tmp_path / 't.conll'}",
+                                f"data.eval_path={tmp_path / 't.conll'}"])
+    sources = labelled.open_labelled(config, labels=again)
+    assert sources.labels is again and [e.words for e in sources.train] == [("a", "b"), ("d",)]
+    assert sources.skipped == {"label not in the run's label set": 1, "label unseen in training": 1}
+    with pytest.raises(ConfigError, match="label set is for task classify"):
+        labelled.open_labelled(config, labels=labelled.LabelSet("classify", ("a",)))
     (tmp_path / "labels.json").write_text('{"task": "tag"')
     with pytest.raises(ConfigError, match="cannot be read"):
         labelled.load_labels(tmp_path / "labels.json")

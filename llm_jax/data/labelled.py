@@ -1,4 +1,4 @@
-"""Labelled examples for fine-tuning: reading them, splitting them, their label set, their tokens.
+"""Labelled examples for fine-tuning: reading them, splitting them, and their label set.
 
 Two tasks (`task.kind`):
 - classify: an example is a text, optionally a second one (sentence pairs), and one label.
@@ -464,8 +464,9 @@ def _open_tfds_split(d: DataConfig, split: str, config_key: str) -> Any:
 # ----------------------------------------------------------------------------- opening
 
 
-def _keep_known(examples: list[Example], labels: LabelSet, stats: corpus_lib.CorpusStats) -> list[Example]:
-    """Held-out examples whose labels the training split has; the others are skipped and counted."""
+def _keep_known(examples: list[Example], labels: LabelSet, stats: corpus_lib.CorpusStats,
+                reason: str = "label unseen in training") -> list[Example]:
+    """The examples whose labels (tags) are all in `labels`; the others are skipped and counted."""
     kept = []
     for example in examples:
         names = example.tags if isinstance(example, TagExample) else (example.label,)
@@ -473,15 +474,21 @@ def _keep_known(examples: list[Example], labels: LabelSet, stats: corpus_lib.Cor
             kept.append(example)
         else:
             stats.documents -= 1
-            stats.skip("label unseen in training")
+            stats.skip(reason)
     return kept
 
 
-def open_labelled(config: Config) -> LabelledSources:
-    """The labelled examples of a classify or tag run, split, with their label set. Raises ConfigError."""
+def open_labelled(config: Config, labels: LabelSet | None = None) -> LabelledSources:
+    """The labelled examples of a classify or tag run, split, with their label set. Raises ConfigError.
+
+    `labels`: the run's saved label set (a resumed run, eval, predict), used instead of the training
+    split's so that ids keep their meaning; training examples outside it are skipped and counted too.
+    """
     d, task = config.data, config.task.kind
     if task not in ("classify", "tag"):
         raise ConfigError(f"task.kind={task} does not read labelled examples (classify or tag do)")
+    if labels is not None and labels.task != task:
+        raise ConfigError(f"task.kind={task}, but the run's label set is for task {labels.task}")
     train_stats, eval_stats = corpus_lib.CorpusStats(), corpus_lib.CorpusStats()
     if d.source == "tfds":
         train = _tfds_examples(_open_tfds_split(d, d.tfds_train_split, "data.tfds_train_split"),
@@ -498,9 +505,11 @@ def open_labelled(config: Config) -> LabelledSources:
         train, held = split_by_key(examples, d.eval_fraction)
         train_stats.documents, eval_stats.documents = len(train), len(held)
         where, held_where = f"{d.source} {d.path}", f"({d.eval_fraction:.0%} held out by key)"
+    if labels is not None:
+        train = _keep_known(train, labels, train_stats, "label not in the run's label set")
     if not train:
         raise ConfigError(f"no usable {task} examples in {where}: {describe_skips(train_stats.reasons)}")
-    labels = build_label_set(task, train)
+    labels = build_label_set(task, train) if labels is None else labels
     held = _keep_known(held, labels, eval_stats)
     if not held and (d.source == "tfds" or d.eval_path):
         raise ConfigError(f"no usable held-out {task} examples {held_where}: {describe_skips(eval_stats.reasons)}")
