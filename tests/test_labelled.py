@@ -264,6 +264,10 @@ def test_tag_encoder_puts_specials_around_the_pieces(spm_tokenizer):
     assert enc["labels"][1] == 2 and enc["labels"][second] == 0
     dec = ti.TagEncoder(spm_tokenizer, labels, seq_len=32, encoder=False)(example)
     assert dec["inputs"][0] == spm_tokenizer.bos_id and dec["labels"].tolist() == [-1, *enc["labels"][1:-1]]
+    fits = len(enc["inputs"])
+    assert ti.count_truncated(ti.TagEncoder(spm_tokenizer, labels, fits, encoder=True), [example] * 2) == 0
+    short = ti.TagEncoder(spm_tokenizer, labels, fits - 1, encoder=True)
+    assert ti.count_truncated(short, [example] * 2) == 2 and len(short(example)["inputs"]) == fits - 1
 
 
 def test_classification_inputs_per_model_kind_cut_the_longer_text_first(spm_tokenizer):
@@ -277,5 +281,11 @@ def test_classification_inputs_per_model_kind_cut_the_longer_text_first(spm_toke
     ids, _ = ti.decoder_classify_inputs(tok, "model", None, seq_len=16)
     assert ids.tolist() == [tok.bos_id, *tok.encode("model"), tok.eos_id]
     labels = labelled.LabelSet("classify", ("neg", "pos"))
-    enc = ti.ClassifyEncoder(tok, labels, 16, encoder=False)(labelled.ClassifyExample("k", a, None, "pos"))
+    encoder = ti.ClassifyEncoder(tok, labels, 16, encoder=False)
+    enc = encoder(labelled.ClassifyExample("k", a, None, "pos"))
     assert int(enc["label"]) == 1 and len(enc["inputs"]) == 16 and enc["inputs"][-1] == tok.eos_id
+    pair = labelled.ClassifyExample("k", "model", "fine", "neg")
+    exact = ti.ClassifyEncoder(tok, labels, len(encoder(pair)["inputs"]), encoder=False)
+    assert ti.count_truncated(exact, [pair]) == 0
+    assert ti.count_truncated(encoder, [labelled.ClassifyExample("k", a, None, "pos"), pair]) == 1
+    assert ti.count_truncated(ti.ClassifyEncoder(tok, labels, exact.seq_len - 1, encoder=False), [pair]) == 1

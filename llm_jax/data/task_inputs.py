@@ -115,6 +115,11 @@ class ClassifyEncoder:
         ids, types = self.encode(self.tokenizer, example.text, example.pair, self.seq_len)
         return {"inputs": ids, "token_types": types, "label": np.asarray(self.labels.id(example.label), np.int32)}
 
+    def truncated(self, example: ClassifyExample) -> bool:
+        """Whether the example's tokens do not all fit seq_len (its texts are cut)."""
+        texts = (example.text,) if example.pair is None else (example.text, example.pair)
+        return sum(len(self.tokenizer.encode(t)) + 1 for t in texts) + 1 > self.seq_len
+
 
 class TagEncoder:
     """A TagExample -> {"inputs", "labels", "word_index": int32 [n <= seq_len]}: `[CLS] pieces [SEP]`
@@ -127,12 +132,28 @@ class TagEncoder:
                               f"{tokenizer!r} lacks them")
         self.tokenizer, self.labels, self.seq_len, self.encoder = tokenizer, labels, seq_len, encoder
 
-    def __call__(self, example: TagExample) -> dict[str, np.ndarray]:
+    def _specials(self) -> tuple[list[int], list[int]]:
         tok = self.tokenizer
-        head, tail = ([tok.cls_id], [tok.sep_id]) if self.encoder else ([tok.bos_id], [])
-        aligned = align_word_labels(tok, example.words, [self.labels.id(t) for t in example.tags],
-                                    self.seq_len - len(head) - len(tail))
+        return ([tok.cls_id], [tok.sep_id]) if self.encoder else ([tok.bos_id], [])
+
+    def align(self, example: TagExample) -> AlignedWords:
+        head, tail = self._specials()
+        return align_word_labels(self.tokenizer, example.words, [self.labels.id(t) for t in example.tags],
+                                 self.seq_len - len(head) - len(tail))
+
+    def truncated(self, example: TagExample) -> bool:
+        """Whether the sentence's pieces do not all fit seq_len (its last words lose their labels)."""
+        return self.align(example).truncated
+
+    def __call__(self, example: TagExample) -> dict[str, np.ndarray]:
+        head, tail = self._specials()
+        aligned = self.align(example)
         none = [IGNORE] * len(head), [IGNORE] * len(tail)
         return {"inputs": np.asarray([*head, *aligned.ids, *tail], np.int32),
                 "labels": np.asarray([*none[0], *aligned.labels, *none[1]], np.int32),
                 "word_index": np.asarray([*none[0], *aligned.word_index, *none[1]], np.int32)}
+
+
+def count_truncated(encoder: ClassifyEncoder | TagEncoder, examples: Sequence[ClassifyExample | TagExample]) -> int:
+    """How many examples lose tokens to train.seq_len, for the run log (one tokenizing pass)."""
+    return sum(encoder.truncated(example) for example in examples)
