@@ -20,6 +20,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import qwix
 from jax.ad_checkpoint import checkpoint_name
 
 from llm_jax.config import ModelConfig
@@ -70,6 +71,15 @@ def use_cpu_matmul(dtype: jnp.dtype, out_dtype: jnp.dtype | None = None) -> bool
     return (out_dtype or dtype) == jnp.float32 and use_cpu_kernels(dtype)
 
 
+def dequantized(weight: jax.Array | qwix.QArray) -> jax.Array:
+    """A weight as an array. An int8 weight (a qwix QArray: int8 values and float32 scales, written by
+    `llm-jax quantize`, infer/quantize.py) is dequantized here, at its use inside the compiled call,
+    so between calls memory holds the int8 values, not float copies; other weights pass unchanged."""
+    if isinstance(weight, qwix.QArray):
+        return qwix.dequantize(weight)
+    return weight
+
+
 class Dense(nn.Module):
     """x[..., in dims] @ kernel[in dims, out dims] (+ bias[out dims]), with logical axes.
 
@@ -95,6 +105,7 @@ class Dense(nn.Module):
             (*in_shape, *self.features),
             self.param_dtype,
         )
+        kernel = dequantized(kernel)
         # Leading (batch, length) dims are merged into one before the matmul: XLA:CPU runs the 2-D
         # matmul and its gradients about 6% faster per baby-GPT step than the 3-D one (docs/benchmarks.md).
         lead_shape = x.shape[:x.ndim - self.n_in]
@@ -144,19 +155,24 @@ class Embed(nn.Module):
         # Gather the embed axis first (what FSDP does for every weight): XLA cannot partition a
         # lookup from a table sharded on embed into batch-sharded activations, and would
         # otherwise replicate the whole table and the lookup's gradient.
+        if isinstance(self.embedding, qwix.QArray):  # int8 rows and their scales: only the rows read are dequantized
+            rows = qwix.QArray(qvalue=jnp.take(self.embedding.qvalue, ids_BL, axis=0),
+                               scale=jnp.take(self.embedding.scale, ids_BL, axis=0), qtype=self.embedding.qtype)
+            return dequantized(rows).astype(self.dtype)
         table_VE = constrain(self.embedding, (self.axes[0], None))
         return jnp.take(table_VE, ids_BL, axis=0).astype(self.dtype)  # [B, L, E]
 
     def attend(self, x_BLE: jax.Array) -> jax.Array:
         """Logits against the table, accumulated and returned in float32 (tokens flattened, as in Dense)."""
         batch, length, features = x_BLE.shape
+        table_VE = dequantized(self.embedding)
         if use_cpu_matmul(self.dtype):
-            logits_TV = cpu_kernels.matmul(x_BLE.reshape(batch * length, features), self.embedding, transpose_b=True)
+            logits_TV = cpu_kernels.matmul(x_BLE.reshape(batch * length, features), table_VE, transpose_b=True)
             return checkpoint_name(logits_TV, cpu_kernels.MATMUL_NAME).reshape(batch, length, self.num_embeddings)
         logits_TV = jnp.einsum(
             "te,ve->tv",
             x_BLE.reshape(batch * length, features).astype(self.dtype),
-            self.embedding.astype(self.dtype),
+            table_VE.astype(self.dtype),
             preferred_element_type=jnp.float32,
         )
         return logits_TV.reshape(batch, length, self.num_embeddings)
