@@ -118,6 +118,20 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_quantize(args) -> int:
+    from llm_jax.commands.quantize import quantize_run
+
+    print(json.dumps(quantize_run(args.workdir, args.out, group_size=args.group_size)))
+    return 0
+
+
+def _cmd_prune(args) -> int:
+    from llm_jax.commands.prune import prune_run
+
+    print(json.dumps(prune_run(args.workdir, args.out, args.sparsity, structure=args.structure, scope=args.scope)))
+    return 0
+
+
 def _cmd_bench(args) -> int:
     from llm_jax.config import load_config
 
@@ -256,6 +270,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="a new directory")
     p.add_argument("--best", action="store_true", help="the checkpoint of the lowest eval loss (checkpoint.keep_best)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("quantize", help="write an int8 export of a run (weight-only), for eval and generate")
+    p.add_argument("workdir")
+    p.add_argument("out", help="a new directory")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="one scale per N input channels (default: one per output channel)")
+    p.set_defaults(func=_cmd_quantize)
+
+    p = sub.add_parser("prune", help="write a magnitude-pruned export of a run, with its mask")
+    p.add_argument("workdir")
+    p.add_argument("out", help="a new directory")
+    p.add_argument("--sparsity", type=float, required=True, help="fraction of the pruned kernels' weights zeroed")
+    p.add_argument("--structure", default="unstructured", help="unstructured | 2:4")
+    p.add_argument("--scope", default="layer", help="layer (a threshold per kernel) | global (one for all)")
+    p.set_defaults(func=_cmd_prune)
 
     p = sub.add_parser("bench", help="time the train step; prints one JSON object")
     p.add_argument("rest", nargs="*", metavar="[CONFIG] key=value")

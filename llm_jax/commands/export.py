@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llm_jax.config import ConfigError, load_config, to_dict
+from llm_jax.config import Config, ConfigError, load_config, to_dict
 from llm_jax.models.decoder import count_params
 from llm_jax.train import checkpoint as ckpt
 from llm_jax.train import loop
@@ -18,6 +18,21 @@ from llm_jax.train import loop
 def export_run(workdir: str | Path, out: str | Path, best: bool = False) -> dict[str, Any]:
     """Writes the newest checkpoint's parameters (or, with `best`, those of the lowest eval loss)."""
     workdir = Path(workdir)
+    config, params, step = restore_run(workdir, best)
+    info = {"step": step, "workdir": str(workdir.absolute()), "params": count_params(params)}
+    path = ckpt.export_params(out, params, config, workdir / "tokenizer", info)
+    return {**info, "out": str(path)}
+
+
+def check_out(out: str | Path) -> None:
+    """Refuses an OUT that holds anything, before any checkpoint is read (export_params checks again)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} already exists and is not empty; write to a new directory")
+
+
+def restore_run(workdir: Path, best: bool = False) -> tuple[Config, Any, int]:
+    """(config, params, step) of a run's newest checkpoint (or, with `best`, of its lowest eval loss)."""
     config_path = workdir / "config.yaml"
     if not config_path.is_file():
         raise ConfigError(f"{workdir} is not a run directory (no config.yaml)")
@@ -42,6 +57,4 @@ def export_run(workdir: str | Path, out: str | Path, best: bool = False) -> dict
             step = int(metadata["step"])
     finally:
         checkpointer.close()
-    info = {"step": step, "workdir": str(workdir.absolute()), "params": count_params(state.params)}
-    path = ckpt.export_params(out, state.params, config, workdir / "tokenizer", info)
-    return {**info, "out": str(path)}
+    return config, state.params, step

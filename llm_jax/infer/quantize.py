@@ -1,4 +1,4 @@
-"""Weight-only int8: every matmul kernel and the token embeddings, symmetric, per output channel
+"""Weight-only int8: every matmul kernel and the embedding tables, symmetric, per output channel
 (optionally per group of input channels), through qwix's quantized arrays.
 
 What is quantized, by the logical axes the layers give each parameter (models/layers.py):
@@ -7,12 +7,13 @@ What is quantized, by the logical axes the layers give each parameter (models/la
   only the attention output projection contracts two axes (heads, head_dim), every other kernel
   its first. A scanned stack's leading `layers` axis is a channel axis like an output: each layer
   keeps its own scales.
-- The token embeddings (axes vocab x embed): one scale per vocabulary row, which serves both the
-  lookup (a row) and the tied output projection (a row is an output channel of the logits).
+- The embedding tables (Embed: tokens, and learned positions and token types where the family has
+  them): one scale per row, which serves both the lookup (a row) and the tied output projection
+  (a token's row is an output channel of the logits).
 - `group_size` N: one scale per N consecutive input channels of each output channel (along the
   last contracted axis), for weights with outliers; N must divide that axis.
-Norm scales, biases, learned position and token-type tables and T5's relative-position tables
-stay float: they are small, and every one of them is read whole at every token.
+Norm scales, biases and T5's relative-position tables stay float: they are small, and the first
+two scale every activation, where an int8 rounding error would reach every token.
 
 Why qwix's arrays and not its PTQ provider (`qwix.quantize_model`): the provider quantizes the
 weights it meets in `jax.lax.dot_general`/`einsum` calls that it intercepts, which (a) never sees an
@@ -43,7 +44,6 @@ from llm_jax.models.build import init_inputs, make_model
 
 FORMAT = "int8"
 STORED_KEYS = ("qvalue", "scale")  # a quantized leaf on disk
-TOKEN_EMBEDDING_AXES = ("vocab", "embed")
 LAYER_AXIS = "layers"  # a scanned stack's leading axis (models/decoder.py layer_stack)
 TWO_AXIS_INPUT = ("heads", "head_dim")  # the attention output projection's contracted axes
 
@@ -71,8 +71,8 @@ def contracted_axes(path: tuple[str, ...], names: tuple[str | None, ...]) -> tup
     if path[-1] == "kernel":
         n_in = len(TWO_AXIS_INPUT) if own[:2] == TWO_AXIS_INPUT else 1
         return tuple(range(offset, offset + n_in))
-    if path[-1] == "embedding" and own == TOKEN_EMBEDDING_AXES:
-        return (offset + 1,)  # the embed axis; each vocabulary row is a channel
+    if path[-1] == "embedding":
+        return (offset + 1,)  # the embed axis; each row (a token, a position) is a channel
     return None
 
 
@@ -92,7 +92,7 @@ def quantize_weight(weight: jax.Array, contracted: tuple[int, ...], group_size: 
 
 
 def quantize_params(params: Any, config: ModelConfig, group_size: int | None = None) -> Any:
-    """`params` (unboxed) with every matmul kernel and the token embeddings as int8 QArrays."""
+    """`params` (unboxed) with every matmul kernel and embedding table as int8 QArrays."""
     if group_size is not None and group_size < 1:
         raise ConfigError(f"--group-size must be a positive number of input channels, got {group_size}")
     axes = logical_axes(config)

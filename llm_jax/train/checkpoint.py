@@ -6,7 +6,9 @@ temporary name (`<step>.orbax-checkpoint-tmp-<time>`) and renames it when comple
 short (even by SIGKILL) is never taken for a checkpoint; a training run removes such leftovers
 when it opens the directory, and saving that step again works.
 
-Export layout: `OUT/{params/, config.yaml, tokenizer/, export.json}`.
+Export layout: `OUT/{params/, config.yaml, tokenizer/, export.json}`; a pruned export also holds
+`mask/` (infer/prune.py), and export.json says whether the parameters are int8 (`quantization`,
+infer/quantize.py) or pruned (`pruning`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
@@ -486,6 +489,8 @@ def _is_dir(path: Path) -> bool:
 EXPORT_PARAMS = "params"
 EXPORT_CONFIG = "config.yaml"
 EXPORT_TOKENIZER = "tokenizer"
+EXPORT_INFO = "export.json"
+EXPORT_MASK = "mask"  # a pruned export's: True where a weight is kept (infer/prune.py)
 # Model keys that change how the model runs, not what its parameters are: a run started from
 # exported parameters may set them differently (e.g. dropout for fine-tuning).
 RUNTIME_MODEL_KEYS = ("dropout", "dtype", "remat", "attention", "init_std")
@@ -493,8 +498,10 @@ RUNTIME_MODEL_KEYS = ("dropout", "dtype", "remat", "attention", "init_std")
 SAME_TREE_MODEL_KEYS = (*RUNTIME_MODEL_KEYS, "scan_layers")
 
 
-def export_params(out: str | Path, params: Any, config: Config, tokenizer_dir: Path, info: dict) -> Path:
-    """Writes the parameters alone, the run's config and its tokenizer to `out` (a new directory).
+def export_params(out: str | Path, params: Any, config: Config, tokenizer_dir: Path, info: dict,
+                  extra: dict[str, Any] | None = None) -> Path:
+    """Writes the parameters alone, the run's config and its tokenizer to `out` (a new directory);
+    `extra` trees are written beside `params/`, each under its name (a pruned export's `mask`).
 
     Everything is written beside `out` first and renamed into place, so an interrupted export
     leaves no directory that looks complete.
@@ -507,12 +514,14 @@ def export_params(out: str | Path, params: Any, config: Config, tokenizer_dir: P
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(tmp / EXPORT_PARAMS, params)
+            for name, tree in (extra or {}).items():
+                checkpointer.save(tmp / name, tree)
             checkpointer.wait_until_finished()
         dump_config(config, tmp / EXPORT_CONFIG)
         (tmp / EXPORT_TOKENIZER).mkdir()
         for path in tokenizer_dir.glob("spm.*"):
             shutil.copyfile(path, tmp / EXPORT_TOKENIZER / path.name)
-        (tmp / "export.json").write_text(json.dumps(info, indent=1) + "\n")
+        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=1) + "\n")
         if out.exists():
             out.rmdir()  # empty, checked above
         tmp.rename(out)
@@ -530,6 +539,18 @@ def _export_dir(path: str | Path) -> Path:
     return path
 
 
+def is_export(path: str | Path) -> bool:
+    """Whether `path` is an `llm-jax export` (or quantize, or prune) directory, not a run's."""
+    path = Path(path)
+    return (path / EXPORT_PARAMS).is_dir() and (path / EXPORT_CONFIG).is_file() and (path / EXPORT_INFO).is_file()
+
+
+def export_info(path: str | Path) -> dict:
+    """The export's export.json: its step and source, and `quantization` / `pruning` when it has them."""
+    file = Path(path) / EXPORT_INFO
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
 def check_init_from(config: Config) -> Config:
     """Checks `init_from` before any work (ConfigError) and returns the config to run.
 
@@ -537,6 +558,9 @@ def check_init_from(config: Config) -> Config:
     mean something with the token ids they were trained on.
     """
     path = _export_dir(config.init_from)
+    if "quantization" in export_info(path):
+        raise ConfigError(f"init_from: {path} holds int8 weights (llm-jax quantize), for inference only; start "
+                          "from a float export (llm-jax export or llm-jax prune)")
     _check_same_model(path, config.model)
     model_file = path / EXPORT_TOKENIZER / "spm.model"
     if config.tokenizer.path or not model_file.is_file():
@@ -572,3 +596,18 @@ def load_exported_params(path: str | Path, model: ModelConfig, abstract_params: 
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"init_from: {path / EXPORT_PARAMS} cannot be restored: {first_line}") from e
     return checkpoint_tree.to_expected_layout(params, abstract_params) if convert else params
+
+
+def load_export_mask(path: str | Path) -> dict[tuple[str, ...], np.ndarray] | None:
+    """A pruned export's masks by parameter path (True: the weight trains), or None for another export."""
+    mask_dir = Path(path) / EXPORT_MASK
+    if not mask_dir.is_dir():
+        return None
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            tree = checkpointer.metadata(mask_dir).item_metadata.tree
+            target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree)
+            masks = checkpointer.restore(mask_dir, target)
+    except Exception as e:  # orbax raises many types for damaged or incompatible files
+        raise CheckpointError(f"init_from: {mask_dir} cannot be restored: {_first_line(e)}") from e
+    return {path: np.asarray(m, bool) for path, m in checkpoint_tree.flat(masks).items()}

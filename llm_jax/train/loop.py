@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import linen as nn
 
 from llm_jax.config import Config, ConfigError, dump_config, to_dict
@@ -36,7 +37,7 @@ from llm_jax.train import checkpoint as ckpt
 from llm_jax.train import pmap, run_lock
 from llm_jax.train.fault_tolerance import NonFiniteError, NonFiniteGuard, ProcessAgreement, SaveClock
 from llm_jax.train.metrics import MetricsWriter
-from llm_jax.train.optim import describe_dtypes, make_optimizer
+from llm_jax.train.optim import describe_dtypes, keep_masked_zero, make_optimizer
 from llm_jax.train.report import Reporter, log_eval
 from llm_jax.train.steps import TrainState, eval_step, init_state, train_step
 
@@ -111,6 +112,9 @@ def build(config: Config, mesh: jax.sharding.Mesh | None = None, with_data: bool
         tokenizer = load_or_train_tokenizer(config, workdir, sources)
     model = make_model(config.model)
     tx, schedule = make_optimizer(config.optimizer, config.train.steps, scan_layers=config.model.scan_layers)
+    masks = ckpt.load_export_mask(config.init_from) if config.init_from else None
+    if masks is not None:  # a pruned export (infer/prune.py): its zeros stay zero while the run trains
+        tx = optax.chain(tx, keep_masked_zero(masks))
 
     rules = mesh_lib.axis_rules(config)
     init_fn = functools.partial(init_state, model=model, tx=tx, seq_len=config.train.seq_len)
@@ -482,10 +486,15 @@ def _finish(run: _StepLoop, writer: MetricsWriter) -> dict[str, Any]:
 
 
 def restore_for_inference(workdir: str | Path, overrides=()) -> tuple[Setup, Any, int]:
-    """The run's own config and the params of its newest checkpoint, for eval and generate."""
+    """The run's own config and the params of its newest checkpoint, for eval and generate; or those
+    of an export directory (`llm-jax export`, `quantize`, `prune`), read by infer/exported.py."""
     from llm_jax.config import load_config
 
     workdir = Path(workdir)
+    if ckpt.is_export(workdir):
+        from llm_jax.infer.exported import restore_export  # infer builds on this module
+
+        return restore_export(workdir, overrides)
     config_path = workdir / "config.yaml"
     if not config_path.is_file():
         raise ConfigError(f"{workdir} is not a run directory (no config.yaml)")

@@ -8,13 +8,14 @@ when it is applied.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from llm_jax.config import OptimizerConfig
+from llm_jax.config import ConfigError, OptimizerConfig
 from llm_jax.models.decoder import SCANNED_LAYERS
 
 # Weight decay pulls a weight towards zero. That is a prior for matmul kernels and token embeddings
@@ -114,6 +115,51 @@ def in_float32(inner: optax.GradientTransformation) -> optax.GradientTransformat
         return inner.update(up(updates), state, None if params is None else up(params))
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def keep_masked_zero(masks: dict[tuple[str, ...], Any]) -> optax.GradientTransformation:
+    """Zeroes the updates of weights whose mask is False, so the zeros of a pruned export
+    (`init_from`, infer/prune.py) stay exactly zero while the rest fine-tunes. Chained last, after
+    weight decay and the learning rate, so nothing moves a masked weight.
+
+    `masks`: bool arrays by parameter path, for the pruned kernels; other leaves train freely. The
+    masks live in the optimizer state (saved with each checkpoint, so a resumed run keeps them).
+    """
+
+    def init_fn(params):
+        def mask_of(path, leaf):
+            mask = masks.get(_names(path))
+            if mask is None:
+                return jnp.ones((), bool)
+            shape = leaf.value.shape if _is_box(leaf) else leaf.shape
+            if tuple(mask.shape) != tuple(shape):
+                raise ConfigError(f"init_from: the pruned export's mask of {'/'.join(_names(path))} is "
+                                  f"{tuple(mask.shape)}, the weight {tuple(shape)}")
+            return jnp.asarray(mask, bool)
+
+        tree = jax.tree_util.tree_map_with_path(mask_of, params, is_leaf=_is_box)
+        found = {_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+            params, is_leaf=_is_box)[0]}
+        missing = sorted("/".join(p) for p in masks if p not in found)
+        if missing:  # e.g. a stack scanned in the export and unrolled here: the masks would not apply
+            raise ConfigError(f"init_from: the pruned export's masks name weights this model does not have "
+                              f"(model.scan_layers as in the export?): {missing[0]}")
+        return KeepMaskedZeroState(tree)
+
+    def update_fn(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, keep: jnp.where(jnp.broadcast_to(keep, u.shape), u, jnp.zeros((), u.dtype)),
+                            updates, state.masks), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _is_box(x) -> bool:
+    return isinstance(x, nn.Partitioned)  # init's boxed parameters (logical axes)
+
+
+class KeepMaskedZeroState(NamedTuple):
+    masks: Any  # bool per parameter (a scalar True where nothing is masked)
 
 
 def describe_dtypes(params: Any, opt_state: Any, compute_dtype: str) -> str:

@@ -1,0 +1,35 @@
+"""`llm-jax quantize WORKDIR OUT [--group-size N]`: an int8 export of a run (infer/quantize.py).
+
+OUT has `llm-jax export`'s layout, so `eval OUT` and `generate OUT` read it as they read a run; its
+kernels and token embeddings are int8 with float32 scales, and export.json says so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from llm_jax.commands.export import check_out, restore_run
+from llm_jax.config import ConfigError
+from llm_jax.infer import quantize
+from llm_jax.models.decoder import count_params
+from llm_jax.train import checkpoint as ckpt
+
+
+def quantize_run(workdir: str | Path, out: str | Path, group_size: int | None = None) -> dict[str, Any]:
+    """Writes the int8 export of the run's newest checkpoint; returns what it wrote and the bytes
+    of the parameters before and after."""
+    if group_size is not None and group_size < 1:
+        raise ConfigError(f"--group-size must be a positive number of input channels, got {group_size}")
+    check_out(out)  # before the checkpoint is read
+    workdir = Path(workdir)
+    config, params, step = restore_run(workdir)
+    qparams = quantize.quantize_params(params, config.model, group_size)
+    before, after = quantize.param_bytes(params), quantize.param_bytes(qparams)
+    info = {"step": step, "workdir": str(workdir.absolute()), "params": count_params(params),
+            "quantization": {"format": quantize.FORMAT, "group_size": group_size,
+                             "weights": quantize.quantized_paths(qparams)},
+            "param_bytes_before": before, "param_bytes_after": after}
+    path = ckpt.export_params(out, quantize.to_stored(qparams), config, workdir / "tokenizer", info)
+    return {"step": step, "out": str(path), "group_size": group_size, "param_bytes_before": before,
+            "param_bytes_after": after, "ratio": round(before / after, 3)}

@@ -1,0 +1,53 @@
+"""An export directory (`llm-jax export`, `quantize` or `prune`) opened for inference, as a run is.
+
+`loop.restore_for_inference` hands an export here, so every command that reads a model (eval,
+generate, fill-mask, and any later one) takes a run directory or an export alike, float, int8 or
+pruned, without knowing which: an int8 export's weights come back as qwix QArrays, which the
+layers dequantize at use (models/layers.py), and a pruned export's are float with their zeros.
+
+The export is read on whatever devices this process has, all data parallel (as `llm-jax export`
+reads a run), so a model trained on a pod is evaluated on a laptop.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from llm_jax.config import load_config
+from llm_jax.infer import quantize
+from llm_jax.parallel import mesh as mesh_lib
+from llm_jax.train import checkpoint as ckpt
+from llm_jax.train import loop
+
+# The export's model, on this machine's devices: every device holds the whole model, batches are split.
+LOCAL_MESH = ("parallel.mode=jit", "mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1")
+
+
+def restore_export(path: str | Path, overrides=()) -> tuple[loop.Setup, Any, int]:
+    """(setup, params, step) of an export, like `loop.restore_for_inference` of a run directory."""
+    path = Path(path).absolute()
+    info = ckpt.export_info(path)
+    config = load_config(path / ckpt.EXPORT_CONFIG, [f"workdir={path}", "init_from=", *LOCAL_MESH, *overrides])
+    setup = loop.build(config)  # reads the export's tokenizer/, as a run reads its own
+    if "quantization" in info:
+        params = quantize.from_stored(read_tree(path / ckpt.EXPORT_PARAMS, setup.mesh))
+    else:
+        params = ckpt.load_exported_params(path, config.model, setup.abstract_state.params)
+    return setup, params, int(info.get("step", 0))
+
+
+def read_tree(directory: Path, mesh: jax.sharding.Mesh) -> Any:
+    """A tree written by orbax, whatever its structure (read from its own metadata), replicated on `mesh`."""
+    replicated = mesh_lib.replicated(mesh)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            saved = checkpointer.metadata(directory).item_metadata.tree
+            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated), saved)
+            return checkpointer.restore(directory, target)
+    except Exception as e:  # orbax raises many types for damaged or incompatible files
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ckpt.CheckpointError(f"{directory} cannot be restored: {first_line}") from e
