@@ -14,6 +14,7 @@ from llm_jax.config import ConfigError
 from llm_jax.infer import quantize
 from llm_jax.models.decoder import count_params
 from llm_jax.train import checkpoint as ckpt
+from llm_jax.train import loop
 
 
 def quantize_run(workdir: str | Path, out: str | Path, group_size: int | None = None) -> dict[str, Any]:
@@ -33,3 +34,18 @@ def quantize_run(workdir: str | Path, out: str | Path, group_size: int | None = 
     path = ckpt.export_params(out, quantize.to_stored(qparams), config, workdir / "tokenizer", info)
     return {"step": step, "out": str(path), "group_size": group_size, "param_bytes_before": before,
             "param_bytes_after": after, "ratio": round(before / after, 3)}
+
+
+def held_out_eval(path: str | Path, overrides=()) -> dict[str, Any]:
+    """`llm-jax eval PATH`'s result (a run or an export, float or int8): the held-out loss and perplexity."""
+    setup, params, step = loop.restore_for_inference(path, overrides)
+    steps = loop.compile_steps(setup)
+    return {"step": step, **loop.evaluate(setup, steps.eval, params, loop.held_out_batches(setup))}
+
+
+def perplexity_change(workdir: str | Path, out: str | Path, overrides=()) -> dict[str, float]:
+    """Held-out perplexity of a run and of its int8 export (the same batches), and the relative change
+    (the target: within 1%)."""
+    before, after = held_out_eval(workdir, overrides), held_out_eval(out, overrides)
+    return {"eval_perplexity_before": before["eval_perplexity"], "eval_perplexity_after": after["eval_perplexity"],
+            "relative_change": after["eval_perplexity"] / before["eval_perplexity"] - 1.0}
