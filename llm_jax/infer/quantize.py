@@ -26,7 +26,8 @@ otherwise unchanged.
 
 On disk (`llm-jax quantize`: an export, commands/export.py's layout) each quantized leaf is a
 dict {"qvalue": int8, "scale": float32} in the same place of the tree, and export.json says
-`"quantization": {"format": "int8", ...}`; `load` turns the dicts back into QArrays.
+`"quantization": {"format": "int8", ...}`; `from_stored` turns the dicts back into QArrays when
+train/exported.py reads the export for eval or generate.
 """
 
 from __future__ import annotations

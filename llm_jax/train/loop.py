@@ -492,7 +492,7 @@ def restore_for_inference(workdir: str | Path, overrides=()) -> tuple[Setup, Any
 
     workdir = Path(workdir)
     if ckpt.is_export(workdir):
-        from llm_jax.infer.exported import restore_export  # infer builds on this module
+        from llm_jax.train.exported import restore_export  # which builds on this module
 
         return restore_export(workdir, overrides)
     config_path = workdir / "config.yaml"
