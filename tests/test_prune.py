@@ -79,6 +79,10 @@ def test_init_from_a_pruned_export_keeps_the_zeros_while_fine_tuning(trained_run
     masks = ckpt.load_export_mask(out)
     assert cli.main(["eval", str(out)]) == 0  # read like a run
     assert json.loads(capsys.readouterr().out)["step"] == 25
+    assert cli.main(["quantize", str(out), str(tmp_path / "int8")]) == 0  # pruned, then int8: still zero
+    qvalue = loop.restore_for_inference(tmp_path / "int8")[1]["layer_1"]["mlp"]["fc"]["kernel"].qvalue
+    keep = masks[("layer_1", "mlp", "fc", "kernel")]
+    assert np.all(np.asarray(qvalue)[~keep] == 0) and np.count_nonzero(np.asarray(qvalue)[keep]) > 0.9 * keep.sum()
 
     corpus = trained_run.parent / "corpus"
     assert cli.main(_run_args(tmp_path, corpus, f"init_from={out}", "train.steps=4")) == 0

@@ -32,7 +32,10 @@ def check_out(out: str | Path) -> None:
 
 
 def restore_run(workdir: Path, best: bool = False) -> tuple[Config, Any, int]:
-    """(config, params, step) of a run's newest checkpoint (or, with `best`, of its lowest eval loss)."""
+    """(config, params, step) of a run's newest checkpoint (or, with `best`, of its lowest eval loss);
+    or of a float export (a pruned one, to be quantized too)."""
+    if ckpt.is_export(workdir) and not best:
+        return _restore_export(workdir)
     config_path = workdir / "config.yaml"
     if not config_path.is_file():
         raise ConfigError(f"{workdir} is not a run directory (no config.yaml)")
@@ -58,3 +61,13 @@ def restore_run(workdir: Path, best: bool = False) -> tuple[Config, Any, int]:
     finally:
         checkpointer.close()
     return config, state.params, step
+
+
+def _restore_export(path: Path) -> tuple[Config, Any, int]:
+    info = ckpt.export_info(path)
+    if "quantization" in info:
+        raise ConfigError(f"{path} holds int8 weights already (llm-jax quantize); start from a run or a float export")
+    config = load_config(path / ckpt.EXPORT_CONFIG, [f"workdir={path}", "init_from=", "parallel.mode=jit",
+                                                     "mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1"])
+    setup = loop.build(config, with_data=False)
+    return config, ckpt.load_exported_params(path, config.model, setup.abstract_state.params), int(info.get("step", 0))
