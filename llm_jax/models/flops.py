@@ -50,6 +50,14 @@ def matmul_param_count(config: Config) -> int:
     return m.n_layers * (attn + mlp) + head_transform + d * m.vocab_size
 
 
+def tokens_per_row(config: Config) -> int:
+    """Tokens one batch row carries through the model: an encoder-decoder's inputs and targets
+    (seq_len + target_len), else seq_len. Throughput, MFU and tokens seen count these."""
+    if config.model.family.encoder_decoder:
+        return config.train.seq_len + config.target_len
+    return config.train.seq_len
+
+
 def flops_per_token(config: Config) -> float:
     m = config.model
     return 6.0 * matmul_param_count(config) + 12.0 * m.n_layers * m.d_model * config.train.seq_len
