@@ -7,6 +7,7 @@ import json
 
 import grain
 import numpy as np
+import pytest
 from test_data import SEQ, ToyTokenizer, check_batch, expected_pairs, toy_config, toy_docs, toy_sources
 
 from llm_jax.data import objectives, pipeline, shards
@@ -182,3 +183,57 @@ def test_clm_batches_are_unchanged_by_a_tokenizer_with_masked_lm_symbols():
     for batch in runs[1]:  # next-token pairs of [bos] doc [eos], every real token weighing 1
         assert not set(check_batch(batch, 8)) - set(expected_pairs(docs))
     _assert_same(runs[1], runs[0])
+
+
+# ----------------------------------------------------------------------------- span corruption (T5)
+
+SENTINELS = tuple(range(900_000, 900_100))  # far from the ids of the pieces, so a test tells them apart
+EOS = 3
+
+
+def _rebuild(inputs, targets, sentinels=SENTINELS):
+    """The piece again: each sentinel of the inputs replaced by what follows it in the targets."""
+    assert inputs[-1] == targets[-1] == EOS
+    spans, current = {}, None
+    for t in targets[:-1].tolist():
+        if t in sentinels:
+            current = spans.setdefault(t, [])
+        else:
+            current.append(t)
+    return [t for i in inputs[:-1].tolist() for t in (spans.pop(i) if i in sentinels else [i])], spans
+
+
+def test_span_corruption_round_trips_with_t5_lengths_and_statistics():
+    rng, data_rng = np.random.default_rng(0), np.random.default_rng(1)
+    full, _ = objectives.span_lengths(512)
+    tokens = noise = spans = 0
+    for n in [*range(1, 60), *[full] * 180]:
+        piece = data_rng.integers(10, 1000, size=n)
+        inputs, targets = objectives.span_corrupt(piece, rng, sentinel_ids=SENTINELS, eos_id=EOS)
+        assert inputs.dtype == targets.dtype == np.int32
+        assert (len(inputs), len(targets)) == objectives.corrupted_lengths(n)
+        rebuilt, unused = _rebuild(inputs, targets)
+        assert rebuilt == piece.tolist() and not unused  # every span in its place, none left over
+        used = [t for t in inputs.tolist() if t in SENTINELS]
+        assert used == list(SENTINELS[:len(used)])  # sentinels in order, <extra_id_0> first
+        assert (n < 2 or used) and inputs[0] not in SENTINELS  # starts with kept tokens
+        if n == full:
+            tokens += n
+            noise += len(targets) - 1 - len(used)
+            spans += len(used)
+    assert tokens > 100_000
+    assert abs(noise / tokens - 0.15) < 0.01 and abs(noise / spans - 3.0) < 0.2
+    # T5's figures: inputs of 512 come from pieces of 568 ids and give targets of 114.
+    assert (full, objectives.corrupted_lengths(full)) == (568, (512, 114))
+    assert objectives.span_piece_length(512, 114) == 568 and objectives.span_piece_length(512, 60) < 568
+
+
+def test_span_corruption_is_a_function_of_the_rng_and_needs_enough_sentinels():
+    piece = np.arange(10, 110)
+    a, b, c = (objectives.span_corrupt(piece, np.random.default_rng(s), sentinel_ids=SENTINELS, eos_id=EOS)
+               for s in (5, 5, 6))
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert not np.array_equal(a[1], c[1])
+    with pytest.raises(ValueError, match="5 noise spans but there are only 2 sentinels"):
+        objectives.span_corrupt(piece, np.random.default_rng(0), sentinel_ids=SENTINELS[:2], eos_id=EOS)

@@ -278,3 +278,48 @@ def test_the_vocab_floor_counts_the_mlm_symbols():
         _config("model.arch=bert", "model.vocab_size=262")
     with pytest.raises(ConfigError, match="at least 264"):  # [MASK] listed again is one piece
         _config("model.arch=bert", "model.vocab_size=263", 'tokenizer.user_defined_symbols=["[MASK]", "<x>"]')
+
+
+# ----------------------------------------------------------------------------- sentinels (span corruption, seq2seq)
+
+
+def _t5_config(*overrides):
+    return _config("model.arch=t5", "train.seq_len=32", *overrides)
+
+
+def test_a_t5_run_trains_its_sentinels_after_the_four_and_refuses_a_tokenizer_without_them(trained, tmp_path):
+    config = _config("model.arch=t5", "train.seq_len=32", "tokenizer.extra_ids=5",
+                     'tokenizer.user_defined_symbols=["<|user|>"]')
+    tok = tok_lib.load_or_train_tokenizer(config, tmp_path / "t5", _Sources(_tiny_corpus(30)))
+    assert tok.sentinel_ids == (4, 5, 6, 7, 8) and tok.user_defined["<|user|>"] == 9
+    assert tok.special_ids == tuple(range(10)) and tok.mask_id is None
+    ids = tok.encode("x = <extra_id_3>(1)")
+    assert ids.count(7) == 1 and tok.decode(ids) == "x = <extra_id_3>(1)"
+    assert pickle.loads(pickle.dumps(tok)).sentinel_ids == tok.sentinel_ids  # as in a data worker
+
+    clm_tok, workdir = trained  # trained for a clm run: no sentinels
+    assert clm_tok.sentinel_ids == ()
+    for objective in ("span", "seq2seq"):
+        with pytest.raises(ConfigError, match=rf"^workdir: .* has 0 of the 5 sentinels .*objective={objective}") as err:
+            tok_lib.load_or_train_tokenizer(_config("model.arch=t5", "train.seq_len=32", "tokenizer.extra_ids=5",
+                                                    f"train.objective={objective}"), workdir, _Sources(_Forbidden()))
+        assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"^tokenizer.path: .* has 5 of the 6 sentinels"):
+        tok_lib.load_or_train_tokenizer(_t5_config("tokenizer.extra_ids=6", f"tokenizer.path={tok.path}"),
+                                        tmp_path / "run", _Sources(_Forbidden()))
+    # More sentinels than the run uses are fine.
+    fewer = _t5_config("tokenizer.extra_ids=3", f"tokenizer.path={tok.path}")
+    loaded = tok_lib.load_or_train_tokenizer(fewer, tmp_path / "run", _Sources(_Forbidden()))
+    assert loaded.sentinel_ids == tok.sentinel_ids
+
+
+def test_the_vocab_floor_counts_the_sentinels():
+    _config("model.arch=t5", "model.vocab_size=360")  # pad, unk, bos, eos, 100 sentinels, 256 bytes
+    with pytest.raises(ConfigError, match=r"at least 360 .* 100 sentinels <extra_id_N>\) and byte fallback"):
+        _config("model.arch=t5", "model.vocab_size=359")
+
+
+def test_the_sample_of_a_seq2seq_corpus_holds_both_sides():
+    pairs = [(f"question {i}", f"answer {i}") for i in range(50)]
+    sample = tok_lib.sample_documents(pairs, sample_bytes=10_000)
+    assert len(sample) == 50 and "question 7\nanswer 7" in sample

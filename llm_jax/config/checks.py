@@ -91,6 +91,13 @@ def validate(c: Config) -> None:
              "train.seq_len")
     _require(c.objective != "span" or t.seq_len >= 4,
              f"train.seq_len ({t.seq_len}) must be at least 4 for span corruption")
+    if c.objective == "span" and tk.extra_ids > 0:
+        from llm_jax.data.objectives import noise_counts, span_piece_length  # imports nothing of llm_jax
+
+        spans = noise_counts(span_piece_length(t.seq_len, c.target_len))[1]
+        _require(spans <= tk.extra_ids,
+                 f"tokenizer.extra_ids ({tk.extra_ids}) is fewer than the {spans} noise spans of a piece that fills "
+                 f"train.seq_len={t.seq_len}: each span needs its own sentinel; raise tokenizer.extra_ids")
     _require(c.objective != "mlm" or t.seq_len >= 3,
              f"train.seq_len ({t.seq_len}) must be at least 3 for masked LM: [CLS], a token and [SEP]")
     _require(t.seq_len <= m.max_len or m.resolved_position != "learned",

@@ -70,21 +70,44 @@ def mask_tokens(ids: Sequence[int] | np.ndarray, rng: np.random.Generator, *, ma
 
 
 # ----------------------------------------------------------------------------- span corruption (T5)
+#
+# T5's pretraining task: a few spans of a piece are dropped from the encoder's inputs, each replaced
+# by its own sentinel (<extra_id_0>, <extra_id_1>, ... in order), and the decoder learns to write
+# them out, each after its sentinel:
+#     piece    a b c d e f g h
+#     inputs   a <0> d e f <1> h [eos]       (noise spans "b c" and "g")
+#     targets  <0> b c <1> g [eos]
+# Which tokens are noise follows T5's `random_spans_noise_mask` (t5/data/preprocessors.py): exactly
+# round(n * density) noise tokens (at least 1 and at most n - 1, for a piece of n >= 2), in
+# round(noise / mean span length) spans (at least 1, at most as many as the kept tokens allow); the
+# lengths of the noise spans and of the kept spans between them are uniform random compositions,
+# and the piece starts with kept tokens and ends with a noise span. So the lengths of both sides are
+# a function of n alone (`corrupted_lengths`), which is what lets full pieces fill train.seq_len and
+# Config.target_len exactly. A piece of one token has no noise: inputs [token, eos], targets [eos].
 
 NOISE_DENSITY = 0.15  # share of a piece's tokens that are dropped into the targets
 MEAN_SPAN_LENGTH = 3.0  # mean length of a dropped span
+
+
+def noise_counts(tokens: int, noise_density: float = NOISE_DENSITY,
+                 mean_span_length: float = MEAN_SPAN_LENGTH) -> tuple[int, int]:
+    """(noise tokens, noise spans) of a piece of `tokens` ids: see the comment above."""
+    if tokens < 2:
+        return 0, 0
+    noise = min(max(int(round(tokens * noise_density)), 1), tokens - 1)
+    spans = min(max(int(round(noise / mean_span_length)), 1), tokens - noise)
+    return noise, spans
 
 
 def corrupted_lengths(tokens: int, noise_density: float = NOISE_DENSITY,
                       mean_span_length: float = MEAN_SPAN_LENGTH) -> tuple[int, int]:
     """(inputs, targets) lengths after span corruption of a piece of `tokens` ids.
 
-    The noise is round(tokens * density) ids in round(noise / mean span) spans (at least one). The
-    inputs keep the other ids plus one sentinel per span, the targets hold the noise plus one
-    sentinel per span, and each side ends in EOS.
+    The inputs keep the ids that are not noise plus one sentinel per span, the targets hold the
+    noise plus one sentinel per span, and each side ends in EOS. Both grow with `tokens` (never
+    shrink), so a piece shorter than a full one always fits where the full one does.
     """
-    noise = int(round(tokens * noise_density))
-    spans = max(1, int(round(noise / mean_span_length)))
+    noise, spans = noise_counts(tokens, noise_density, mean_span_length)
     return tokens - noise + spans + 1, noise + spans + 1
 
 
@@ -101,3 +124,59 @@ def span_lengths(inputs_length: int, noise_density: float = NOISE_DENSITY,
         tokens += 1
     return tokens, corrupted_lengths(tokens, noise_density, mean_span_length)[1]
 
+
+def span_piece_length(inputs_length: int, targets_length: int, noise_density: float = NOISE_DENSITY,
+                      mean_span_length: float = MEAN_SPAN_LENGTH) -> int:
+    """The longest piece whose corrupted inputs fit `inputs_length` and targets `targets_length`
+    (train.seq_len and Config.target_len: a target_len set below the derived one shortens the
+    pieces rather than cutting targets). At least 1."""
+    tokens = 1
+    while all(got <= limit for got, limit in zip(corrupted_lengths(tokens + 1, noise_density, mean_span_length),
+                                                  (inputs_length, targets_length))):
+        tokens += 1
+    return tokens
+
+
+def _random_segmentation(items: int, segments: int, rng: np.random.Generator) -> np.ndarray:
+    """Lengths of `segments` non-empty runs that add up to `items`, uniform over all such
+    compositions (T5's `_random_segmentation`): the cuts are a uniform sample of the items - 1 gaps."""
+    cuts = np.sort(rng.choice(items - 1, size=segments - 1, replace=False)) + 1
+    return np.diff(np.concatenate([[0], cuts, [items]]))
+
+
+def random_spans_noise_mask(tokens: int, rng: np.random.Generator, noise_density: float = NOISE_DENSITY,
+                            mean_span_length: float = MEAN_SPAN_LENGTH) -> np.ndarray:
+    """bool [tokens]: True on the noise; kept and noise spans alternate, starting with a kept one."""
+    noise, spans = noise_counts(tokens, noise_density, mean_span_length)
+    if spans == 0:
+        return np.zeros(tokens, bool)
+    noise_lengths = _random_segmentation(noise, spans, rng)
+    kept_lengths = _random_segmentation(tokens - noise, spans, rng)
+    run_lengths = np.stack([kept_lengths, noise_lengths], axis=1).reshape(-1)
+    return np.repeat(np.tile([False, True], spans), run_lengths)
+
+
+def span_corrupt(ids: Sequence[int] | np.ndarray, rng: np.random.Generator, *, sentinel_ids: Sequence[int],
+                 eos_id: int, noise_density: float = NOISE_DENSITY, mean_span_length: float = MEAN_SPAN_LENGTH,
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs int32, targets int32) of one piece `ids` (1-D): see the comment above.
+
+    Span i is marked by sentinel_ids[i]; a piece with more spans than sentinels is a ValueError (the
+    config refuses a train.seq_len whose pieces would need more than tokenizer.extra_ids).
+    """
+    ids = np.asarray(ids, dtype=np.int32).reshape(-1)
+    noise = random_spans_noise_mask(len(ids), rng, noise_density, mean_span_length)
+    starts = noise & ~np.concatenate([[False], noise[:-1]])  # the first token of each noise span
+    spans = int(starts.sum())
+    if spans > len(sentinel_ids):
+        raise ValueError(f"a piece of {len(ids)} ids has {spans} noise spans but there are only "
+                         f"{len(sentinel_ids)} sentinels")
+    sentinels = np.asarray(sentinel_ids[:spans], dtype=np.int32)
+    # Inputs: the kept ids; each span's first token becomes its sentinel, the rest of the span goes.
+    inputs = ids.copy()
+    inputs[starts] = sentinels
+    inputs = inputs[~noise | starts]
+    # Targets: the noise ids, each span preceded by its sentinel.
+    targets = np.insert(ids[noise], np.flatnonzero(starts[noise]), sentinels)
+    eos = np.asarray([eos_id], np.int32)
+    return np.concatenate([inputs, eos]).astype(np.int32), np.concatenate([targets, eos]).astype(np.int32)

@@ -14,7 +14,11 @@ Reserved ids: pad 0, unk 1, bos 2, eos 3. A tokenizer trained for a masked-LM ru
 user-defined symbols, so each is always one piece, also inside text (`"for i in [MASK](10):"`
 encodes the mask as id 6); `tokenizer.user_defined_symbols` follow them (from 4 in a clm run). A
 tokenizer given or found for an mlm run must hold these three pieces (any ids); the masking never
-selects, and never inserts at random, any special id (`Tokenizer.special_ids`).
+selects, and never inserts at random, any special id (`Tokenizer.special_ids`). A span-corruption or
+seq2seq run (encoder-decoder, e.g. `model.arch=t5`) reserves instead T5's sentinels `<extra_id_0>`
+... `<extra_id_{N-1}>` (N = tokenizer.extra_ids: ids 4 ... 3 + N), which a tokenizer given or found
+for such a run must hold too (`Tokenizer.sentinel_ids`); as user-defined symbols they are never split
+and are special ids.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_model
 
 from llm_jax.config import Config, ConfigError
-from llm_jax.config.checks import MLM_SYMBOLS, reserved_symbols
+from llm_jax.config.checks import MLM_SYMBOLS, reserved_symbols, sentinel_symbols
 from llm_jax.runtime.faults import MachineFault
 
 log = logging.getLogger(__name__)
@@ -59,8 +63,10 @@ class Tokenizer:
     """Thin wrapper over `sentencepiece.SentencePieceProcessor` with the ids the data pipeline uses.
 
     `cls_id`, `sep_id`, `mask_id` are None when the model has no such user-defined piece (a
-    tokenizer trained for a clm run). `special_ids` lists, ascending, every id that is not text:
-    pad, unk, bos, eos (any control piece) and every user-defined symbol ([CLS], [SEP], [MASK] among them).
+    tokenizer trained for a clm run). `sentinel_ids` are the ids of <extra_id_0>, <extra_id_1>, ...
+    in that order, as far as the model has them (empty for a tokenizer trained for clm or mlm).
+    `special_ids` lists, ascending, every id that is not text: pad, unk, bos, eos (any control
+    piece) and every user-defined symbol ([CLS], [SEP], [MASK] and the sentinels among them).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -82,6 +88,10 @@ class Tokenizer:
         self.cls_id: int | None = self.user_defined.get("[CLS]")
         self.sep_id: int | None = self.user_defined.get("[SEP]")
         self.mask_id: int | None = self.user_defined.get("[MASK]")
+        sentinels = []
+        while f"<extra_id_{len(sentinels)}>" in self.user_defined:
+            sentinels.append(self.user_defined[f"<extra_id_{len(sentinels)}>"])
+        self.sentinel_ids: tuple[int, ...] = tuple(sentinels)
         # Not text: control pieces (pad, bos, eos, any other), unk, unused ones and user symbols.
         not_text = (kind.CONTROL, kind.UNKNOWN, kind.UNUSED, kind.USER_DEFINED)
         self.special_ids: tuple[int, ...] = tuple(i for i, p in enumerate(proto.pieces) if p.type in not_text)
@@ -125,7 +135,8 @@ def sample_documents(source: Any, sample_bytes: int, seed: int = 0) -> list[str]
     """About `sample_bytes` of text from a random-access `source` of documents.
 
     Documents are visited in a seeded random order, so the sample spans the whole corpus rather
-    than its first files; each contributes at most a small share, whole lines only.
+    than its first files; each contributes at most a small share, whole lines only. A seq2seq
+    example (an (input, target) pair) gives both texts: the tokenizer must know both sides' words.
     """
     n = len(source)
     if n == 0:
@@ -135,6 +146,8 @@ def sample_documents(source: Any, sample_bytes: int, seed: int = 0) -> list[str]
     texts, total = [], 0
     for index in order:
         text = source[int(index)]
+        if isinstance(text, tuple):
+            text = "\n".join(text)
         if len(text.encode("utf-8")) > max_doc_bytes:
             text = _cut_at_line(text, max_doc_bytes)
         texts.append(text)
@@ -231,13 +244,20 @@ def _check_loaded(tokenizer: Tokenizer, config: Config, shown_path: str | os.Pat
         )
     if tokenizer.bos_id < 0 or tokenizer.eos_id < 0:
         raise ConfigError(f"tokenizer.path: {shown} has no bos/eos pieces; documents need both")
+    where = "tokenizer.path" if config.tokenizer.path else "workdir"
     missing = [s for s in MLM_SYMBOLS if s not in tokenizer.user_defined]
     if config.objective == "mlm" and missing:
-        where = "tokenizer.path" if config.tokenizer.path else "workdir"
         raise ConfigError(
             f"{where}: the tokenizer {shown} lacks {', '.join(missing)}, which train.objective=mlm needs; "
             "train one for mlm (a fresh workdir without tokenizer.path, or `llm-jax tokenizer train "
             "model.arch=bert`) or give one that has them as user-defined symbols")
+    needed = len(sentinel_symbols(config.tokenizer.extra_ids)) if config.objective in ("span", "seq2seq") else 0
+    if len(tokenizer.sentinel_ids) < needed:
+        raise ConfigError(
+            f"{where}: the tokenizer {shown} has {len(tokenizer.sentinel_ids)} of the {needed} sentinels "
+            f"<extra_id_0> ... <extra_id_{needed - 1}> (tokenizer.extra_ids) that train.objective={config.objective} "
+            "needs; train one for it (a fresh workdir without tokenizer.path, or `llm-jax tokenizer train "
+            "model.arch=t5`), give one that has them as user-defined symbols, or lower tokenizer.extra_ids")
     return tokenizer
 
 
