@@ -54,10 +54,13 @@ def test_known_accelerators_use_the_table_and_the_cpu_is_measured_once():
     assert flops.device_peak_flops(cpu) == flops.measure_cpu_matmul_flops()
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+@pytest.mark.parametrize("arch", ["gpt2", "bert", "t5"])
 def test_bench_reports_parameters_memory_and_cpu_time(tmp_path, arch):
     config = load_config("configs/tiny.yaml", [f"workdir={tmp_path}", f"model.arch={arch}"])
     report = bench.run_bench(config, steps=2, warmup=0)
+    # A row's tokens: an encoder-decoder's inputs and targets (64 + 14 for span corruption), else seq_len.
+    assert flops.tokens_per_row(config) == {"t5": 64 + 14}.get(arch, 64)
+    assert report["tokens_per_sec"] == pytest.approx(8 * flops.tokens_per_row(config) / report["step_time_s"])
     assert report["params"] == count_params(loop.build(config, with_data=False).abstract_state.params)
     assert 0 < report["temp_memory_bytes"] <= report["peak_memory_bytes"]
     assert report["step_cpu_time_s"] > 0
