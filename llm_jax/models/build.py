@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from llm_jax.config import ModelConfig
 from llm_jax.models.decoder import Transformer
+from llm_jax.models.encdec import EncoderDecoder
 from llm_jax.models.encoder import Encoder
 
 # The encoder side of an encoder-decoder's batch (data/pipeline.py), [batch, seq_len] each. The
@@ -23,8 +24,6 @@ def make_model(config: ModelConfig) -> nn.Module:
     deterministic=) and returns float32 logits [batch, length, vocab]; an encoder-decoder's also takes
     the encoder side as keyword arguments (`encoder_inputs`)."""
     if config.family.encoder_decoder:
-        from llm_jax.models.encdec import EncoderDecoder
-
         return EncoderDecoder(config)
     if config.family.encoder:
         return Encoder(config)

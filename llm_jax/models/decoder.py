@@ -47,26 +47,29 @@ def remat_block(block: type[nn.Module], config: ModelConfig, static_argnums: tup
     return nn.remat(block, policy=policy, prevent_cse=not config.scan_layers, static_argnums=static_argnums)
 
 
-def layer_stack(block: type[nn.Module], config: ModelConfig, x_BLE: jax.Array, *args) -> jax.Array:
-    """`config.n_layers` blocks in sequence, called as block(config)(x_BLE, *args) -> (x_BLE, None).
+def layer_stack(block: type[nn.Module], config: ModelConfig, x_BLE: jax.Array, *args,
+                n_layers: int | None = None) -> jax.Array:
+    """`n_layers` blocks (None: `config.n_layers`) in sequence, called as block(config)(x_BLE, *args)
+    -> (x_BLE, None). An encoder-decoder's two stacks each pass their own count.
 
     With `scan_layers`, one compiled body looped by `nn.scan`: the subtree SCANNED_LAYERS, whose
     leaves have a leading [n_layers] axis named "layers" (what LAMB's per-layer trust ratios and the
     checkpoints' scan conversion read); else the subtrees layer_0, layer_1, ... Called inside a
     compact method, so the blocks belong to the calling module. `args` are the same for every layer.
     """
+    n_layers = config.n_layers if n_layers is None else n_layers
     if config.scan_layers:
         stack = nn.scan(
             block,
             variable_axes={"params": 0, "cache": 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast,) * len(args),
-            length=config.n_layers,
+            length=n_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         x_BLE, _ = stack(config, name=SCANNED_LAYERS)(x_BLE, *args)
         return x_BLE
-    for i in range(config.n_layers):
+    for i in range(n_layers):
         x_BLE, _ = block(config, name=f"layer_{i}")(x_BLE, *args)
     return x_BLE
 
