@@ -1,5 +1,6 @@
 """Tests of llm_jax.data.corpus: listing, reading, skipping and splitting local documents."""
 
+import dataclasses
 import json
 import os
 import sysconfig
@@ -153,6 +154,33 @@ def test_jsonl_text_key(tmp_path):
     corpus = corpus_lib.find_corpus(DataConfig(source="jsonl", path=str(tmp_path / "d.jsonl"), text_key="body"))
     texts, stats = _texts(corpus)
     assert texts == {"d.jsonl:1": "hello"} and stats.skipped == 1
+
+
+def test_jsonl_seq2seq_examples_need_both_keys_and_are_fingerprinted_by_them(tmp_path):
+    lines = [
+        json.dumps({"q": "two plus two", "a": "four"}),
+        json.dumps({"q": "no answer"}),
+        json.dumps({"q": "blank answer", "a": "  "}),
+        json.dumps({"a": "no question"}),
+        json.dumps({"q": "one", "a": "1\x00"}),
+        json.dumps({"q": "three", "a": "3", "text": "ignored"}),
+    ]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    data = DataConfig(source="jsonl", path=str(tmp_path / "d.jsonl"), input_key="q", target_key="a")
+    corpus = corpus_lib.find_corpus(data, pairs=True)
+    stats = corpus_lib.CorpusStats()
+    docs = list(corpus_lib.iter_documents(corpus, stats))
+    assert [(d.key, d.text, d.target) for d in docs] == [("d.jsonl:1", "two plus two", "four"),
+                                                         ("d.jsonl:6", "three", "3")]
+    assert stats.reasons == {"no string 'a'": 1, "no string 'q'": 1, "empty": 1, "binary": 1}
+    assert stats.bytes == len("two plus twofourthree3")
+    assert "2 examples from 1 files (4 skipped)" in corpus.describe(stats)
+    # Either key changed: another prepared dataset; so is the text corpus of the same files.
+    fingerprints = {corpus_lib.find_corpus(dataclasses.replace(data, **change), pairs=True).fingerprint()
+                    for change in ({}, {"input_key": "question"}, {"target_key": "answer"})}
+    assert len(fingerprints) == 3 and corpus_lib.find_corpus(data).fingerprint() not in fingerprints
+    with pytest.raises(ConfigError, match="data.source=text holds text, but train.objective=seq2seq"):
+        corpus_lib.find_corpus(dataclasses.replace(data, source="text"), pairs=True)
 
 
 # ----------------------------------------------------------------------------- limits and units

@@ -12,6 +12,7 @@ import tensorflow_datasets as tfds
 from llm_jax.config import ConfigError, load_config
 from llm_jax.data import corpus as corpus_lib
 from llm_jax.data import pipeline, shards, tfds_builder
+from llm_jax.models import build
 
 SEQ, BATCH = 8, 4
 
@@ -78,6 +79,31 @@ def check_batch(batch, rows):
             np.testing.assert_array_equal(inputs[1:], targets[:-1])  # next tokens of one piece
             pairs.update(zip(inputs.tolist(), targets.tolist()))
     return pairs
+
+
+def encdec_examples(batch, rows, seq_len, target_len):
+    """Layout invariants of an encoder-decoder batch; yields each packed example's (encoder inputs,
+    decoder inputs, targets, weights). Both sides of an example share its row and segment id."""
+    assert set(batch) == set(pipeline.BATCH_KEYS) | set(pipeline.ENCODER_BATCH_KEYS)
+    for key in batch:
+        length = seq_len if key.startswith("encoder_") else target_len
+        assert batch[key].shape == (rows, length), key
+        assert batch[key].dtype == (np.float32 if key == "weights" else np.int32), key
+    np.testing.assert_array_equal(batch["weights"], (batch["segment_ids"] > 0).astype(np.float32))
+    for side in ("encoder_", ""):
+        pad = batch[f"{side}segment_ids"] == 0
+        assert not batch[f"{side}inputs"][pad].any() and not batch[f"{side}positions"][pad].any()
+    for r in range(rows):
+        enc_seg, dec_seg = batch["encoder_segment_ids"][r], batch["segment_ids"][r]
+        ids = sorted(set(enc_seg[enc_seg > 0].tolist()))
+        assert ids == sorted(set(dec_seg[dec_seg > 0].tolist())) == list(range(1, len(ids) + 1))
+        for s in ids:
+            enc, dec = enc_seg == s, dec_seg == s
+            np.testing.assert_array_equal(batch["encoder_positions"][r][enc], np.arange(enc.sum()))
+            np.testing.assert_array_equal(batch["positions"][r][dec], np.arange(dec.sum()))
+            targets = batch["targets"][r][dec]
+            np.testing.assert_array_equal(batch["inputs"][r][dec], [pipeline.DECODER_START_ID, *targets[:-1]])
+            yield batch["encoder_inputs"][r][enc], batch["inputs"][r][dec], targets, batch["weights"][r][dec]
 
 
 # ----------------------------------------------------------------------------- pieces and packing
@@ -416,3 +442,102 @@ def test_tfds_dataset_missing_from_its_data_dir_is_one_line(tmp_path):
         pipeline.open_sources(config)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "nowhere").exists() or not any((tmp_path / "nowhere").rglob("*.array_record*"))
+
+
+# ----------------------------------------------------------------------------- seq2seq examples
+
+
+def toy_pairs(n, seed=0):
+    """Example d: input ids 1000*d + 10 + k, target the first half of them + 500000 each, so an
+    example's target can be checked against its input; some are longer than a row (truncated)."""
+    lengths = np.random.default_rng(seed).integers(1, 3 * SEQ, size=n)
+    inputs = [[1000 * d + 10 + k for k in range(lengths[d])] for d in range(n)]
+    return [(" ".join(map(str, ids)), " ".join(str(i + 500_000) for i in ids[:len(ids) // 2 + 1])) for ids in inputs]
+
+
+def check_seq2seq_batch(batch, rows, seq_len=SEQ, target_len=SEQ):
+    """Every example of a seq2seq batch: its target belongs to its input (no side crossed examples).
+    Returns the first input id of each, which names the example."""
+    firsts = []
+    for enc, _, targets, _ in encdec_examples(batch, rows, seq_len, target_len):
+        assert enc[-1] == targets[-1] == ToyTokenizer.eos_id  # eos kept last when cut
+        np.testing.assert_array_equal(targets[:-1] - 500_000, enc[:len(targets) - 1])
+        firsts.append(int(enc[0]))
+    return firsts
+
+
+def test_seq2seq_examples_are_cut_to_their_lengths_and_packed_side_by_side():
+    assert pipeline.ENCODER_BATCH_KEYS == build.ENCODER_KEYS
+    pairs = toy_pairs(40)
+    config = toy_config("model.arch=t5", "train.objective=seq2seq", "train.eval_batches=1000")
+    assert config.target_len == SEQ
+    (piece,) = pipeline.PairCutter(ToyTokenizer(), 4, 3)(("10 11 12 13 14", "20 21"))
+    assert {k: v.tolist() for k, v in piece.items()} == {
+        "encoder_inputs": [10, 11, 12, 3], "inputs": [0, 20, 21], "targets": [20, 21, 3]}
+    batches = pipeline.make_eval_batches(config, ToyTokenizer(), toy_sources(["1"], pairs))
+    firsts = [f for batch in batches for f in check_seq2seq_batch(batch, BATCH)]
+    assert sorted(firsts) == [1000 * d + 10 for d in range(40)]  # each example once
+    assert any(b["segment_ids"].max() > 1 for b in batches)
+    shorter = toy_config("model.arch=t5", "train.objective=seq2seq", "train.target_len=4")
+    batch = next(shards.make_train_iterator(shorter, ToyTokenizer(), toy_sources(pairs)))
+    check_seq2seq_batch(batch, BATCH, target_len=4)
+
+
+def _write_pairs_jsonl(path, pairs):
+    lines = [json.dumps({"question": q, "answer": a}) for q, a in pairs]
+    lines += [json.dumps({"question": "10 11"}), json.dumps({"text": "12"})]  # no answer; no question
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_seq2seq_jsonl_trains_evaluates_and_resumes(tmp_path):
+    pairs = toy_pairs(60, seed=1)
+    _write_pairs_jsonl(tmp_path / "qa.jsonl", pairs)
+    config = toy_config("model.arch=t5", "train.objective=seq2seq", "data.source=jsonl",
+                        f"data.path={tmp_path}/*.jsonl", "data.input_key=question", "data.target_key=answer",
+                        f"data.prepared_dir={tmp_path / 'prep'}",
+                        "data.eval_fraction=0.2", "train.eval_batches=2", "data.shuffle_window=8")
+    sources = pipeline.open_sources(config)
+    assert sources.skipped == {"no string 'answer'": 1, "no string 'question'": 1}
+    assert sources.description.endswith("60 examples from 1 files (2 skipped)")
+    got = [split[i] for split in (sources.train, sources.eval) for i in range(len(split))]
+    assert sorted(got) == sorted(pairs) and len(sources.eval) > 0
+    eval_batches = pipeline.make_eval_batches(config, ToyTokenizer(), sources)
+    assert len(eval_batches) >= 1 and all(check_seq2seq_batch(b, BATCH) for b in eval_batches)
+    it = shards.make_train_iterator(config, ToyTokenizer(), sources)
+    for _ in range(2):
+        check_seq2seq_batch(next(it), BATCH)
+    state = json.loads(json.dumps(shards.iterator_state(it)))
+    want = next(it)
+    it.close()
+    resumed = shards.make_train_iterator(config, ToyTokenizer(), sources)
+    first = next(resumed)
+    shards.restore_iterator_state(resumed, state)
+    got = next(resumed)
+    resumed.close()
+    assert set(got) == set(want) and not np.array_equal(first["encoder_inputs"], want["encoder_inputs"])
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_seq2seq_reads_examples_only():
+    for source in ("text", "default", "mixture"):
+        config = toy_config("model.arch=t5", "train.objective=seq2seq", f"data.source={source}", "data.path=x",
+                            "data.mixture=[{source: jsonl, path: x}]" if source == "mixture" else "data.mixture=[]")
+        with pytest.raises(ConfigError, match=rf"^data.source={source} holds text, but train.objective=seq2seq"):
+            pipeline.open_sources(config)
+
+
+def test_tfds_seq2seq_examples_through_mock_data():
+    config = toy_config("model.arch=t5", "train.objective=seq2seq", "data.source=tfds", "data.tfds_name=aeslc",
+                        "data.input_key=email_body", "data.target_key=subject_line", "train.eval_batches=2")
+    with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+        sources = pipeline.open_sources(config)
+        source, target = sources.train[0]
+        assert isinstance(source, str) and isinstance(target, str) and source and target
+        batch = next(shards.make_train_iterator(config, CharTokenizer(), sources))
+        assert list(encdec_examples(batch, BATCH, SEQ, SEQ))
+        assert len(pipeline.make_eval_batches(config, CharTokenizer(), sources)) == 2
+        with pytest.raises(ConfigError, match="^data.target_key: dataset 'aeslc' has no feature 'summary'"):
+            pipeline.open_sources(toy_config("model.arch=t5", "train.objective=seq2seq", "data.source=tfds",
+                                             "data.tfds_name=aeslc", "data.input_key=email_body",
+                                             "data.target_key=summary"))

@@ -8,8 +8,19 @@ import json
 import grain
 import numpy as np
 import pytest
-from test_data import SEQ, ToyTokenizer, check_batch, expected_pairs, toy_config, toy_docs, toy_sources
+from test_data import (
+    BATCH,
+    SEQ,
+    ToyTokenizer,
+    check_batch,
+    encdec_examples,
+    expected_pairs,
+    toy_config,
+    toy_docs,
+    toy_sources,
+)
 
+from llm_jax.config import ConfigError
 from llm_jax.data import objectives, pipeline, shards
 
 CLS, SEP, MASK = 4, 5, 6
@@ -140,8 +151,9 @@ def test_a_document_gets_fresh_masks_each_epoch_and_the_same_masks_at_the_same_p
 # ----------------------------------------------------------------------------- determinism of training batches
 
 
-def _batches(config, rows=None, steps=4, state=None):
-    it = shards.make_train_iterator(config, MlmTokenizer(), toy_sources(toy_docs(60)), rows)
+def _batches(config, rows=None, steps=4, state=None, tokenizer=None, docs=None):
+    tokenizer = MlmTokenizer() if tokenizer is None else tokenizer
+    it = shards.make_train_iterator(config, tokenizer, toy_sources(toy_docs(60) if docs is None else docs), rows)
     if state is not None:
         it.restore_from_saved([state])
     out = [next(it) for _ in range(steps)]
@@ -152,7 +164,8 @@ def _batches(config, rows=None, steps=4, state=None):
 
 def _assert_same(got, want):
     for step, (a, b) in enumerate(zip(got, want, strict=True)):
-        for k in pipeline.BATCH_KEYS:
+        assert set(a) == set(b)
+        for k in a:
             np.testing.assert_array_equal(a[k], b[k], err_msg=f"step {step}, {k}")
 
 
@@ -237,3 +250,81 @@ def test_span_corruption_is_a_function_of_the_rng_and_needs_enough_sentinels():
     assert not np.array_equal(a[1], c[1])
     with pytest.raises(ValueError, match="5 noise spans but there are only 2 sentinels"):
         objectives.span_corrupt(piece, np.random.default_rng(0), sentinel_ids=SENTINELS[:2], eos_id=EOS)
+
+
+class SpanTokenizer(ToyTokenizer):
+    """ToyTokenizer with sentinels (far from the documents' ids) as special ids."""
+
+    sentinel_ids = SENTINELS
+    special_ids = (0, 1, 2, 3, *SENTINELS)
+
+
+SPAN_SEQ = 32
+
+
+def _span_config(*extra):
+    return toy_config("model.arch=t5", f"train.seq_len={SPAN_SEQ}", *extra)
+
+
+def _long_docs(n, seed=0):
+    """Document d holds ids 1000*d + 10 + k, some longer than a piece (full pieces), some empty."""
+    lengths = np.random.default_rng(seed).integers(0, 130, size=n)
+    return [" ".join(str(1000 * d + 10 + k) for k in range(lengths[d])) for d in range(n)]
+
+
+def test_span_pieces_pack_both_sides_into_one_row_and_rebuild_their_documents():
+    docs = _long_docs(40)
+    config = _span_config("train.eval_batches=1000")
+    piece, target_len = objectives.span_lengths(SPAN_SEQ)
+    assert config.target_len == target_len and piece > SPAN_SEQ
+    batches = pipeline.make_eval_batches(config, SpanTokenizer(), toy_sources(["1"], docs))
+    rebuilt, full = collections.defaultdict(list), 0
+    for batch in batches:
+        for enc, _, targets, weights in encdec_examples(batch, BATCH, SPAN_SEQ, target_len):
+            assert weights.all()
+            ids, unused = _rebuild(enc, targets)
+            assert not unused and ids == list(range(ids[0], ids[0] + len(ids)))  # a stretch of one document
+            assert len(ids) <= piece and (len(ids) < piece or len(enc) == SPAN_SEQ)  # full pieces fill seq_len
+            full += len(ids) == piece
+            rebuilt[ids[0] // 1000].append(ids)
+    assert full > 10 and any(b["segment_ids"].max() > 1 for b in batches)  # full pieces, and rows shared
+    for d, doc in enumerate(docs):  # every id once, in pieces of `piece` ids (the last shorter); empty: none
+        pieces = sorted(rebuilt.pop(d, []))
+        assert [t for p in pieces for t in p] == [int(t) for t in doc.split()]
+        assert all(len(p) == piece for p in pieces[:-1])
+    assert not rebuilt
+    # The eval corruption is fixed: the same on every eval and every run, whatever the seed.
+    again = pipeline.make_eval_batches(_span_config("train.eval_batches=1000", "seed=99"), SpanTokenizer(),
+                                       toy_sources(["1"], docs))
+    _assert_same(again, batches)
+
+
+def test_a_document_gets_fresh_spans_each_epoch_and_the_same_spans_at_the_same_place():
+    stream = grain.MapDataset.source([" ".join(str(100 + k) for k in range(90))]).repeat()
+    cut = pipeline.cut_documents(_span_config(), SpanTokenizer(), stream, (7, 3, 0))
+    first, second, first_again = cut[0], cut[1], cut[0]
+    assert len(first) == 3 and [_rebuild(p["encoder_inputs"], p["targets"])[0] for p in first] == [
+        _rebuild(p["encoder_inputs"], p["targets"])[0] for p in second]
+    assert any(not np.array_equal(a["targets"], b["targets"]) for a, b in zip(first, second))
+    for a, b in zip(first, first_again):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    with pytest.raises(ConfigError, match="needs a tokenizer with the sentinels"):
+        pipeline.cut_documents(_span_config(), ToyTokenizer(), stream, (7, 3, 0))
+
+
+def test_span_batches_survive_a_resume_and_do_not_depend_on_the_process_layout():
+    config = _span_config("train.batch_size=8", "data.shuffle_window=8", "data.virtual_shards=2")
+    kw = {"tokenizer": SpanTokenizer(), "docs": _long_docs(60)}
+    uninterrupted, _ = _batches(config, steps=4, **kw)
+    for batch in uninterrupted:
+        assert list(encdec_examples(batch, 8, SPAN_SEQ, config.target_len))
+    _, state = _batches(config, steps=2, **kw)
+    resumed, _ = _batches(config, steps=2, state=state, **kw)
+    _assert_same(resumed, uninterrupted[2:])
+    top, _ = _batches(config, rows=[(0, 4)], steps=4, **kw)
+    bottom, _ = _batches(config, rows=[(4, 8)], steps=4, **kw)
+    _assert_same([{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(top, bottom)], uninterrupted)
+    other, _ = _batches(_span_config("train.batch_size=8", "data.shuffle_window=8", "data.virtual_shards=2", "seed=8"),
+                        steps=1, **kw)
+    assert not np.array_equal(other[0]["targets"], uninterrupted[0]["targets"])

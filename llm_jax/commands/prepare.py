@@ -77,14 +77,17 @@ def data_prepare(config: Config) -> dict[str, Any]:
     sources = data_lib.open_sources(config)  # prepares what is not prepared yet
     tokenizer = load_or_train_tokenizer(config, config.workdir, sources)  # what training will use
     report: dict[str, Any] = {"tokenizer": os.fspath(tokenizer.path), "corpora": []}
+    pairs = config.objective == "seq2seq"  # (input, target) examples: both sides' tokens count
+    features = ("text", tfds_builder.TARGET) if pairs else ("text",)
     for name, part in parts:
-        corpus = corpus_lib.find_corpus(part)  # found once already by open_sources
+        corpus = corpus_lib.find_corpus(part, pairs=pairs)  # found once already by open_sources
         prepared = tfds_builder.prepare_corpus(corpus, part.prepared_dir or None, num_shards=part.num_shards)
         splits = {}
         for split, documents in prepared.split_sizes().items():
-            texts = data_lib.TextSource(prepared.data_source(split), "text")
+            texts = [data_lib.TextSource(prepared.data_source(split), feature) for feature in features]
             splits[split] = {"documents": documents, "shards": prepared.split_shards()[split],
-                             "tokens": count_tokens(tokenizer, texts, f"counting {split} tokens", progress)}
+                             "tokens": sum(count_tokens(tokenizer, t, f"counting {split} tokens", progress)
+                                           for t in texts)}
         tokens = sum(s["tokens"] for s in splits.values())
         report["corpora"].append({
             "name": name, "source": corpus.kind, "pattern": corpus.pattern, "files": len(corpus.files),

@@ -1,5 +1,8 @@
 """Finding and reading local documents: the embedded default corpus, text globs, jsonl globs.
 
+A seq2seq run reads (input, target) examples instead: jsonl records with both keys
+(`find_corpus(..., pairs=True)`; a `Document` then has a `target`).
+
 A corpus is described by its kind, a root folder and a sorted file list. Everything that decides
 what the prepared dataset contains (the files with their sizes and mtimes, the text key, the
 eval fraction) goes into `Corpus.fingerprint()`, so a changed corpus gets a freshly prepared
@@ -40,7 +43,8 @@ _GLOB_MAGIC = ("*", "?", "[")
 @dataclasses.dataclass(frozen=True)
 class Document:
     key: str  # stable identity: relative path, or "relative/path:line" for jsonl
-    text: str
+    text: str  # a seq2seq example's input
+    target: str | None = None  # a seq2seq example's target; None: a document of text
 
 
 @dataclasses.dataclass
@@ -65,7 +69,8 @@ class Corpus:
     root: Path  # document keys are paths relative to this folder
     files: tuple[Path, ...]  # sorted by their path relative to root
     pattern: str  # what the user asked for (for messages)
-    text_key: str = "text"
+    text_key: str = "text"  # jsonl: the text's field (seq2seq: the input's)
+    target_key: str = ""  # jsonl seq2seq examples: the target's field; empty: records are text
     eval_fraction: float = 0.02
     text_unit: str = "file"  # file | line: one document per text file, or per non-blank line
     max_line_bytes: int = 0  # documents with a longer line are skipped; 0: no limit
@@ -89,6 +94,8 @@ class Corpus:
             "text_unit": self.text_unit if self.kind == "text" else None,
             "max_line_bytes": self.max_line_bytes,
         }
+        if self.target_key:  # only then: the fingerprints of text corpora stay what they were
+            head["target_key"] = self.target_key
         h.update(json.dumps(head, sort_keys=True).encode())
         for path in self.files:
             st = path.stat()
@@ -99,7 +106,8 @@ class Corpus:
         """One line for logs and `DataSources.description`."""
         if self.kind == "default":
             return f"default corpus: {stats.documents} files ({stats.skipped} skipped) at {self.root}"
-        unit = {"jsonl": "records", "text": "lines" if self.text_unit == "line" else "documents"}[self.kind]
+        unit = {"jsonl": "examples" if self.target_key else "records",
+                "text": "lines" if self.text_unit == "line" else "documents"}[self.kind]
         return (f"{self.kind} corpus {self.pattern}: {stats.documents} {unit} from {len(self.files)} files "
                 f"({stats.skipped} skipped)")
 
@@ -151,8 +159,21 @@ def list_glob_files(pattern: str) -> tuple[Path, list[Path]]:
     return root, sorted(set(files), key=lambda p: p.relative_to(root).as_posix())
 
 
-def find_corpus(data: DataConfig) -> Corpus:
-    """The local corpus named by the data config (source default, text or jsonl)."""
+def find_corpus(data: DataConfig, pairs: bool = False) -> Corpus:
+    """The local corpus named by the data config (source default, text or jsonl).
+
+    `pairs` (a seq2seq run): jsonl records holding an example, input data.input_key and target
+    data.target_key.
+    """
+    if pairs:
+        if data.source != "jsonl":
+            raise ConfigError(f"data.source={data.source} holds text, but train.objective=seq2seq reads (input, "
+                              "target) examples: use data.source=jsonl or tfds with data.input_key and data.target_key")
+        if not data.path:
+            raise ConfigError("data.source=jsonl needs data.path (a glob of files)")
+        root, files = list_glob_files(data.path)
+        return Corpus("jsonl", root, tuple(files), data.path, text_key=data.input_key, target_key=data.target_key,
+                      eval_fraction=data.eval_fraction, max_line_bytes=data.max_line_bytes)
     if data.source == "default":
         root = default_corpus_root()
         files = list_default_files(root)
@@ -191,17 +212,19 @@ def has_long_line(text: str, max_line_bytes: int) -> bool:
                for line in text.split("\n"))
 
 
-def _usable(text: str, corpus: Corpus, stats: CorpusStats) -> bool:
-    """The checks every document passes, whatever its format; a failure is counted by reason."""
-    if "\x00" in text:  # NUL never appears in text: binary data (also inside valid UTF-8 or JSON)
+def _usable(text: str, corpus: Corpus, stats: CorpusStats, target: str | None = None) -> bool:
+    """The checks every document passes, whatever its format (both sides of a seq2seq example); a
+    failure is counted by reason."""
+    texts = (text,) if target is None else (text, target)
+    if any("\x00" in t for t in texts):  # NUL never appears in text: binary data (also inside valid UTF-8 or JSON)
         stats.skip("binary")
-    elif not text.strip():
+    elif not all(t.strip() for t in texts):
         stats.skip("empty")
-    elif has_long_line(text, corpus.max_line_bytes):
+    elif any(has_long_line(t, corpus.max_line_bytes) for t in texts):
         stats.skip("line too long")
     else:
         stats.documents += 1
-        stats.bytes += len(text.encode("utf-8"))
+        stats.bytes += sum(len(t.encode("utf-8")) for t in texts)
         return True
     return False
 
@@ -256,12 +279,15 @@ def _iter_jsonl_file(corpus: Corpus, path: Path, stats: CorpusStats) -> Iterator
             except (UnicodeDecodeError, json.JSONDecodeError):
                 stats.skip("malformed json")
                 continue
-            text = record.get(corpus.text_key) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                stats.skip(f"no string '{corpus.text_key}'")
+            keys = (corpus.text_key, corpus.target_key) if corpus.target_key else (corpus.text_key,)
+            values = [record.get(key) if isinstance(record, dict) else None for key in keys]
+            missing = [key for key, value in zip(keys, values) if not isinstance(value, str)]
+            if missing:
+                stats.skip(f"no string '{missing[0]}'")
                 continue
-            if _usable(text, corpus, stats):
-                yield Document(f"{rel}:{lineno}", text)
+            text, target = values[0], (values[1] if corpus.target_key else None)
+            if _usable(text, corpus, stats, target):
+                yield Document(f"{rel}:{lineno}", text, target)
 
 
 def iter_documents(corpus: Corpus, stats: CorpusStats | None = None,

@@ -27,7 +27,17 @@ encoder_segment_ids, encoder_positions [rows, seq_len] (models/build.ENCODER_KEY
 is inputs, targets, segment_ids, positions, weights [rows, target_len] (`Config.target_len`),
 where inputs are the targets shifted right by one within each segment, starting with pad (id 0, T5's
 decoder start). An example's two sides are packed into the same row with the same segment id, so
-neither self- nor cross-attention crosses examples.
+neither self- nor cross-attention crosses examples: grain's first-fit packing places an example only
+in a row where every one of its features fits, and numbers it there with one segment id for all of
+them (tests/test_objectives.py checks it).
+
+Span corruption (`config.objective == "span"`, T5's pretraining): a document's ids (no bos) are cut
+into pieces of `objectives.span_piece_length` ids (the last shorter), so that a full piece's
+corrupted inputs fill seq_len and its targets target_len; each piece is corrupted by
+`objectives.span_corrupt` with the rng of the seed and the document's place, as for mlm.
+Seq2seq (`config.objective == "seq2seq"`): the documents are (input, target) pairs (`PairSource`);
+each is one example, input ids + [eos] cut to seq_len and target ids + [eos] cut to target_len (the
+eos kept last).
 """
 
 from __future__ import annotations
@@ -51,6 +61,11 @@ log = logging.getLogger(__name__)
 
 Batch = dict[str, np.ndarray]
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
+# An encoder-decoder's batch has these too, [rows, seq_len] (the same names as models/build.ENCODER_KEYS).
+ENCODER_BATCH_KEYS = ("encoder_inputs", "encoder_segment_ids", "encoder_positions")
+ENCODER_DECODER_OBJECTIVES = ("span", "seq2seq")
+# The decoder's first input of every example: pad, as in T5 (generation starts from it too).
+DECODER_START_ID = 0
 
 
 # ----------------------------------------------------------------------------- sources
@@ -69,22 +84,41 @@ class TextSource:
     def __len__(self) -> int:
         return len(self._source)
 
-    def _text(self, record: Any) -> str:
-        value = record[self._text_key]
+    @staticmethod
+    def _text(record: Any, key: str) -> str:
+        value = record[key]
         if isinstance(value, np.ndarray):
             value = value.item()
         return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
     def __getitem__(self, index: int) -> str:
-        return self._text(self._source[int(index)])
+        return self._text(self._source[int(index)], self._text_key)
 
     def __repr__(self) -> str:
         return f"TextSource({len(self)} documents, key={self._text_key!r})"
 
 
+class PairSource(TextSource):
+    """A TFDS data source seen as a sequence of seq2seq examples: (input, target) tuples of `str`.
+
+    The tokenizer sample reads both texts of each (tokenizer.sample_documents)."""
+
+    def __init__(self, source: Any, input_key: str, target_key: str):
+        super().__init__(source, input_key)
+        self._target_key = target_key
+
+    def __getitem__(self, index: int) -> tuple[str, str]:
+        record = self._source[int(index)]
+        return self._text(record, self._text_key), self._text(record, self._target_key)
+
+    def __repr__(self) -> str:
+        return f"PairSource({len(self)} examples, keys={self._text_key!r}, {self._target_key!r})"
+
+
 @dataclasses.dataclass(frozen=True)
 class DataSources:
-    """Random-access sources of documents (str) for each split.
+    """Random-access sources of documents for each split: str, or (input, target) pairs of str for
+    a seq2seq run (`PairSource`).
 
     A mixture keeps its sources in `parts` (with their `weights`): training draws from each part's
     own endless stream. Its `train` and `eval` are weighted mixes of the parts' splits, for the
@@ -118,7 +152,7 @@ def _tfds_error(d: DataConfig, split: str, key: str, error: Exception) -> Config
     return ConfigError(f"data.tfds_name: dataset '{d.tfds_name}' in {where} cannot be read: {first_line}")
 
 
-def _open_tfds(d: DataConfig) -> DataSources:
+def _open_tfds(d: DataConfig, pairs: bool = False) -> DataSources:
     def open_split(split: str, key: str) -> Any:
         try:
             # download=False: a dataset that is not there is an error, never a surprise download.
@@ -130,27 +164,36 @@ def _open_tfds(d: DataConfig) -> DataSources:
     train = open_split(d.tfds_train_split, "data.tfds_train_split")
     eval_ = open_split(d.tfds_eval_split, "data.tfds_eval_split")
     features = getattr(getattr(train, "dataset_info", None), "features", None)
-    if features is not None and d.text_key not in features:
-        raise ConfigError(f"data.text_key: dataset '{d.tfds_name}' has no feature '{d.text_key}' "
-                          f"(it has: {', '.join(sorted(features.keys()))})")
+    keys = ("data.input_key", "data.target_key") if pairs else ("data.text_key",)
+    for key in keys:
+        feature = getattr(d, key.split(".")[1])
+        if features is not None and feature not in features:
+            raise ConfigError(f"{key}: dataset '{d.tfds_name}' has no feature '{feature}' "
+                              f"(it has: {', '.join(sorted(features.keys()))})")
     description = (f"tfds {d.tfds_name}: {len(train)} train ({d.tfds_train_split}), "
                    f"{len(eval_)} eval ({d.tfds_eval_split}) records")
+    if pairs:
+        return DataSources(PairSource(train, d.input_key, d.target_key), PairSource(eval_, d.input_key, d.target_key),
+                           description)
     return DataSources(TextSource(train, d.text_key), TextSource(eval_, d.text_key), description)
 
 
-def _open_local(d: DataConfig, progress: bool) -> DataSources:
-    corpus = corpus_lib.find_corpus(d)
+def _open_local(d: DataConfig, progress: bool, pairs: bool = False) -> DataSources:
+    corpus = corpus_lib.find_corpus(d, pairs=pairs)
     prepared = tfds_builder.prepare_corpus(corpus, d.prepared_dir or None, num_shards=d.num_shards,
                                            progress=progress)
     stats = corpus_lib.CorpusStats(documents=prepared.documents, skipped=prepared.skipped)
-    train = prepared.data_source(tfds_builder.TRAIN)
-    eval_ = prepared.data_source(tfds_builder.VALIDATION)
-    return DataSources(TextSource(train, "text"), TextSource(eval_, "text"), corpus.describe(stats),
-                       documents=prepared.documents, skipped=prepared.skipped_reasons)
+    splits = [prepared.data_source(split) for split in (tfds_builder.TRAIN, tfds_builder.VALIDATION)]
+    if pairs:  # the prepared dataset's features: the input as "text", and "target"
+        train, eval_ = (PairSource(split, "text", tfds_builder.TARGET) for split in splits)
+    else:
+        train, eval_ = (TextSource(split, "text") for split in splits)
+    return DataSources(train, eval_, corpus.describe(stats), documents=prepared.documents,
+                       skipped=prepared.skipped_reasons)
 
 
-def _open_one(d: DataConfig, progress: bool) -> DataSources:
-    return _open_tfds(d) if d.source == "tfds" else _open_local(d, progress)
+def _open_one(d: DataConfig, progress: bool, pairs: bool = False) -> DataSources:
+    return _open_tfds(d, pairs) if d.source == "tfds" else _open_local(d, progress, pairs)
 
 
 def mixture_part_config(d: DataConfig, entry: MixtureSource) -> DataConfig:
@@ -205,7 +248,11 @@ def open_sources(config: Config) -> DataSources:
     TFDS dataset, split or feature.
     """
     d, progress = config.data, config.train.progress
-    sources = _open_mixture(d, progress) if d.source == "mixture" else _open_one(d, progress)
+    pairs = config.objective == "seq2seq"
+    if pairs and d.source not in ("jsonl", "tfds"):
+        raise ConfigError(f"data.source={d.source} holds text, but train.objective=seq2seq reads (input, target) "
+                          "examples: use data.source=jsonl or tfds with data.input_key and data.target_key")
+    sources = _open_mixture(d, progress) if d.source == "mixture" else _open_one(d, progress, pairs)
     if len(sources.train) == 0:
         raise ConfigError(f"the training split is empty: {sources.description}")
     if len(sources.eval) == 0:
@@ -288,16 +335,94 @@ class MaskedDocumentCutter:
         return pieces
 
 
+def decoder_inputs(targets: np.ndarray) -> np.ndarray:
+    """An encoder-decoder's decoder inputs: the targets shifted right by one, after DECODER_START_ID."""
+    return np.concatenate([[DECODER_START_ID], targets[:-1]]).astype(np.int32)
+
+
+class SpanDocumentCutter:
+    """(index, document) -> its span-corrupted pieces, with the rng of `seed_words` + [index]. Picklable.
+
+    The document's ids are cut into pieces of `objectives.span_piece_length(seq_len, target_len)`
+    (the last shorter; an empty document gives none), each corrupted into encoder_inputs and
+    targets; as for mlm, the corruption is a pure function of the seed words and the document's place.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, seq_len: int, target_len: int, extra_ids: int,
+                 seed_words: tuple[int, ...]):
+        self.piece_length = objectives.span_piece_length(seq_len, target_len)
+        spans = objectives.noise_counts(self.piece_length)[1]
+        self.sentinel_ids = tuple(getattr(tokenizer, "sentinel_ids", ()))[:extra_ids]
+        if len(self.sentinel_ids) < max(spans, 1):
+            raise ConfigError(f"train.objective=span needs a tokenizer with the sentinels <extra_id_0> ... "
+                              f"<extra_id_{max(spans, 1) - 1}>; {tokenizer!r} has {len(self.sentinel_ids)} of them")
+        self.tokenizer, self.seed_words = tokenizer, tuple(int(w) for w in seed_words)
+
+    def __call__(self, index: int, text: str) -> list[dict[str, np.ndarray]]:
+        rng = np.random.default_rng([*self.seed_words, int(index)])
+        ids = np.asarray(self.tokenizer.encode(text), dtype=np.int32)
+        pieces = []
+        for start in range(0, len(ids), self.piece_length):
+            inputs, targets = objectives.span_corrupt(ids[start:start + self.piece_length], rng,
+                                                      sentinel_ids=self.sentinel_ids, eos_id=self.tokenizer.eos_id)
+            pieces.append({"encoder_inputs": inputs, "inputs": decoder_inputs(targets), "targets": targets})
+        return pieces
+
+
+class PairCutter:
+    """An (input, target) example -> its one piece. Picklable.
+
+    Each side is its ids + [eos], cut to its length (seq_len, target_len) with the eos kept last: an
+    over-long example is truncated, never dropped.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, seq_len: int, target_len: int):
+        self.tokenizer, self.seq_len, self.target_len = tokenizer, seq_len, target_len
+
+    def _side(self, text: str, length: int) -> np.ndarray:
+        return np.asarray([*self.tokenizer.encode(text)[:length - 1], self.tokenizer.eos_id], dtype=np.int32)
+
+    def __call__(self, pair: tuple[str, str]) -> list[dict[str, np.ndarray]]:
+        source, target = pair
+        targets = self._side(target, self.target_len)
+        return [{"encoder_inputs": self._side(source, self.seq_len), "inputs": decoder_inputs(targets),
+                 "targets": targets}]
+
+
+# What each objective makes of a document and how its pieces pack: the two functions below are the
+# one place that tells the objectives apart.
+
+
 def cut_documents(config: Config, tokenizer: Tokenizer, docs: grain.MapDataset,
                   seed_words: tuple[int, ...]) -> grain.MapDataset:
-    """Documents (str) -> their lists of pieces, for the run's objective.
+    """Documents -> their lists of pieces, for the run's objective.
 
-    clm: `DocumentCutter`. mlm: `MaskedDocumentCutter`, whose rng for the document at index i of
-    `docs` is seeded by `seed_words` + [i]: the caller's words name the stream (seed, shard).
+    clm: `DocumentCutter`. mlm: `MaskedDocumentCutter` and span: `SpanDocumentCutter`, whose rng for
+    the document at index i of `docs` is seeded by `seed_words` + [i]: the caller's words name the
+    stream (seed, shard). seq2seq: `PairCutter` (documents are (input, target) pairs).
     """
+    c, seq_len = config, config.train.seq_len
+    if c.objective == "mlm":
+        return docs.map_with_index(MaskedDocumentCutter(tokenizer, seq_len, seed_words))
+    if c.objective == "span":
+        return docs.map_with_index(SpanDocumentCutter(tokenizer, seq_len, c.target_len, c.tokenizer.extra_ids,
+                                                      seed_words))
+    if c.objective == "seq2seq":
+        return docs.map(PairCutter(tokenizer, seq_len, c.target_len))
+    return docs.map(DocumentCutter(tokenizer, seq_len))
+
+
+def piece_lengths(config: Config) -> dict[str, int]:
+    """The row length of each feature of the objective's pieces (grain's packing `length_struct`):
+    clm inputs, targets [seq_len]; mlm also weights; span and seq2seq encoder_inputs [seq_len] and
+    inputs, targets [Config.target_len]."""
+    seq_len = config.train.seq_len
+    if config.objective in ENCODER_DECODER_OBJECTIVES:
+        return {"encoder_inputs": seq_len, "inputs": config.target_len, "targets": config.target_len}
+    lengths = {"inputs": seq_len, "targets": seq_len}
     if config.objective == "mlm":
-        return docs.map_with_index(MaskedDocumentCutter(tokenizer, config.train.seq_len, seed_words))
-    return docs.map(DocumentCutter(tokenizer, config.train.seq_len))
+        lengths["weights"] = seq_len
+    return lengths
 
 
 class _Pieces(grain.experimental.FlatMapTransform):
@@ -317,31 +442,35 @@ def flatten_pieces(per_document: grain.IterDataset) -> grain.IterDataset:
 def _to_batch(packed: dict[str, np.ndarray]) -> Batch:
     """grain's packed feature names -> the trainer's batch layout.
 
-    Pieces that carry their own weights (mlm) keep them; otherwise every real token weighs 1.
+    Pieces that carry their own weights (mlm) keep them; otherwise every real (decoder) token weighs
+    1. An encoder-decoder's encoder side comes with its own segment ids and positions.
     """
     segment_ids = packed["inputs_segment_ids"].astype(np.int32)
     weights = packed["weights"] if "weights" in packed else segment_ids > 0
-    return {
+    batch = {
         "inputs": packed["inputs"].astype(np.int32),
         "targets": packed["targets"].astype(np.int32),
         "segment_ids": segment_ids,
         "positions": packed["inputs_positions"].astype(np.int32),
         "weights": weights.astype(np.float32),
     }
+    if "encoder_inputs" in packed:
+        batch["encoder_inputs"] = packed["encoder_inputs"].astype(np.int32)
+        batch["encoder_segment_ids"] = packed["encoder_inputs_segment_ids"].astype(np.int32)
+        batch["encoder_positions"] = packed["encoder_inputs_positions"].astype(np.int32)
+    return batch
 
 
-def packed_batches(pieces: grain.IterDataset, seq_len: int, rows: int, num_bins: int, seed: int,
-                   shuffle_bins: bool, drop_remainder: bool, with_weights: bool = False) -> grain.IterDataset:
-    """Pieces -> rows of seq_len (first-fit packing over `num_bins` bins) -> batches of `rows` rows.
+def packed_batches(pieces: grain.IterDataset, lengths: dict[str, int], rows: int, num_bins: int, seed: int,
+                   shuffle_bins: bool, drop_remainder: bool) -> grain.IterDataset:
+    """Pieces -> rows (first-fit packing over `num_bins` bins) -> batches of `rows` rows.
 
-    `with_weights`: the pieces carry a "weights" feature (mlm), packed beside inputs and targets.
+    `lengths` is the row length of each feature of the pieces (`piece_lengths`); a piece goes into
+    the first row where all its features fit, with one segment id for all of them.
     """
-    length_struct = {"inputs": seq_len, "targets": seq_len}
-    if with_weights:
-        length_struct["weights"] = seq_len
     packed = grain.experimental.FirstFitPackIterDataset(
         pieces,
-        length_struct=length_struct,
+        length_struct=dict(lengths),
         num_packing_bins=num_bins,
         seed=seed,
         shuffle_bins=shuffle_bins,
@@ -377,7 +506,8 @@ def global_documents(config: Config, sources: DataSources) -> grain.MapDataset:
     return grain.MapDataset.mix(streams, list(sources.weights))
 
 
-# The masks of the eval split, the same whatever train's seed: eval losses of runs compare.
+# The masks (mlm) and noise spans (span) of the eval split, the same whatever train's seed: eval
+# losses of runs compare.
 EVAL_MASK_SEED_WORDS = (0x6D6C6D, 0)
 
 
@@ -393,20 +523,21 @@ def make_eval_batches(config: Config, tokenizer: Tokenizer, sources: DataSources
                       rows: list[tuple[int, int]] | None = None) -> list[Batch]:
     """At most train.eval_batches batches of the eval split, the same on every run.
 
-    No shuffle; for mlm the masks of eval document i come from a fixed rng (`EVAL_MASK_SEED_WORDS`
-    + [i], not the run's seed), so every eval of every run scores the same positions. Every process
+    No shuffle; for mlm (span) the masks (noise spans) of eval document i come from a fixed rng
+    (`EVAL_MASK_SEED_WORDS` + [i], not the run's seed), so every eval of every run scores the same
+    positions. Every process
     builds the same global batches of train.batch_size rows and keeps the global row ranges `rows`
     its devices hold (None: all), so all processes get the same number of batches (a collective
     eval step would hang otherwise). An empty eval split gives [].
     """
     if len(sources.eval) == 0:
         return []
-    global_batch, seq_len = config.train.batch_size, config.train.seq_len
+    global_batch = config.train.batch_size
     read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=16)  # tokenizing holds the GIL: one thread
     per_document = cut_documents(config, tokenizer, grain.MapDataset.source(sources.eval), EVAL_MASK_SEED_WORDS)
     pieces = flatten_pieces(per_document.to_iter_dataset(read))
-    batches = packed_batches(pieces, seq_len, global_batch, num_bins=global_batch, seed=0, shuffle_bins=False,
-                             drop_remainder=False, with_weights=config.objective == "mlm")
+    batches = packed_batches(pieces, piece_lengths(config), global_batch, num_bins=global_batch, seed=0,
+                             shuffle_bins=False, drop_remainder=False)
     spans = rows if rows is not None else [(0, global_batch)]
     out = []
     for batch in itertools.islice(iter(batches), config.train.eval_batches):

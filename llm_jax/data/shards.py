@@ -3,10 +3,10 @@ step alone, whatever the number of processes, the mesh or `data.workers`.
 
 The one global document stream (`pipeline.global_documents`) is dealt to V virtual shards
 (`data.virtual_shards`): shard v reads documents v, v + V, v + 2V, ... and tokenizes, cuts,
-window-shuffles and packs them into R = train.batch_size / V rows per step (for mlm, each document
-is masked with an rng of the seed, v and its index in shard v's stream, so the masks are fixed too).
-Row r of a step's global batch is row r % R of shard r // R. V is set by the config, never by the
-run's layout.
+window-shuffles and packs them into R = train.batch_size / V rows per step (for mlm and span, each
+document is masked with an rng of the seed, v and its index in shard v's stream, so the masks are
+fixed too). Row r of a step's global batch is row r % R of shard r // R. V is set by the config,
+never by the run's layout.
 
 A process runs the shards covering the global rows its devices hold (`rows`; a shard only partly
 held is run whole and sliced) and yields exactly those rows, in order. With `data.workers`, worker
@@ -42,7 +42,7 @@ Rows = list[tuple[int, int]]  # global row ranges [start, stop), sorted and disj
 
 DEFAULT_MAX_SHARDS = 8
 _CHUNK = 4  # documents per task sent to a worker process
-_SALT_WINDOW, _SALT_PACK, _SALT_MASK = 2, 1, 3  # seeds of the piece window, the packing and (mlm) masks, per shard
+_SALT_WINDOW, _SALT_PACK, _SALT_MASK = 2, 1, 3  # seeds of the piece window, the packing and (mlm, span) masks by shard
 
 
 def num_virtual_shards(config: Config) -> int:
@@ -158,7 +158,8 @@ class _Documents(grain.IterDataset):
 
 
 def shard_batches(config: Config, shard: int, documents: grain.IterDataset) -> grain.IterDataset:
-    """One shard's batches [rows per shard, seq_len] from the pieces of its documents, in order."""
+    """One shard's batches [rows per shard, seq_len] (an encoder-decoder's decoder side: target_len)
+    from the pieces of its documents, in order."""
     c = config
     rows = c.train.batch_size // num_virtual_shards(c)
     pieces = data_lib.flatten_pieces(documents)
@@ -168,14 +169,15 @@ def shard_batches(config: Config, shard: int, documents: grain.IterDataset) -> g
         pieces = grain.experimental.WindowShuffleIterDataset(pieces, window_size=c.data.shuffle_window,
                                                              seed=_seed(c, _SALT_WINDOW, shard))
     # More bins than rows: the short last pieces of documents find room, less padding.
-    return data_lib.packed_batches(pieces, c.train.seq_len, rows, num_bins=max(2 * rows, 16),
+    return data_lib.packed_batches(pieces, data_lib.piece_lengths(c), rows, num_bins=max(2 * rows, 16),
                                    seed=_seed(c, _SALT_PACK, shard), shuffle_bins=c.data.shuffle,
-                                   drop_remainder=True, with_weights=c.objective == "mlm")
+                                   drop_remainder=True)
 
 
 class TrainIterator:
     """This process's endless, checkpointable iterator of training batches: the global rows `rows`
-    of every step (None: all train.batch_size rows), in order, as arrays [rows held, seq_len].
+    of every step (None: all train.batch_size rows), in order, as arrays [rows held, seq_len] (an
+    encoder-decoder's decoder side: [rows held, target_len]).
 
     `data.prefetch` steps are made ahead in a background thread. The state (`get_state`) holds the
     position of each virtual shard run here (`data/position.py`).
@@ -196,7 +198,7 @@ class TrainIterator:
         self._take = None if at == list(range(len(self.shards) * r)) else np.asarray(at)
 
         everything = data_lib.global_documents(c, sources)
-        # mlm: document i of shard v is masked with the rng of (seed, salt, v, i), in the worker
+        # mlm, span: document i of shard v is masked with the rng of (seed, salt, v, i), in the worker
         # processes too; i counts on through the epochs, so a document seen again gets new masks.
         documents = {v: data_lib.cut_documents(c, tokenizer, everything[v::self.virtual_shards],
                                                (c.seed % 2**32, _SALT_MASK, v)) for v in self.shards}

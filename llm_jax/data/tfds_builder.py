@@ -1,4 +1,5 @@
-"""Prepares a local corpus once as a TFDS ArrayRecord dataset (splits train/validation, feature text).
+"""Prepares a local corpus once as a TFDS ArrayRecord dataset (splits train/validation, feature text;
+a corpus of seq2seq examples also the feature target, "text" holding the input).
 
 Why TFDS for local files: the training loop then reads every source the same way (random access
 through `as_data_source`, which grain needs for a global shuffle and checkpointable positions), and
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 TRAIN = "train"
 VALIDATION = "validation"
+TARGET = "target"  # the feature of a seq2seq example's target (its input is "text")
 _LOCK_NAME = ".prepare.lock"  # in the dataset's folder, held while it is being prepared
 
 
@@ -60,6 +62,7 @@ class LlmJaxLocalCorpus(tfds.core.GeneratorBasedBuilder):
                  **kwargs):
         self._corpus = corpus
         self._plan = plan
+        self._pairs = corpus is not None and bool(corpus.target_key)
         super().__init__(**kwargs)
 
     # TFDS prints "Downloading and preparing..." and "...downloaded and prepared" to stdout, which
@@ -74,7 +77,8 @@ class LlmJaxLocalCorpus(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description="A local text corpus prepared by llm_jax: one document per record.",
-            features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+            features=tfds.features.FeaturesDict(
+                {"text": tfds.features.Text(), **({TARGET: tfds.features.Text()} if self._pairs else {})}),
             # Counts found while reading; saved with the dataset so a reused one can report them.
             metadata=tfds.core.MetadataDict(),
         )
@@ -92,7 +96,7 @@ class LlmJaxLocalCorpus(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split: str, plan: corpus_lib.SplitPlan):
         # Each split reads the corpus again and keeps its share: cheaper than holding it in memory.
         for doc in corpus_lib.iter_split(self._corpus, split, plan):
-            yield doc.key, {"text": doc.text}
+            yield doc.key, {"text": doc.text, **({TARGET: doc.target} if self._pairs else {})}
 
 
 def plan_corpus(corpus: corpus_lib.Corpus, progress: bool = False) -> corpus_lib.SplitPlan:
