@@ -30,6 +30,21 @@ def test_matmul_weights_are_all_parameters_but_embeddings_and_norms():
     assert flops.matmul_param_count(config) == count_params(setup.abstract_state.params) - input_embedding - norm_scales
 
 
+def test_an_encoder_decoder_token_costs_a_share_of_its_rows_flops():
+    """seq2seq with targets as long as the inputs: every matmul kernel (the input embedding is a lookup)
+    runs on half of a row's tokens, the encoder's on the inputs, the decoder's on the targets, but
+    for the cross-attention's keys and values, which project the encoder's outputs."""
+    config = load_config(None, ["model.arch=t5", "train.objective=seq2seq", "model.n_layers=2", "model.d_model=64",
+                                "model.n_heads=4", "model.d_ff=96", "model.vocab_size=400", "train.seq_len=32"])
+    params = loop.build(config, with_data=False).abstract_state.params
+    kernels = sum(leaf.size for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+                  if path[-1].key == "kernel")
+    d, length, layers = 64, 32, 2
+    assert flops.tokens_per_row(config) == 2 * length
+    attention = 12 * d * (layers * length * length + layers * length * 2 * length)  # encoder; decoder: self + cross
+    assert flops.flops_per_token(config) == pytest.approx((6 * kernels * length + attention) / (2 * length))
+
+
 def test_mfu_is_model_flops_over_peak_and_none_without_a_peak():
     config = load_config("configs/baby_gpt.yaml", [])
     assert flops.mfu(1000.0, config, None) is None

@@ -4,8 +4,11 @@ FLOPs per token follow the PaLM appendix convention: 6 * N for the matmul weight
 backward; N counts every weight used in a matmul, the output projection included but not the input
 embedding lookup) plus 12 * n_layers * d_model * seq_len for attention scores and values (the full
 square, as the kernels compute it, though causality masks half; an encoder attends to all of it).
-Norms, softmax, the optimizer and rematerialised recomputation are not counted: MFU is model FLOPs
-over peak, not hardware FLOPs.
+An encoder-decoder's row holds seq_len inputs and target_len targets (`tokens_per_row`): its FLOPs
+per token are those of a whole row (the encoder on the inputs; the decoder, its cross-attention
+and the output projection on the targets, the cross-attention's keys and values on the encoder's
+outputs) over that row's tokens. Norms, softmax, the optimizer and rematerialised recomputation are
+not counted: MFU is model FLOPs over peak, not hardware FLOPs.
 
 The peak is a table of dense bf16 figures for accelerators. A CPU has no such figure that XLA
 reaches, so its peak is a float32 matmul measured through XLA on the spot, once per process.
@@ -60,7 +63,25 @@ def tokens_per_row(config: Config) -> int:
 
 def flops_per_token(config: Config) -> float:
     m = config.model
+    if m.family.encoder_decoder:
+        return _encoder_decoder_row_flops(config) / tokens_per_row(config)
     return 6.0 * matmul_param_count(config) + 12.0 * m.n_layers * m.d_model * config.train.seq_len
+
+
+def _encoder_decoder_row_flops(config: Config) -> float:
+    """The model FLOPs of one row of an encoder-decoder (training: forward and backward)."""
+    m = config.model
+    d, inputs, targets = m.d_model, config.train.seq_len, config.target_len
+    query_out = d * m.n_heads * m.head_dim * 2
+    key_value = d * m.kv_heads * m.head_dim * 2
+    mlp = d * m.d_ff * m.mlp_matrices
+    encoder = inputs * (6.0 * m.encoder_layers * (query_out + key_value + mlp) + 12.0 * m.encoder_layers * d * inputs)
+    # Per target: self-attention (all four projections), the cross-attention's queries and outputs, the
+    # MLP and the output projection; attention over the targets and over the inputs.
+    decoder = targets * (6.0 * (m.decoder_layers * (2 * query_out + key_value + mlp) + d * m.vocab_size)
+                         + 12.0 * m.decoder_layers * d * (targets + inputs))
+    cross_key_value = inputs * 6.0 * m.decoder_layers * key_value  # projected from each encoder output
+    return encoder + decoder + cross_key_value
 
 
 @functools.cache
