@@ -1,7 +1,9 @@
-"""llm_jax against PyTorch (eager and torch.compile) on the baby GPT or baby BERT, side by side on this machine.
+"""llm_jax against PyTorch (eager and torch.compile) on the baby GPT, BERT or T5, side by side on this machine.
 
 Runs `llm-jax bench configs/baby_gpt.yaml` and scripts/torch_baby_gpt.py in both modes (with
-`--model bert`: `llm-jax bench` with BERT_OVERRIDES and scripts/torch_baby_bert.py), interleaved
+`--model bert`: `llm-jax bench` with BERT_OVERRIDES and scripts/torch_baby_bert.py; with `--model t5`:
+`llm-jax bench configs/t5_tiny.yaml` and scripts/torch_baby_t5.py, Hugging Face's T5 built from the
+same YAML and overrides, tokens counted on both sides of a row), interleaved
 round by round (jax, eager, compile, jax, eager, compile, ...) so that a change in machine load hits
 all three alike, each in a fresh process. Prints every run, then a table of median tokens/s per
 implementation and the ratios jax/eager and jax/compile (the median of the per-round ratios), and a
@@ -9,13 +11,16 @@ final JSON line with the same numbers. Uses only the standard library, so any Py
 
     python scripts/bench_vs_torch.py --rounds 3 --steps 20
     python scripts/bench_vs_torch.py --model bert --rounds 3 --steps 20
+    python scripts/bench_vs_torch.py --model t5 --rounds 3 --steps 20
 
 `--torch-tuned-malloc` adds PyTorch runs with the glibc malloc settings that `llm-jax` makes for
 itself on CPU (llm_jax/kernels/host_memory.py), so the comparison can also be made on equal allocators.
 
-Interpreters: JAX_PY (default: this Python) must have llm_jax installed;
-TORCH_PY (default /tmp/torchvenv/bin/python) must have torch. Extra `key=value` arguments go to
-`llm-jax bench` (e.g. model.attention=cudnn); XLA_FLAGS and the like pass through the environment.
+Interpreters: JAX_PY (default: this Python) must have llm_jax installed; TORCH_PY (default
+/tmp/torchvenv/bin/python) must have torch (and transformers for t5). Extra `key=value` arguments go
+to `llm-jax bench` (e.g. model.attention=cudnn), and with `--model t5` to the PyTorch reference as
+well, which applies those that shape its model (sizes, activation, tying, lengths); XLA_FLAGS and
+the like pass through the environment.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BERT_OVERRIDES = ["model.arch=bert", "model.n_layers=6", "model.d_model=384", "model.n_heads=6",
                   "model.d_ff=1536", "model.vocab_size=2048", "model.max_len=256", "model.dtype=float32",
                   "model.param_dtype=float32", "train.seq_len=256", "train.batch_size=16", "optimizer.lr=1e-3"]
+# The baby T5: one YAML that both sides read (scripts/torch_baby_t5.py builds HF's T5 from it).
+T5_CONFIG = "configs/t5_tiny.yaml"
 
 
 def _default_python(env_var: str, candidate: str) -> str:
@@ -67,7 +74,7 @@ def run_one(name: str, command: list[str], env: dict[str, str] | None = None) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=["gpt", "bert"], default="gpt", help="baby GPT or baby BERT")
+    parser.add_argument("--model", choices=["gpt", "bert", "t5"], default="gpt", help="baby GPT, BERT or T5")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run (median taken)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first/compiling one")
@@ -80,14 +87,18 @@ def main() -> None:
     torch_py = _default_python("TORCH_PY", "/tmp/torchvenv/bin/python")
     timing = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
     workdir = tempfile.mkdtemp(prefix="bench_vs_torch_")  # bench writes nothing there; keeps runs/ clean
-    model = ["configs/baby_gpt.yaml"] if args.model == "gpt" else BERT_OVERRIDES
-    torch_script = f"scripts/torch_baby_{args.model}.py"
+    model = {"gpt": ["configs/baby_gpt.yaml"], "bert": BERT_OVERRIDES, "t5": [T5_CONFIG]}[args.model]
+    torch_script = [f"scripts/torch_baby_{args.model}.py"]
+    if args.model == "t5":  # the T5 reference reads the same YAML and overrides, so both build one model
+        if not (ROOT / T5_CONFIG).exists():
+            sys.exit(f"{T5_CONFIG} is missing")
+        torch_script += ["--config", T5_CONFIG, *args.overrides]
     commands = {
         "jax": [jax_py, "-m", "llm_jax.cli", "bench", *model, f"workdir={workdir}", *args.overrides, *timing],
-        "torch-eager": [torch_py, torch_script, "--mode", "eager", *timing],
+        "torch-eager": [torch_py, *torch_script, "--mode", "eager", *timing],
     }
     if not args.skip_compile:
-        commands["torch-compile"] = [torch_py, torch_script, "--mode", "compile", *timing]
+        commands["torch-compile"] = [torch_py, *torch_script, "--mode", "compile", *timing]
     environments = {name: None for name in commands}
     if args.torch_tuned_malloc:
         for name in [name for name in commands if name.startswith("torch")]:
@@ -106,6 +117,10 @@ def main() -> None:
     params = {"jax": reports["jax"][0].get("params"), "torch": reports["torch-eager"][0]["params"]}
     print(f"\nparameters: llm_jax {params['jax']:,}, torch {params['torch']:,}"
           + ("" if params["jax"] == params["torch"] else "  <-- NOT THE SAME MODEL"))
+    for key in ("seq_len", "target_len"):  # the rows' lengths, where both reports give them
+        lengths = [reports[name][0].get(key) for name in ("jax", "torch-eager")]
+        if None not in lengths and lengths[0] != lengths[1]:
+            print(f"{key}: llm_jax {lengths[0]}, torch {lengths[1]}  <-- NOT THE SAME BATCH")
     summary = {"model": args.model, "rounds": args.rounds, "steps": args.steps, "params": params,
                "jax_device": reports["jax"][0].get("device"), "jax_mfu": [r["mfu"] for r in reports["jax"]]}
     print(f"\n{'implementation':27s} {'median tok/s':>12s} {'per round':>30s}")

@@ -77,11 +77,12 @@ class BabyGPT(nn.Module):
         return F.linear(self.final_norm(x_BLE), self.embed.weight)  # tied output projection
 
 
-def make_optimizer(model: nn.Module, lr: float, fused: bool) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, lr: float, fused: bool,
+                   tables: tuple[str, ...] = ("pos_embed",)) -> torch.optim.Optimizer:
     # As llm_jax (optim.decay_mask): kernels and the token embedding decay; biases, norms and the
-    # learned position table do not.
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("pos_embed")]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or n.startswith("pos_embed")]
+    # position tables (the 2-D parameters whose names start with one of `tables`) do not.
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith(tables)]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or n.startswith(tables)]
     groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
 
@@ -151,9 +152,13 @@ def run(mode: str, steps: int, warmup: int, fused_adamw: bool, seed: int = 0) ->
     }
 
 
-def main(run=run, description: str = __doc__) -> None:
-    """The command line of a PyTorch reference: `run(mode, steps, warmup, fused_adamw)` per mode."""
-    parser = argparse.ArgumentParser(description=description.split("\n\n")[0])
+def main(run=run, description: str = __doc__, parser: argparse.ArgumentParser | None = None) -> None:
+    """The command line of a PyTorch reference: `run(mode, steps, warmup, fused_adamw)` per mode.
+
+    `parser` may bring a script's own arguments (its model's sizes); they reach `run` as keyword arguments.
+    """
+    parser = parser or argparse.ArgumentParser(description=description.split("\n\n")[0])
+    own = set(vars(parser.parse_known_args([])[0]))
     parser.add_argument("--mode", choices=["eager", "compile", "both"], default="both")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first one")
@@ -163,7 +168,8 @@ def main(run=run, description: str = __doc__) -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for mode in (["eager", "compile"] if args.mode == "both" else [args.mode]):
-        print(json.dumps(run(mode, args.steps, args.warmup, args.fused_adamw)), flush=True)
+        extra = {name: value for name, value in vars(args).items() if name in own}
+        print(json.dumps(run(mode, args.steps, args.warmup, args.fused_adamw, **extra)), flush=True)
 
 
 if __name__ == "__main__":

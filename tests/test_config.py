@@ -74,7 +74,7 @@ def test_override_beats_file(tmp_path):
     ("model.n_heads=3", "divisible by model.n_heads"),
     ("model.n_kv_heads=3", "divisible by model.n_kv_heads"),
     ("optimizer.name=sgd", "one of adamw, lamb"),
-    ("model.arch=t5", "one of gpt2, llama, bert"),
+    ("model.arch=t6", "one of gpt2, llama, bert, t5"),
     ("train.steps=0", "'train.steps' must be positive"),
     ("optimizer.grad_accum=3", "divisible by optimizer.grad_accum"),
     ("data.source=text", "needs data.path"),
@@ -228,3 +228,27 @@ def test_empty_negative_and_non_finite_values_are_refused(override, fragment):
 def test_non_finite_values_inside_list_entries_are_refused():
     with pytest.raises(ConfigError, match=r"'data.mixture.0.weight' must be a finite number"):
         load_config(None, ["data.source=mixture", "data.mixture.0.path=a", "data.mixture.0.weight=.nan"])
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["task.kind=classify"], "task.kind=classify reads labelled examples: data.source must be one of csv, jsonl"),
+    (["task.kind=tag", "data.source=csv", "data.path=a.csv"], "must be one of conll, jsonl, tfds, got csv"),
+    (["data.source=conll", "data.path=a.conll"], "set task.kind=tag"),
+    (["task.kind=tag", "data.source=conll"], "data.source=conll needs data.path"),
+    (["data.eval_path=held/*.jsonl"], "data.eval_path names held-out labelled files"),
+    (["task.kind=classify", "data.source=jsonl", "data.path=a", "task.pooling=cls"], "not one (use last or mean)"),
+    (["task.pooling=max"], "task.pooling"),
+])
+def test_task_keys_refuse_what_cannot_be_fine_tuned(overrides, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_task_pooling_defaults_by_family():
+    assert load_config().task.kind == "lm"
+    assert load_config(None, ["model.arch=bert"]).pooling == "cls"
+    assert load_config(None, ["model.arch=llama"]).pooling == "last"
+    tag = load_config(None, ["task.kind=tag", "data.source=conll", "data.path=a.conll", "data.eval_path=b.conll",
+                             "task.pooling=mean"])
+    assert (tag.pooling, tag.data.eval_path, tag.data.tags_key) == ("mean", "b.conll", "tags")

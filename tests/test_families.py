@@ -2,11 +2,10 @@
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import pytest
 
 from llm_jax.config import CHOICES, Config, ModelConfig
-from llm_jax.models.build import make_model
+from llm_jax.models.build import init_inputs, make_model
 from llm_jax.models.families import FAMILIES
 from llm_jax.models.flops import matmul_param_count
 
@@ -30,17 +29,28 @@ def test_defaults_come_from_the_family(arch):
 def test_the_built_network_follows_the_family(arch):
     family = FAMILIES[arch]
     model_config = ModelConfig(arch=arch, vocab_size=64, n_layers=1, d_model=16, n_heads=2, d_ff=24, max_len=8)
-    variables = make_model(model_config).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    tokens, extra = init_inputs(model_config, 8)
+    variables = jax.eval_shape(lambda: make_model(model_config).init(jax.random.key(0), tokens, **extra))
     params = nn.unbox(variables["params"])
-    block = params["layer_0"]
-    mlp_kernels = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(block["mlp"])
-                   if path[-1].key == "kernel"]
-    assert len(mlp_kernels) == model_config.mlp_matrices
-    has_bias = any(path[-1].key == "bias" for path, _ in jax.tree_util.tree_leaves_with_path(block["attn"]))
-    assert has_bias == family.bias
-    assert ("bias" in block["attn_norm"]) == (family.norm == "layer")
-    # An encoder ends in the masked-LM head and a pooler, a decoder in a final norm.
-    assert {"mlm_head" in params, "pooler" in params, "final_norm" not in params} == {family.encoder}
+    # An encoder-decoder's blocks live in its two stacks; the decoder's have a self- and a cross-attention.
+    if family.encoder_decoder:
+        blocks = [(params["encoder"]["layer_0"], ["attn"]),
+                  (params["decoder"]["layer_0"], ["self_attn", "cross_attn"])]
+    else:
+        blocks = [(params["layer_0"], ["attn"])]
+    for block, attentions in blocks:
+        mlp_kernels = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(block["mlp"])
+                       if path[-1].key == "kernel"]
+        assert len(mlp_kernels) == model_config.mlp_matrices
+        for attn in attentions:
+            has_bias = any(path[-1].key == "bias" for path, _ in jax.tree_util.tree_leaves_with_path(block[attn]))
+            assert has_bias == family.bias
+            assert ("bias" in block[f"{attn}_norm"]) == (family.norm == "layer")
+    # An encoder ends in the masked-LM head and a pooler, a decoder (and each stack of an
+    # encoder-decoder) in a final norm.
+    assert {"mlm_head" in params, "pooler" in params} == {family.encoder}
+    stacks = [params["encoder"], params["decoder"]] if family.encoder_decoder else [params]
+    assert all(("final_norm" in stack) == (not family.encoder) for stack in stacks)
     # The FLOPs count sees the same matrices the network has (all but the input embedding lookup, and
     # the pooler, which pretraining does not run).
     config = Config(model=model_config)

@@ -169,3 +169,19 @@ def test_clipping_on_or_off_gives_the_same_state_tree():
     trees = [jax.tree.structure(make_optimizer(OptimizerConfig(clip_norm=clip), 10)[0].init(params))
              for clip in (0.0, 1.0)]
     assert trees[0] == trees[1]
+
+
+def test_an_encoder_decoders_scanned_stacks_are_per_layer_for_lamb():
+    """t5 scans each stack under its own name (encoder/layers, decoder/layers): LAMB must see their
+    leading axis as the layer, and nothing else as stacked."""
+    from llm_jax.models.build import init_inputs, make_model
+    from llm_jax.train.optim import stacked_layers_mask
+
+    config = ModelConfig(arch="t5", vocab_size=64, n_layers=2, d_model=32, n_heads=4, d_ff=64, scan_layers=True)
+    tokens, extra = init_inputs(config, 8)
+    params = nn.unbox(jax.eval_shape(lambda: make_model(config).init(jax.random.key(0), tokens, **extra))["params"])
+    flat = jax.tree_util.tree_flatten_with_path(stacked_layers_mask(params, scan_layers=True))[0]
+    stacked = {"/".join(str(k.key) for k in path): is_stacked for path, is_stacked in flat}
+    assert stacked["encoder/layers/mlp/gate/kernel"] and stacked["decoder/layers/cross_attn/query/kernel"]
+    assert not stacked["embed/embedding"] and not stacked["encoder/final_norm/scale"]
+    assert all(is_stacked == ("/layers/" in name) for name, is_stacked in stacked.items())

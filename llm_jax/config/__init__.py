@@ -16,13 +16,14 @@ from llm_jax.config.schema import (
     ModelConfig,
     OptimizerConfig,
     ParallelConfig,
+    TaskConfig,
     TokenizerConfig,
     TrainConfig,
 )
 
 __all__ = [
     "CHOICES", "DEFAULT_AXIS_RULES", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DistributedConfig",
-    "MeshConfig", "MixtureSource", "ModelConfig", "OptimizerConfig", "ParallelConfig", "TokenizerConfig",
+    "MeshConfig", "MixtureSource", "ModelConfig", "OptimizerConfig", "ParallelConfig", "TaskConfig", "TokenizerConfig",
     "TrainConfig", "all_keys", "dump_config", "load_config", "parse_override", "to_dict", "validate",
     "validate_for_devices",
 ]

@@ -133,8 +133,23 @@ def validate(c: Config) -> None:
              f"config key 'tokenizer.sample_bytes' must be positive, got {c.tokenizer.sample_bytes}")
 
     d = c.data
-    _require(d.source not in ("text", "jsonl") or bool(d.path),
+    _require(d.source not in ("text", "jsonl", "csv", "conll") or bool(d.path),
              f"data.source={d.source} needs data.path (a glob of files)")
+    kind = c.task.kind
+    labelled_sources = {"classify": ("csv", "jsonl", "tfds"), "tag": ("conll", "jsonl", "tfds")}
+    _require(kind == "lm" or d.source in labelled_sources[kind],
+             f"task.kind={kind} reads labelled examples: data.source must be one of "
+             f"{', '.join(labelled_sources.get(kind, ()))}, got {d.source}")
+    _require(kind != "lm" or d.source not in ("csv", "conll"),
+             f"data.source={d.source} holds labelled examples: set task.kind="
+             f"{'classify' if d.source == 'csv' else 'tag'}")
+    _require(kind != "lm" or not d.eval_path,
+             "data.eval_path names held-out labelled files (task.kind=classify or tag); pretraining holds out "
+             "data.eval_fraction of its documents")
+    # A decoder's first token attends to itself alone: pooling there would classify from nothing.
+    _require(c.pooling != "cls" or m.family.encoder,
+             f"task.pooling=cls reads the [CLS] position of an encoder; model.arch={m.arch} is not one "
+             "(use last or mean)")
     _require(d.source != "tfds" or bool(d.tfds_name), "data.source=tfds needs data.tfds_name")
     _require(d.shuffle_window >= 1, f"config key 'data.shuffle_window' must be >= 1, got {d.shuffle_window}")
     _require(0.0 < d.eval_fraction < 1.0, f"config key 'data.eval_fraction' must be in (0, 1), got {d.eval_fraction}")

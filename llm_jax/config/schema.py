@@ -34,8 +34,9 @@ class ModelConfig:
     tie_embeddings: bool | None = None  # None: the family's (gpt2 tied, llama untied)
     activation: str | None = None  # of the MLP: gelu_tanh | gelu | silu | relu; None: the family's
     gated_mlp: bool | None = None  # activation(gate) * up (GLU) instead of activation(fc); None: the family's
-    # Relative positions (t5): distances fall into this many buckets per direction, exact up to half of
-    # them and logarithmic up to relative_max_distance, beyond which they share the last bucket.
+    # Relative positions (t5): distances fall into this many buckets (rows of each stack's bias table; the
+    # encoder splits them between the two directions), exact for short distances, then logarithmic up to
+    # relative_max_distance, beyond which they share the last bucket.
     relative_buckets: int = 32
     relative_max_distance: int = 128
     dropout: float = 0.0
@@ -125,9 +126,18 @@ class MixtureSource:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    source: str = "default"  # default | text | jsonl | tfds
-    path: str = ""  # a glob of local files (text, jsonl)
-    text_key: str = "text"  # the JSON field holding the text (jsonl)
+    # default | text | jsonl | tfds | mixture; labelled examples (task.kind classify, tag) also csv | conll
+    source: str = "default"
+    path: str = ""  # a glob of local files (text, jsonl, csv, conll)
+    # Held-out labelled files (a glob, in data.source's format); empty: a stable-hash share
+    # (data.eval_fraction) of data.path's examples.
+    eval_path: str = ""
+    text_key: str = "text"  # the JSON field (jsonl), CSV column (csv) or TFDS feature holding the text
+    # classify: the field/column/feature of an example's second text (sentence pairs); empty: single texts.
+    text_pair_key: str = ""
+    label_key: str = "label"  # classify: the field/column/feature holding an example's label
+    tokens_key: str = "tokens"  # tag: the JSON field / TFDS feature holding a sentence's words
+    tags_key: str = "tags"  # tag: the JSON field / TFDS feature holding their tags (conll2003: ner)
     # seq2seq: the JSON fields (jsonl) or TFDS features holding an example's input and its target.
     input_key: str = "input"
     target_key: str = "target"
@@ -248,11 +258,22 @@ class DistributedConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """What the run learns from: language modelling (pretraining) or labelled examples (fine-tuning)."""
+
+    kind: str = "lm"  # lm | classify (one label per example or pair) | tag (one label per word)
+    # classify: which positions the head reads: cls (the first, [CLS]) | last (the last real token) |
+    # mean (all real tokens); None: the family's (encoders cls, decoders last).
+    pooling: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     workdir: str = "runs/default"
     seed: int = 0
     init_from: str = ""  # an `llm-jax export` directory: start from its parameters (fresh optimizer, step 0)
     model: ModelConfig = ModelConfig()
+    task: TaskConfig = TaskConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     data: DataConfig = DataConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
@@ -281,6 +302,13 @@ class Config:
             return span_lengths(self.train.seq_len)[1]
         return self.train.seq_len
 
+    @property
+    def pooling(self) -> str:
+        """How a classification head pools: task.pooling, or the family's (encoders cls, decoders last)."""
+        if self.task.pooling is not None:
+            return self.task.pooling
+        return "cls" if self.model.family.encoder else "last"
+
 
 CHOICES = {
     "model.arch": tuple(FAMILIES),
@@ -292,7 +320,9 @@ CHOICES = {
     "model.attention": ("xla", "cudnn", "splash"),
     "train.objective": (*OBJECTIVES, None),
     "tokenizer.model_type": ("bpe", "unigram"),
-    "data.source": ("default", "text", "jsonl", "tfds", "mixture"),
+    "task.kind": ("lm", "classify", "tag"),
+    "task.pooling": ("cls", "last", "mean", None),
+    "data.source": ("default", "text", "jsonl", "csv", "conll", "tfds", "mixture"),
     "data.text_unit": ("file", "line"),
     "optimizer.name": ("adamw", "lamb"),
     "parallel.mode": ("jit", "pmap"),

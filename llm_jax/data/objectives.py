@@ -1,4 +1,5 @@
-"""Masked-LM corruption of token ids (BERT's 80/10/10), on the host, as a pure numpy function.
+"""Corruption of token ids on the host, as pure numpy functions of the caller's rng: masked LM
+(BERT's 80/10/10, below) and span corruption (T5's, further down).
 
 The model learns to recover the original token at a few selected positions from the corrupted
 inputs. The batch keeps the decoder's layout (data/pipeline.py): `inputs` are the corrupted ids,

@@ -29,7 +29,7 @@ where inputs are the targets shifted right by one within each segment, starting 
 decoder start). An example's two sides are packed into the same row with the same segment id, so
 neither self- nor cross-attention crosses examples: grain's first-fit packing places an example only
 in a row where every one of its features fits, and numbers it there with one segment id for all of
-them (tests/test_objectives.py checks it).
+them (checked by tests/test_data.py, encdec_examples).
 
 Span corruption (`config.objective == "span"`, T5's pretraining): a document's ids (no bos) are cut
 into pieces of `objectives.span_piece_length` ids (the last shorter), so that a full piece's
@@ -125,7 +125,7 @@ class DataSources:
     tokenizer sample and the held-out batches.
     """
 
-    train: Any  # __len__ and __getitem__ -> str
+    train: Any  # __len__ and __getitem__ -> str (seq2seq: (input, target))
     eval: Any
     description: str
     documents: int | None = None  # usable documents found in local files; None: TFDS records, not checked

@@ -38,15 +38,20 @@ leading [n_layers] axis named "layers", as in decoder.py), and the Hugging Face 
 Hugging Face kernels are [out, in] (torch Linear): q/k/v.weight [H*D, E] is kernel.reshape(E, H*D).T;
 o.weight [E, H*D] is kernel.reshape(H*D, E).T; wi*/wo/lm_head.weight are kernel.T. The embedding and
 relative bias tables are not transposed (torch Embedding is [rows, features]). Norm scales are
-layer_norm.weight. Hugging Face's config: d_model=E, d_kv=D (here d_model / n_heads), num_heads=H,
-d_ff=F, num_layers / num_decoder_layers, relative_attention_num_buckets=N (model.relative_buckets),
+layer_norm.weight. Hugging Face's config: d_model=E, d_kv=D (here always d_model / n_heads: a checkpoint
+with n_heads x d_kv != d_model, as t5-v1_1-small's 6 x 64 < 512, needs a head_dim key), num_heads=H,
+d_ff=F, num_layers / num_decoder_layers, relative_attention_num_buckets=N (model.relative_buckets: the table's rows; the
+encoder gives half to each direction),
 relative_attention_max_distance, layer_norm_epsilon=model.norm_eps, feed_forward_proj "gated-gelu"
 (gelu_tanh, gated) or "relu", tie_word_embeddings, decoder_start_token_id=0 (the pad id, data/).
 
 Init is T5's (Hugging Face's _init_weights, factor 1), fixed by the fan-ins: model.init_std does not
-apply. Differences of function, in training only (dropout): dropout acts after the embeddings, on the
-residual branches and after each stack's final norm, as in Hugging Face, but not also on attention
-probabilities or inside the MLP (the other families' convention, layers.Attention).
+apply. One exception: the untied lm_head is drawn with std d_model**-0.5 (fan-in, as T5X does), not 1.0
+as Hugging Face does, which would start the logits at std ~sqrt(d_model).
+
+Differences of function, in training only (dropout): dropout acts after the embeddings, on the residual
+branches and after each stack's final norm, as in Hugging Face, but not also on attention probabilities
+or inside the MLP (the other families' convention, layers.Attention).
 """
 
 from __future__ import annotations
@@ -251,7 +256,9 @@ class EncoderDecoder(nn.Module):
         decode=True: cached decoding (Flax convention, see relative.SelfAttention and CrossAttention).
         The first call (no "cache" yet; apply with mutable=["cache"]) takes the full-length targets
         (e.g. zeros [B, max_target_len]): it creates zeroed self-attention keys/values of that length
-        and projects `encoded` once into the cross-attention's cached keys/values. Each later call
+        and projects `encoded` once into the cross-attention's cached keys/values (so the cache must come
+        from that call: zeros shaped like it, as infer/generate.py makes a decoder's, would hold zero
+        cross-attention keys and values). Each later call
         takes the next token(s) [B, 1], writes them at the cache index and attends to what is written;
         its positions are the cache slots, so `positions` and `segment_ids` are ignored.
         `encoder_segment_ids` == 0 marks encoder padding, which cross-attention never sees.

@@ -4,11 +4,9 @@ FLOPs per token follow the PaLM appendix convention: 6 * N for the matmul weight
 backward; N counts every weight used in a matmul, the output projection included but not the input
 embedding lookup) plus 12 * n_layers * d_model * seq_len for attention scores and values (the full
 square, as the kernels compute it, though causality masks half; an encoder attends to all of it).
-An encoder-decoder's row holds seq_len inputs and target_len targets (`tokens_per_row`): its FLOPs
-per token are those of a whole row (the encoder on the inputs; the decoder, its cross-attention
-and the output projection on the targets, the cross-attention's keys and values on the encoder's
-outputs) over that row's tokens. Norms, softmax, the optimizer and rematerialised recomputation are
-not counted: MFU is model FLOPs over peak, not hardware FLOPs.
+Norms, softmax, the optimizer and rematerialised recomputation are not counted: MFU is model FLOPs
+over peak, not hardware FLOPs. An encoder-decoder's token is one of a row's encoder or decoder
+positions (`tokens_per_row`): its FLOPs per token are one row's FLOPs over seq_len + target_len.
 
 The peak is a table of dense bf16 figures for accelerators. A CPU has no such figure that XLA
 reaches, so its peak is a float32 matmul measured through XLA on the spot, once per process.
@@ -39,49 +37,63 @@ PEAK_FLOPS = {
 }
 
 
+def _attention_weights(m) -> int:
+    """q, k, v and out of one attention: d x (heads x head_dim) each, k and v with the key/value heads."""
+    return m.d_model * (m.n_heads * m.head_dim) * 2 + m.d_model * (m.kv_heads * m.head_dim) * 2
+
+
 def matmul_param_count(config: Config) -> int:
     """Weights that take part in a matmul, per token: all but the input embedding lookups.
 
     An encoder (BERT) also runs its masked-LM head's d x d transform before the vocab projection, at
-    every position as the logits are computed; its pooler does not run in pretraining.
+    every position as the logits are computed; its pooler does not run in pretraining. An
+    encoder-decoder (T5) counts both stacks (each decoder layer has a self- and a cross-attention) and
+    the output projection once; which positions each weight runs at is `flops_per_token`'s business.
     """
     m = config.model
-    d, f, h = m.d_model, m.d_ff, m.head_dim
-    attn = d * (m.n_heads * h) * 2 + d * (m.kv_heads * h) * 2
-    mlp = d * f * m.mlp_matrices
+    d = m.d_model
+    mlp = d * m.d_ff * m.mlp_matrices
+    if m.family.encoder_decoder:
+        return m.encoder_layers * (_attention_weights(m) + mlp) + m.decoder_layers * (2 * _attention_weights(m) + mlp) \
+            + d * m.vocab_size
     head_transform = d * d if m.family.encoder else 0
-    return m.n_layers * (attn + mlp) + head_transform + d * m.vocab_size
+    return m.n_layers * (_attention_weights(m) + mlp) + head_transform + d * m.vocab_size
 
 
 def tokens_per_row(config: Config) -> int:
-    """Tokens one batch row carries through the model: an encoder-decoder's inputs and targets
-    (seq_len + target_len), else seq_len. Throughput, MFU and tokens seen count these."""
+    """The tokens one row of a batch counts for: seq_len, or for an encoder-decoder its encoder and
+    decoder positions together (seq_len + target_len), the unit of tokens_per_sec and flops_per_token."""
     if config.model.family.encoder_decoder:
         return config.train.seq_len + config.target_len
     return config.train.seq_len
 
 
+def _encoder_decoder_row_flops(config: Config) -> float:
+    """Training FLOPs (forward and backward, 6 per weight and position) of one row of an encoder-decoder.
+
+    Encoder layers run at the S = seq_len encoder positions; decoder layers at the L = target_len decoder
+    positions, except the cross-attention's key and value projections, which run over the encoder's
+    output (S positions); the output projection at the decoder positions only. Attention scores and
+    values, 12 x d_model per query-key pair as for the other families: S^2 (encoder), L^2 (decoder
+    self-attention) and L x S (cross-attention) pairs per layer.
+    """
+    m = config.model
+    d, kv = m.d_model, m.d_model * m.kv_heads * m.head_dim
+    enc_len, dec_len = config.train.seq_len, config.target_len
+    mlp = d * m.d_ff * m.mlp_matrices
+    encoder = m.encoder_layers * (enc_len * (_attention_weights(m) + mlp) + 2 * d * enc_len * enc_len)
+    cross_kv = 2 * kv
+    decoder = m.decoder_layers * (dec_len * (2 * _attention_weights(m) - cross_kv + mlp) + enc_len * cross_kv
+                                  + 2 * d * (dec_len * dec_len + dec_len * enc_len))
+    return 6.0 * (encoder + decoder + dec_len * d * m.vocab_size)
+
+
 def flops_per_token(config: Config) -> float:
+    """Training FLOPs per token; for an encoder-decoder, one row's FLOPs over its tokens_per_row."""
     m = config.model
     if m.family.encoder_decoder:
         return _encoder_decoder_row_flops(config) / tokens_per_row(config)
     return 6.0 * matmul_param_count(config) + 12.0 * m.n_layers * m.d_model * config.train.seq_len
-
-
-def _encoder_decoder_row_flops(config: Config) -> float:
-    """The model FLOPs of one row of an encoder-decoder (training: forward and backward)."""
-    m = config.model
-    d, inputs, targets = m.d_model, config.train.seq_len, config.target_len
-    query_out = d * m.n_heads * m.head_dim * 2
-    key_value = d * m.kv_heads * m.head_dim * 2
-    mlp = d * m.d_ff * m.mlp_matrices
-    encoder = inputs * (6.0 * m.encoder_layers * (query_out + key_value + mlp) + 12.0 * m.encoder_layers * d * inputs)
-    # Per target: self-attention (all four projections), the cross-attention's queries and outputs, the
-    # MLP and the output projection; attention over the targets and over the inputs.
-    decoder = targets * (6.0 * (m.decoder_layers * (2 * query_out + key_value + mlp) + d * m.vocab_size)
-                         + 12.0 * m.decoder_layers * d * (targets + inputs))
-    cross_key_value = inputs * 6.0 * m.decoder_layers * key_value  # projected from each encoder output
-    return encoder + decoder + cross_key_value
 
 
 @functools.cache

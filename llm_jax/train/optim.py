@@ -56,9 +56,11 @@ def decay_mask(params: Any) -> Any:
 
 
 def stacked_layers_mask(params: Any, scan_layers: bool) -> Any:
-    """True for leaves whose leading axis is the layer (the `scan_layers` stack in models/decoder.py)."""
+    """True for leaves whose leading axis is the layer: those under a `scan_layers` stack
+    (models/decoder.layer_stack), at the top of a decoder's tree or inside each of an
+    encoder-decoder's stacks (encoder/layers, decoder/layers)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: scan_layers and SCANNED_LAYERS in _names(path)[:1], params)
+        lambda path, _: scan_layers and SCANNED_LAYERS in _names(path)[:-1], params)
 
 
 def scale_by_layerwise_trust_ratio(scan_layers: bool) -> optax.GradientTransformation:
