@@ -1,12 +1,14 @@
 """FLOPs accounting and MFU (flops.py) and the bench report's extra fields. `bench` itself runs in test_cli."""
 
 import jax
+import numpy as np
 import pytest
 
 from llm_jax.commands import bench
 from llm_jax.config import load_config
 from llm_jax.kernels import cpu_kernels
 from llm_jax.models import flops
+from llm_jax.models.build import ENCODER_KEYS
 from llm_jax.models.decoder import count_params
 from llm_jax.train import loop
 
@@ -30,21 +32,19 @@ def test_matmul_weights_are_all_parameters_but_embeddings_and_norms():
     assert flops.matmul_param_count(config) == count_params(setup.abstract_state.params) - input_embedding - norm_scales
 
 
-def test_an_encoder_decoder_token_costs_a_share_of_its_rows_flops():
-    """seq2seq with targets as long as the inputs: every matmul kernel (the input embedding is a lookup)
-    runs on half of a row's tokens, the encoder's on the inputs, the decoder's on the targets, but
-    for the cross-attention's keys and values, which project the encoder's outputs."""
-    config = load_config(None, ["model.arch=t5", "train.objective=seq2seq", "model.n_layers=2", "model.d_model=64",
-                                "model.n_heads=4", "model.d_ff=96", "model.vocab_size=400", "train.seq_len=32"])
-    params = loop.build(config, with_data=False).abstract_state.params
-    kernels = sum(leaf.size for path, leaf in jax.tree_util.tree_leaves_with_path(params)
-                  if path[-1].key == "kernel")
-    d, length, layers = 64, 32, 2
-    assert flops.tokens_per_row(config) == 2 * length
-    # Span corruption's targets are shorter (T5's length rule): inputs 32, targets 8.
-    assert flops.tokens_per_row(load_config(None, ["model.arch=t5", "train.seq_len=32"])) == 32 + 8
-    attention = 12 * d * (layers * length * length + layers * length * 2 * length)  # encoder; decoder: self + cross
-    assert flops.flops_per_token(config) == pytest.approx((6 * kernels * length + attention) / (2 * length))
+def test_an_encoder_decoder_bench_batch_has_both_sides():
+    """Span corruption's layout (data/pipeline.py): seq_len encoder inputs, target_len targets (64 -> 14),
+    the decoder reading the targets shifted right after the start id 0, every target weighted. The
+    step itself runs on it in the t5 sharding modes (test_sharding.py)."""
+    config = load_config("configs/tiny.yaml", ["model.arch=t5"])
+    batch = bench.synthetic_batch(config)
+    assert sorted(batch) == sorted([*ENCODER_KEYS, "inputs", "targets", "segment_ids", "positions", "weights"])
+    assert {k: v.shape for k, v in batch.items() if k in ENCODER_KEYS} == dict.fromkeys(ENCODER_KEYS, (8, 64))
+    assert {k: v.shape for k, v in batch.items() if k not in ENCODER_KEYS} == dict.fromkeys(
+        ("inputs", "targets", "segment_ids", "positions", "weights"), (8, 14))
+    np.testing.assert_array_equal(batch["inputs"], np.pad(batch["targets"][:, :-1], ((0, 0), (1, 0))))
+    assert batch["weights"].min() == 1.0 and batch["encoder_inputs"].min() >= 4
+    assert flops.tokens_per_row(config) == 64 + 14  # what bench's tokens_per_sec counts per row
 
 
 def test_mfu_is_model_flops_over_peak_and_none_without_a_peak():
