@@ -89,7 +89,7 @@ def _cmd_generate(args) -> int:
     setup, params, _ = loop.restore_for_inference(args.workdir)
     c = setup.config
     if c.model.family.encoder:
-        raise ConfigError(f"generate continues text with a decoder; {args.workdir} holds an encoder "
+        raise ConfigError(f"generate needs a decoder (or an encoder-decoder); {args.workdir} holds an encoder "
                           f"(model.arch={c.model.arch}): use `llm-jax fill-mask {args.workdir} --text ...`")
     text = loop.sample_text(setup, params, args.prompt, max_new_tokens=args.max_new_tokens,
                             temperature=c.train.temperature if args.temperature is None else args.temperature,
@@ -250,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.eval_batches=32")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("generate", help="continue a prompt with the newest checkpoint of a run directory")
+    p = sub.add_parser("generate", help="continue a prompt (decoders) or generate its target (encoder-decoders) "
+                       "with the newest checkpoint of a run directory")
     p.add_argument("workdir")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=100)

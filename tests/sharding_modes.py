@@ -1,7 +1,7 @@
 """Runs 12 train steps of a tiny model in several mesh layouts; prints the loss trajectories.
 
 Started by test_sharding.py in a fresh process, because the fake device count must be set before
-JAX starts: python tests/sharding_modes.py [[bert-]MODE ...]  (with XLA_FLAGS=--xla_force_host_platform_device_count=8);
+JAX starts: python tests/sharding_modes.py [[ARCH-]MODE ...]  (with XLA_FLAGS=--xla_force_host_platform_device_count=8);
 no MODE runs them all. Each mode compiles its own programs, so the test runs the modes in two processes
 side by side, each on its own 8 fake devices.
 """
@@ -30,7 +30,8 @@ STEPS = 12
 
 
 def run(name: str) -> dict:
-    """`name`: a mode of MODES, or `bert-` and a mode: the same layout for the encoder."""
+    """`name`: a mode of MODES (gpt2), or an arch and a mode: `bert-fsdp8` the same layout for the encoder,
+    `t5-fsdp8` for the encoder-decoder (span corruption's batches: both sides, every target weighted)."""
     arch, _, layout = name.rpartition("-")
     mode = MODES[layout]
     parallel = "pmap" if layout in PMAP_MODES else "jit"

@@ -1,12 +1,14 @@
 """FLOPs accounting and MFU (flops.py) and the bench report's extra fields. `bench` itself runs in test_cli."""
 
 import jax
+import numpy as np
 import pytest
 
 from llm_jax.commands import bench
 from llm_jax.config import load_config
 from llm_jax.kernels import cpu_kernels
 from llm_jax.models import flops
+from llm_jax.models.build import ENCODER_KEYS
 from llm_jax.models.decoder import count_params
 from llm_jax.train import loop
 
@@ -28,6 +30,21 @@ def test_matmul_weights_are_all_parameters_but_embeddings_and_norms():
     input_embedding = m.vocab_size * m.d_model
     norm_scales = (2 * m.n_layers + 1) * m.d_model
     assert flops.matmul_param_count(config) == count_params(setup.abstract_state.params) - input_embedding - norm_scales
+
+
+def test_an_encoder_decoder_bench_batch_has_both_sides():
+    """Span corruption's layout (data/pipeline.py): seq_len encoder inputs, target_len targets (64 -> 14),
+    the decoder reading the targets shifted right after the start id 0, every target weighted. The
+    step itself runs on it in the t5 sharding modes (test_sharding.py)."""
+    config = load_config("configs/tiny.yaml", ["model.arch=t5"])
+    batch = bench.synthetic_batch(config)
+    assert sorted(batch) == sorted([*ENCODER_KEYS, "inputs", "targets", "segment_ids", "positions", "weights"])
+    assert {k: v.shape for k, v in batch.items() if k in ENCODER_KEYS} == dict.fromkeys(ENCODER_KEYS, (8, 64))
+    assert {k: v.shape for k, v in batch.items() if k not in ENCODER_KEYS} == dict.fromkeys(
+        ("inputs", "targets", "segment_ids", "positions", "weights"), (8, 14))
+    np.testing.assert_array_equal(batch["inputs"], np.pad(batch["targets"][:, :-1], ((0, 0), (1, 0))))
+    assert batch["weights"].min() == 1.0 and batch["encoder_inputs"].min() >= 4
+    assert flops.tokens_per_row(config) == 64 + 14  # what bench's tokens_per_sec counts per row
 
 
 def test_mfu_is_model_flops_over_peak_and_none_without_a_peak():
@@ -58,6 +75,7 @@ def test_known_accelerators_use_the_table_and_the_cpu_is_measured_once():
 def test_bench_reports_parameters_memory_and_cpu_time(tmp_path, arch):
     config = load_config("configs/tiny.yaml", [f"workdir={tmp_path}", f"model.arch={arch}"])
     report = bench.run_bench(config, steps=2, warmup=0)
+    assert report["tokens_per_sec"] == pytest.approx(8 * flops.tokens_per_row(config) / report["step_time_s"])
     assert report["params"] == count_params(loop.build(config, with_data=False).abstract_state.params)
     assert 0 < report["temp_memory_bytes"] <= report["peak_memory_bytes"]
     assert report["step_cpu_time_s"] > 0

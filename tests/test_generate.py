@@ -1,4 +1,5 @@
-"""Sampling with the KV cache against full forward passes."""
+"""Sampling with the KV cache against full forward passes: decoders (the prompt prefilled) and the
+encoder-decoder (the prompt encoded once, the targets decoded from the start id)."""
 
 import functools
 
@@ -9,11 +10,12 @@ import numpy as np
 import pytest
 
 from llm_jax.config import ModelConfig
-from llm_jax.infer.generate import generate, sample_logits
-from llm_jax.models.decoder import Transformer
+from llm_jax.infer.generate import DECODER_START_ID, generate, sample_logits
+from llm_jax.models.build import init_inputs, make_model
 
 PROMPT = [5, 17, 3, 42]
 NEW = 8
+LENGTH = len(PROMPT) + NEW  # of the reference passes' inputs: one compile each
 
 
 def tiny(arch: str, **overrides) -> ModelConfig:
@@ -26,39 +28,54 @@ def tiny(arch: str, **overrides) -> ModelConfig:
 
 @functools.cache
 def setup(arch: str):
-    """Model, numpy-drawn params (compiling `init` is slow on CPU) and a jitted full forward pass."""
-    model = Transformer(tiny(arch))
-    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+    """Model, numpy-drawn params (compiling `init` is slow on CPU) and a jitted full forward pass: of
+    the whole text for a decoder; for an encoder-decoder, of its decoder's inputs with PROMPT as the
+    encoder's (teacher forcing)."""
+    config = tiny(arch)
+    model = make_model(config)
+    tokens, extra = init_inputs(config, 8)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, **extra))
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape) * 0.1, s.dtype),
                           nn.unbox(abstract["params"]))
-    full = jax.jit(lambda tokens: model.apply({"params": params}, tokens))
+    if config.family.encoder_decoder:
+        full = jax.jit(lambda tokens: model.apply({"params": params}, tokens, encoder_tokens=jnp.asarray([PROMPT])))
+    else:
+        full = jax.jit(lambda tokens: model.apply({"params": params}, tokens))
     return model, params, full
 
 
 def reference_logits(arch: str, ids: list[int]) -> np.ndarray:
     """Next-token logits after `ids` by a full forward pass, no cache. The input is padded to a
-    fixed length (one compile); causality keeps the padding out of the logits we read."""
-    _, _, full = setup(arch)
-    padded = np.zeros((1, len(PROMPT) + NEW), np.int32)
+    fixed length (one compile); causality keeps the padding out of the logits we read. An
+    encoder-decoder's `ids` are the targets so far, which its decoder reads after the start id."""
+    model, _, full = setup(arch)
+    if model.config.family.encoder_decoder:
+        ids = [DECODER_START_ID, *ids]
+    padded = np.zeros((1, LENGTH), np.int32)
     padded[0, :len(ids)] = ids
     return np.asarray(full(jnp.asarray(padded)))[0, len(ids) - 1]
 
 
+def prefix(arch: str) -> list[int]:
+    """What generate returns before the new ids: a decoder's prompt; nothing for an encoder-decoder."""
+    return [] if tiny(arch).family.encoder_decoder else list(PROMPT)
+
+
 @functools.cache
 def greedy_reference(arch: str) -> list[int]:
-    ids = list(PROMPT)
+    ids = prefix(arch)
     for _ in range(NEW):
         ids.append(int(np.argmax(reference_logits(arch, ids))))
     return ids
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "t5"])
 def test_greedy_generation_matches_full_forward_argmax(arch):
     model, params, _ = setup(arch)
     out = generate(model, params, PROMPT, max_new_tokens=NEW, rng=jax.random.key(0), temperature=0.0)
     expected = greedy_reference(arch)
-    assert len(set(expected[len(PROMPT):])) > 1  # a continuation that could be got wrong
+    assert len(set(expected[len(prefix(arch)):])) > 1  # a continuation that could be got wrong
     assert out == expected
     # numpy prompts are accepted too.
     assert generate(model, params, np.asarray(PROMPT), max_new_tokens=NEW, rng=jax.random.key(1),
@@ -77,14 +94,15 @@ def test_top_k_1_equals_greedy():
     assert not np.array_equal(np.asarray(sample(logits, jax.random.key(0), jnp.float32(1.0), 0)), np.asarray(greedy))
 
 
-def test_generation_stops_at_eos_and_includes_it():
-    model, params, _ = setup("gpt2")
-    expected = greedy_reference("gpt2")
-    continuation = expected[len(PROMPT):]
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+def test_generation_stops_at_eos_and_includes_it(arch):
+    model, params, _ = setup(arch)
+    expected = greedy_reference(arch)
+    continuation = expected[len(prefix(arch)):]
     eos = continuation[2]
     stop = continuation.index(eos)  # its first occurrence
     out = generate(model, params, PROMPT, max_new_tokens=NEW, rng=jax.random.key(0), temperature=0.0, eos_id=eos)
-    assert out == PROMPT + continuation[:stop + 1]
+    assert out == prefix(arch) + continuation[:stop + 1]
     assert len(out) < len(expected)
 
 

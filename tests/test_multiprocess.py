@@ -73,6 +73,9 @@ def _assert_same_losses(got: dict[int, float], want: dict[int, float], steps) ->
     (["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=2"], (2, 1), (1, 2)),
     # The encoder: masked-LM batches (masks drawn per data position) on 2 processes, resumed on 1.
     (["mesh.data=2", "mesh.fsdp=2", "model.arch=bert"], (1, 4), (2, 2)),
+    # The encoder-decoder: span-corrupted batches of two lengths on 2 processes, resumed on 1; 10
+    # sentinels fit the tiny vocabulary.
+    (["mesh.data=2", "mesh.fsdp=2", "model.arch=t5", "tokenizer.extra_ids=10"], (1, 4), (2, 2)),
 ])
 def test_the_process_count_changes_nothing_even_on_resume(tmp_path, corpus, mesh, whole, split):  # noqa: F811
     """An uninterrupted run on one layout; on the other, a run stopped at STEPS, resumed on the first."""

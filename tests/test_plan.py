@@ -18,7 +18,7 @@ def _plan_json(capsys, *args) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+@pytest.mark.parametrize("arch", ["gpt2", "bert", "t5"])
 def test_single_device_plan_counts_every_byte(capsys, arch):
     plan = _plan_json(capsys, f"model.arch={arch}", "mesh.data=1", "--devices", "1", "--device-memory", "1GiB")
     assert plan["param_bytes"] == 4 * plan["params"]  # float32, nothing sharded
@@ -28,6 +28,18 @@ def test_single_device_plan_counts_every_byte(capsys, arch):
 
     small = _plan_json(capsys, "mesh.data=1", "--devices", "1", "--device-memory", "1MiB")
     assert small["fits"] is False
+
+
+def test_the_t5_base_preset_is_t5_v1_1_base():
+    """248M parameters: 12 + 12 layers, d 768, untied embeddings of 32128 (abstract: nothing is allocated)."""
+    from llm_jax.config import load_config
+    from llm_jax.models.decoder import count_params
+    from llm_jax.train import loop
+
+    config = load_config("configs/t5_base.yaml", [])
+    assert (config.train.seq_len, config.target_len) == (512, 114)
+    params = count_params(loop.build(config, with_data=False).abstract_state.params)
+    assert params == pytest.approx(248e6, rel=0.005)
 
 
 def test_fsdp_over_eight_fake_devices_holds_an_eighth():

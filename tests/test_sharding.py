@@ -1,4 +1,5 @@
-"""Every parallelism layout follows the single-device float32 loss trajectory (8 fake CPU devices)."""
+"""Every parallelism layout follows the single-device float32 loss trajectory (8 fake CPU devices), for a
+decoder (gpt2), an encoder (bert) and an encoder-decoder (t5)."""
 
 import json
 import os
@@ -13,8 +14,10 @@ ROOT = Path(__file__).parent.parent
 
 # The modes of sharding_modes.py, in two processes run side by side: each mode is seconds of compiling
 # programs of its own, and one process left the CI machine's second core mostly idle. Split by CPU time.
-MODE_GROUPS = (["single", "data8", "pmap8", "bert-fsdp8", "bert-mixed222", "bert-tensor8"],
-               ["fsdp8", "mixed222", "tensor8", "bert-single", "bert-data8", "bert-pmap8"])
+MODE_GROUPS = (["single", "data8", "pmap8", "bert-fsdp8", "bert-mixed222", "bert-tensor8", "t5-single", "t5-data8",
+                "t5-fsdp8"],
+               ["fsdp8", "mixed222", "tensor8", "bert-single", "bert-data8", "bert-pmap8", "t5-mixed222", "t5-tensor8",
+                "t5-pmap8"])
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +40,7 @@ def trajectories():
     return results
 
 
-@pytest.mark.parametrize("arch", ["", "bert-"])
+@pytest.mark.parametrize("arch", ["", "bert-", "t5-"])
 @pytest.mark.parametrize("mode", ["data8", "fsdp8", "mixed222", "tensor8", "pmap8"])
 def test_mode_matches_single_device(trajectories, arch, mode):
     single, sharded = trajectories[f"{arch}single"]["losses"], trajectories[f"{arch}{mode}"]["losses"]
@@ -47,9 +50,10 @@ def test_mode_matches_single_device(trajectories, arch, mode):
         assert b == pytest.approx(a, rel=1e-5), f"{mode} step {step + 1}"
 
 
-def test_fsdp_holds_an_eighth_of_the_state(trajectories):
-    single, fsdp = trajectories["single"], trajectories["fsdp8"]
+@pytest.mark.parametrize("arch", ["", "t5-"])
+def test_fsdp_holds_an_eighth_of_the_state(trajectories, arch):
+    single, fsdp = trajectories[f"{arch}single"], trajectories[f"{arch}fsdp8"]
     for key in ("param_bytes", "opt_bytes"):
         assert fsdp[key] <= single[key] / 8 * 1.1, key
-    assert trajectories["data8"]["param_bytes"] == single["param_bytes"]  # replicated
-    assert trajectories["pmap8"]["param_bytes"] == single["param_bytes"]
+    assert trajectories[f"{arch}data8"]["param_bytes"] == single["param_bytes"]  # replicated
+    assert trajectories[f"{arch}pmap8"]["param_bytes"] == single["param_bytes"]

@@ -89,3 +89,15 @@ def test_the_console_shows_each_eval_and_no_cpu_mfu_on_the_bar(tmp_path, corpus,
     # The bar is drawn with its throughput, but an MFU against a CPU peak measured on shared cores is not.
     err = capfd.readouterr().err
     assert "tok_s=" in err and "mfu=" not in err
+
+
+def test_a_resume_that_changes_the_target_length_says_the_data_changed():
+    """An encoder-decoder's train.target_len cuts its span-corruption pieces (data/objectives.py), as
+    train.seq_len does: the batches after the saved data position are not those of the first run."""
+    from llm_jax.config import to_dict
+    from llm_jax.train.loop import _data_changes
+
+    saved = to_dict(load_config(None, ["model.arch=t5"]))
+    assert _data_changes(saved, to_dict(load_config(None, ["model.arch=t5", "train.target_len=16"]))) == [
+        "train.target_len 0 -> 16"]
+    assert _data_changes(saved, saved) == []

@@ -16,25 +16,39 @@ import numpy as np
 
 from llm_jax.config import Config, ConfigError
 from llm_jax.models.decoder import count_params
-from llm_jax.models.flops import flops_per_token, mfu, total_peak_flops
+from llm_jax.models.flops import flops_per_token, mfu, tokens_per_row, total_peak_flops
+
+
+def _one_document(rows: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Segment ids and positions of rows that each hold one document, no padding."""
+    positions = np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy()
+    return np.ones((rows, length), np.int32), positions
 
 
 def synthetic_batch(config: Config, seed: int = 0) -> dict[str, np.ndarray]:
     """Full-length single-document rows of random tokens: the step costs the same as real data.
-    Masked LM weighs 15% of the positions, as its masking does (the step computes every position)."""
+    Masked LM weighs 15% of the positions, as its masking does (the step computes every position).
+    An encoder-decoder's rows have both sides (data/pipeline.py): seq_len encoder inputs and
+    target_len targets, every target weighted, the decoder's inputs the targets shifted right
+    after the decoder start id 0."""
     rng = np.random.default_rng(seed)
-    b, length = config.train.batch_size // jax.process_count(), config.train.seq_len
-    tokens = rng.integers(4, config.model.vocab_size, size=(b, length + 1), dtype=np.int32)
+    b, length, vocab = config.train.batch_size // jax.process_count(), config.train.seq_len, config.model.vocab_size
+    if config.model.family.encoder_decoder:
+        target_len = config.target_len
+        encoder_segment_ids, encoder_positions = _one_document(b, length)
+        segment_ids, positions = _one_document(b, target_len)
+        targets = rng.integers(4, vocab, size=(b, target_len), dtype=np.int32)
+        return {"encoder_inputs": rng.integers(4, vocab, size=(b, length), dtype=np.int32),
+                "encoder_segment_ids": encoder_segment_ids, "encoder_positions": encoder_positions,
+                "inputs": np.pad(targets[:, :-1], ((0, 0), (1, 0))), "targets": targets,
+                "segment_ids": segment_ids, "positions": positions, "weights": np.ones((b, target_len), np.float32)}
+    tokens = rng.integers(4, vocab, size=(b, length + 1), dtype=np.int32)
     weights = np.ones((b, length), np.float32)
     if config.objective == "mlm":
         weights = (rng.random((b, length)) < 0.15).astype(np.float32)
-    return {
-        "inputs": tokens[:, :-1],
-        "targets": tokens[:, 1:],
-        "segment_ids": np.ones((b, length), np.int32),
-        "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (b, length)).copy(),
-        "weights": weights,
-    }
+    segment_ids, positions = _one_document(b, length)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segment_ids, "positions": positions,
+            "weights": weights}
 
 
 def _peak_memory_bytes(compiled, device: jax.Device) -> int | None:
@@ -90,7 +104,7 @@ def run_bench(config: Config, steps: int = 10, warmup: int = 2) -> dict[str, Any
             cpu_times.append(time.process_time() - cpu0)
 
     step_time = statistics.median(times)
-    tokens_per_sec = config.train.batch_size * config.train.seq_len / step_time
+    tokens_per_sec = config.train.batch_size * tokens_per_row(config) / step_time
     device = jax.devices()[0]
     peak = total_peak_flops()
     return {

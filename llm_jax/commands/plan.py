@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_jax.config import Config, ConfigError
+from llm_jax.models.build import ENCODER_KEYS
 
 GIB = 1024**3
 
@@ -84,10 +85,17 @@ def _bytes_per_device(abstract_tree: Any) -> int:
 
 
 def abstract_batch(config: Config, batch_sharding) -> dict[str, jax.ShapeDtypeStruct]:
-    shape = (config.train.batch_size, config.train.seq_len)
-    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding)
-             for k in ("inputs", "targets", "segment_ids", "positions")}
-    batch["weights"] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=batch_sharding)
+    """The train step's batch, shapes only: [batch, seq_len] arrays, and for an encoder-decoder its
+    encoder side [batch, seq_len] and decoder side [batch, target_len] (data/pipeline.py)."""
+    def arrays(keys: tuple[str, ...], length: int, dtype=jnp.int32) -> dict[str, jax.ShapeDtypeStruct]:
+        shape = (config.train.batch_size, length)
+        return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding) for k in keys}
+
+    length = config.target_len if config.model.family.encoder_decoder else config.train.seq_len
+    batch = {**arrays(("inputs", "targets", "segment_ids", "positions"), length),
+             **arrays(("weights",), length, jnp.float32)}
+    if config.model.family.encoder_decoder:
+        batch.update(arrays(ENCODER_KEYS, config.train.seq_len))
     return batch
 
 

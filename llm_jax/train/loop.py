@@ -221,18 +221,23 @@ def evaluate(setup: Setup, eval_fn, params, eval_batches: list[dict[str, np.ndar
 
 def sample_text(setup: Setup, params, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int,
                 seed: int) -> str:
+    """What the model makes of `prompt`: a decoder continues it (the text returned starts with the
+    prompt); an encoder-decoder reads it as its input, ended by eos as training's inputs are, and
+    returns the target it generates (span corruption: the text of each sentinel <extra_id_N> of the
+    prompt, after that sentinel)."""
     tok = setup.tokenizer
-    prompt_ids = [tok.bos_id] + tok.encode(prompt)
+    encoder_decoder = setup.config.model.family.encoder_decoder
+    prompt_ids = tok.encode(prompt) + [tok.eos_id] if encoder_decoder else [tok.bos_id] + tok.encode(prompt)
     limit = _max_decode_len(setup.config)
-    if max_new_tokens > limit - len(prompt_ids):  # said aloud: a silently short answer looks like a bug
-        log.warning("generating %d new tokens, not the %d asked: the prompt's %d tokens and the model's length "
-                    "(%d) leave no room for more", max(limit - len(prompt_ids), 0), max_new_tokens,
-                    len(prompt_ids), limit)
-        max_new_tokens = limit - len(prompt_ids)
+    used = 0 if encoder_decoder else len(prompt_ids)  # the decoder's positions the prompt takes
+    if max_new_tokens > limit - used:  # said aloud: a silently short answer looks like a bug
+        log.warning("generating %d new tokens, not the %d asked: the model's length (%d)%s leaves no room for more",
+                    max(limit - used, 0), max_new_tokens, limit, f" less the prompt's {used} tokens" if used else "")
+        max_new_tokens = limit - used
     with setup.context(split_batch=False):
         ids = generate(setup.model, params, prompt_ids, max_new_tokens=max(max_new_tokens, 0),
                        rng=jax.random.key(seed), temperature=temperature, top_k=top_k, eos_id=tok.eos_id)
-    return tok.decode(ids[1:])
+    return tok.decode(ids if encoder_decoder else ids[1:])
 
 
 def fill_mask_text(setup: Setup, params, text: str, top_k: int) -> list[list[fill_mask.Candidate]]:
@@ -252,8 +257,9 @@ def _check_sample_prompt(setup: Setup) -> None:
 
 
 def _final_sample(setup: Setup, params) -> str | None:
-    """What the finished model makes of train.sample_prompt: a continuation (decoders), or the
-    predictions at its [MASK]s (masked LM; None when the prompt has none)."""
+    """What the finished model makes of train.sample_prompt: a continuation (decoders), the target it
+    generates for it (encoder-decoders: for span corruption, what fills the prompt's sentinels), or
+    the predictions at its [MASK]s (masked LM; None when the prompt has none)."""
     c = setup.config
     if c.objective == "mlm":
         if "[MASK]" not in c.train.sample_prompt:
@@ -264,6 +270,11 @@ def _final_sample(setup: Setup, params) -> str | None:
 
 
 def _max_decode_len(config: Config) -> int:
+    """The most positions generation writes in the decoder: a decoder's prompt and continuation (learned
+    positions: the table's length); an encoder-decoder's target alone, its prompt being the encoder's.
+    Relative and computed positions have no table: as long as training's rows, or model.max_len."""
+    if config.model.family.encoder_decoder:
+        return max(config.model.max_len, config.target_len)
     if config.model.resolved_position == "learned":
         return config.model.max_len
     return max(config.model.max_len, config.train.seq_len)
@@ -275,9 +286,10 @@ _DATA_RUNTIME_KEYS = ("workers", "prefetch", "prepared_dir", "num_shards")
 
 def _data_changes(saved: dict | None, current: dict) -> list[str]:
     """`key old -> new` for each setting that changes which batches follow a checkpoint's data position:
-    the data section, and outside it the shuffle order (`seed`) and how documents are cut (`train.seq_len`)."""
+    the data section, and outside it the shuffle order (`seed`) and how documents are cut
+    (`train.seq_len`; an encoder-decoder's `train.target_len`)."""
     changed = []
-    for key in ("seed", "train.seq_len"):
+    for key in ("seed", "train.seq_len", "train.target_len"):
         old, new = saved or {}, current
         for part in key.split("."):
             old, new = (old or {}).get(part), (new or {}).get(part)
@@ -447,7 +459,7 @@ class _StepLoop:
         if self.guard.streak:  # the newest update was skipped as non-finite: keep the last good checkpoint as is
             log.warning("not saving step %d: its loss or gradient was non-finite", step)
             return
-        tokens_per_step = self.config.train.batch_size * self.config.train.seq_len
+        tokens_per_step = self.config.train.batch_size * flops.tokens_per_row(self.config)
         metadata = {"step": step, "tokens_seen": step * tokens_per_step, "wall_time_s": time.time() - self.wall_start,
                     "config": to_dict(self.config), "nonfinite_steps": self.guard.total}
         eval_loss = self.last_eval["eval_loss"] if self.last_eval_step == step else None  # ranks it for keep_best

@@ -58,7 +58,8 @@ def first_replica(tree: Any) -> Any:
 
 
 def put_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's rows [b, L] -> global [n_devices, b_per_device, L], each device its own rows."""
+    """This process's rows [b, L] -> global [n_devices, b_per_device, L], each device its own rows. Key
+    by key: an encoder-decoder's encoder side (seq_len) and decoder side (target_len) differ in L."""
     n_local = len(mesh.local_devices)
     sharding = stacked_sharding(mesh)
 

@@ -30,7 +30,7 @@ class Reporter:
         self.writer = writer
         self.guard = guard
         self.peak_flops = peak_flops
-        self.tokens_per_step = config.train.batch_size * config.train.seq_len
+        self.tokens_per_step = config.train.batch_size * flops.tokens_per_row(config)
         self.bar = _progress_bar(config, start) if show_progress else None
         self.pending = None  # (step, device metrics) of the last dispatched step that is due for logging
         self.clock_time = time.perf_counter()
