@@ -10,8 +10,7 @@ from test_quantize import _one_error_line, _random_params, _run_args, trained_ru
 from llm_jax import cli
 from llm_jax.config import ModelConfig
 from llm_jax.infer import prune
-from llm_jax.train import checkpoint as ckpt
-from llm_jax.train import loop
+from llm_jax.train import exported, loop
 
 # Scanned layers: each layer of a stacked kernel [2, ...] is pruned on its own.
 CONFIG = ModelConfig(arch="llama", vocab_size=64, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64,
@@ -76,8 +75,8 @@ def test_init_from_a_pruned_export_keeps_the_zeros_while_fine_tuning(trained_run
     capsys.readouterr()
     assert cli.main(["prune", str(trained_run), str(out), "--sparsity", "0.5"]) == 0
     assert json.loads(capsys.readouterr().out)["sparsity"] == 0.5
-    masks = ckpt.load_export_mask(out)
-    _, exported, step = loop.restore_for_inference(out)  # read like a run (test_quantize runs eval on one)
+    masks = exported.load_export_mask(out)
+    _, pruned_params, step = loop.restore_for_inference(out)  # read like a run (test_quantize runs eval on one)
     assert step == 20
     assert cli.main(["quantize", str(out), str(tmp_path / "int8")]) == 0  # pruned, then int8: still zero
     qvalue = loop.restore_for_inference(tmp_path / "int8")[1]["layer_1"]["mlp"]["fc"]["kernel"].qvalue
@@ -88,11 +87,11 @@ def test_init_from_a_pruned_export_keeps_the_zeros_while_fine_tuning(trained_run
     assert cli.main(_run_args(tmp_path, corpus, f"init_from={out}", "train.steps=2")) == 0
     _, params, step = loop.restore_for_inference(tmp_path / "run")
     assert step == 2
-    exported = prune._flat(jax.device_get(exported))
+    pruned_params = prune._flat(jax.device_get(pruned_params))
     for path, keep in masks.items():
         weight = np.asarray(prune._flat(params)[path])
         assert np.all(weight[~keep] == 0), path  # still exactly zero
-        assert not np.array_equal(weight[keep], exported[path][keep]), path  # the others trained
+        assert not np.array_equal(weight[keep], pruned_params[path][keep]), path  # the others trained
 
 
 def test_prune_bad_input_exits_2_with_one_line(trained_run, tmp_path, capsys):  # noqa: F811

@@ -12,7 +12,7 @@ from typing import Any
 from llm_jax.config import Config, ConfigError, load_config, to_dict
 from llm_jax.models.decoder import count_params
 from llm_jax.train import checkpoint as ckpt
-from llm_jax.train import loop
+from llm_jax.train import exported, loop
 
 
 def export_run(workdir: str | Path, out: str | Path, best: bool = False) -> dict[str, Any]:
@@ -34,7 +34,7 @@ def check_out(out: str | Path) -> None:
 def restore_run(workdir: Path, best: bool = False) -> tuple[Config, Any, int]:
     """(config, params, step) of a run's newest checkpoint (or, with `best`, of its lowest eval loss);
     or of a float export (a pruned one, to be quantized too)."""
-    if ckpt.is_export(workdir) and not best:
+    if exported.is_export(workdir) and not best:
         return _restore_export(workdir)
     config_path = workdir / "config.yaml"
     if not config_path.is_file():

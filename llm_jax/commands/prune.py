@@ -14,6 +14,7 @@ from llm_jax.commands.export import check_out, restore_run
 from llm_jax.infer import prune
 from llm_jax.models.decoder import count_params
 from llm_jax.train import checkpoint as ckpt
+from llm_jax.train import exported
 
 
 def prune_run(workdir: str | Path, out: str | Path, sparsity: float, structure: str = "unstructured",
@@ -28,5 +29,5 @@ def prune_run(workdir: str | Path, out: str | Path, sparsity: float, structure: 
     info = {"step": step, "workdir": str(workdir.absolute()), "params": count_params(params),
             "pruning": {**report, "weights": sorted("/".join(path) for path in masks)}}
     path = ckpt.export_params(out, pruned, config, workdir / "tokenizer", info,
-                              extra={ckpt.EXPORT_MASK: prune.nested_masks(masks)})
+                              extra={exported.EXPORT_MASK: prune.nested_masks(masks)})
     return {"step": step, "out": str(path), **report}

@@ -32,7 +32,6 @@ from typing import Any
 
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
@@ -490,7 +489,6 @@ EXPORT_PARAMS = "params"
 EXPORT_CONFIG = "config.yaml"
 EXPORT_TOKENIZER = "tokenizer"
 EXPORT_INFO = "export.json"
-EXPORT_MASK = "mask"  # a pruned export's: True where a weight is kept (infer/prune.py)
 # Model keys that change how the model runs, not what its parameters are: a run started from
 # exported parameters may set them differently (e.g. dropout for fine-tuning).
 RUNTIME_MODEL_KEYS = ("dropout", "dtype", "remat", "attention", "init_std")
@@ -537,12 +535,6 @@ def _export_dir(path: str | Path) -> Path:
         raise ConfigError(f"init_from: {path} is not an `llm-jax export` directory (no {EXPORT_PARAMS}/ "
                           f"and {EXPORT_CONFIG})")
     return path
-
-
-def is_export(path: str | Path) -> bool:
-    """Whether `path` is an `llm-jax export` (or quantize, or prune) directory, not a run's."""
-    path = Path(path)
-    return (path / EXPORT_PARAMS).is_dir() and (path / EXPORT_CONFIG).is_file() and (path / EXPORT_INFO).is_file()
 
 
 def export_info(path: str | Path) -> dict:
@@ -597,17 +589,3 @@ def load_exported_params(path: str | Path, model: ModelConfig, abstract_params: 
         raise CheckpointError(f"init_from: {path / EXPORT_PARAMS} cannot be restored: {first_line}") from e
     return checkpoint_tree.to_expected_layout(params, abstract_params) if convert else params
 
-
-def load_export_mask(path: str | Path) -> dict[tuple[str, ...], np.ndarray] | None:
-    """A pruned export's masks by parameter path (True: the weight trains), or None for another export."""
-    mask_dir = Path(path) / EXPORT_MASK
-    if not mask_dir.is_dir():
-        return None
-    try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            tree = checkpointer.metadata(mask_dir).item_metadata.tree
-            target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree)
-            masks = checkpointer.restore(mask_dir, target)
-    except Exception as e:  # orbax raises many types for damaged or incompatible files
-        raise CheckpointError(f"init_from: {mask_dir} cannot be restored: {_first_line(e)}") from e
-    return {path: np.asarray(m, bool) for path, m in checkpoint_tree.flat(masks).items()}

@@ -34,7 +34,7 @@ from llm_jax.models.decoder import count_params
 from llm_jax.parallel import mesh as mesh_lib
 from llm_jax.runtime.stop_signal import StopSignal
 from llm_jax.train import checkpoint as ckpt
-from llm_jax.train import pmap, run_lock
+from llm_jax.train import exported, pmap, run_lock
 from llm_jax.train.fault_tolerance import NonFiniteError, NonFiniteGuard, ProcessAgreement, SaveClock
 from llm_jax.train.metrics import MetricsWriter
 from llm_jax.train.optim import describe_dtypes, keep_masked_zero, make_optimizer
@@ -112,7 +112,7 @@ def build(config: Config, mesh: jax.sharding.Mesh | None = None, with_data: bool
         tokenizer = load_or_train_tokenizer(config, workdir, sources)
     model = make_model(config.model)
     tx, schedule = make_optimizer(config.optimizer, config.train.steps, scan_layers=config.model.scan_layers)
-    masks = ckpt.load_export_mask(config.init_from) if config.init_from else None
+    masks = exported.load_export_mask(config.init_from) if config.init_from else None
     if masks is not None:  # a pruned export (infer/prune.py): its zeros stay zero while the run trains
         tx = optax.chain(tx, keep_masked_zero(masks))
 
@@ -499,14 +499,12 @@ def _finish(run: _StepLoop, writer: MetricsWriter) -> dict[str, Any]:
 
 def restore_for_inference(workdir: str | Path, overrides=()) -> tuple[Setup, Any, int]:
     """The run's own config and the params of its newest checkpoint, for eval and generate; or those
-    of an export directory (`llm-jax export`, `quantize`, `prune`), read by infer/exported.py."""
+    of an export directory (`llm-jax export`, `quantize`, `prune`), read by train/exported.py."""
     from llm_jax.config import load_config
 
     workdir = Path(workdir)
-    if ckpt.is_export(workdir):
-        from llm_jax.train.exported import restore_export  # which builds on this module
-
-        return restore_export(workdir, overrides)
+    if exported.is_export(workdir):
+        return exported.restore_export(workdir, overrides)
     config_path = workdir / "config.yaml"
     if not config_path.is_file():
         raise ConfigError(f"{workdir} is not a run directory (no config.yaml)")
