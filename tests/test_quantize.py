@@ -124,6 +124,9 @@ def test_int8_export_is_read_like_a_run_by_eval_and_generate(trained_run, tmp_pa
     assert int8_eval["eval_loss"] != float_eval["eval_loss"]  # it really ran the int8 weights
     assert cli.main(["generate", str(out), "--prompt", "the", "--max-new-tokens", "4", "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith("the")
+    # For inference only: a run cannot start from int8 weights.
+    assert cli.main(_run_args(tmp_path, trained_run.parent / "corpus", f"init_from={out}")) == cli.EXIT_USAGE
+    assert "int8" in _one_error_line(capsys)
 
 
 def test_quantize_bad_input_exits_2_with_one_line(trained_run, tmp_path, capsys):

@@ -588,4 +588,3 @@ def load_exported_params(path: str | Path, model: ModelConfig, abstract_params: 
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"init_from: {path / EXPORT_PARAMS} cannot be restored: {first_line}") from e
     return checkpoint_tree.to_expected_layout(params, abstract_params) if convert else params
-
