@@ -24,6 +24,15 @@ be quantized where this project runs most. So the weights are quantized here wit
 one back into a float array inside the compiled call, at its use, and the model code is
 otherwise unchanged.
 
+Memory: between calls (and on disk) the weights are int8. Inside one compiled call the float
+copies are temporaries of the step that uses them; in generation's decode loop XLA hoists the
+dequantization of the kernels out of the loop (loop-invariant code motion: seen in the compiled
+HLO, whose loop carries f32 kernels and the int8 embedding tables, which are gathered by row), so
+while a continuation is generated the kernels are float, and decoding runs at the float speed.
+Keeping them int8 through the loop (an optimization barrier tying the weights to the loop's tokens
+in generate's `tokens_to_logits`) pays only where XLA fuses the int8 -> float conversion into the
+matmul (GPU); XLA:CPU would write and read a float copy every step, more memory traffic, not less.
+
 On disk (`llm-jax quantize`: an export, commands/export.py's layout) each quantized leaf is a
 dict {"qvalue": int8, "scale": float32} in the same place of the tree, and export.json says
 `"quantization": {"format": "int8", ...}`; `from_stored` turns the dicts back into QArrays when
