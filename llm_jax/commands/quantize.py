@@ -1,7 +1,7 @@
 """`llm-jax quantize WORKDIR OUT [--group-size N]`: an int8 export of a run (infer/quantize.py).
 
 OUT has `llm-jax export`'s layout, so `eval OUT` and `generate OUT` read it as they read a run; its
-kernels and token embeddings are int8 with float32 scales, and export.json says so.
+kernels and embedding tables are int8 with float32 scales, and export.json says so.
 """
 
 from __future__ import annotations
