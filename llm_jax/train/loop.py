@@ -30,6 +30,7 @@ from llm_jax.infer.generate import generate
 from llm_jax.models import flops
 from llm_jax.models.build import make_model
 from llm_jax.models.decoder import count_params
+from llm_jax.models.families import FAMILIES
 from llm_jax.parallel import mesh as mesh_lib
 from llm_jax.runtime.stop_signal import StopSignal
 from llm_jax.train import checkpoint as ckpt
@@ -93,10 +94,24 @@ def check_workdir_matches(config: Config, workdir: Path) -> None:
         step = checkpointer.latest_step()
         if step is not None:  # the model and optimizer alone: cheap, no data is read
             checkpointer.check_fits(step, build(config, with_data=False).abstract_state)
+            _check_same_objective(config, checkpointer.saved_config(step), checkpointer.directory / str(step))
     except ckpt.DamagedCheckpointError:
         pass
     finally:
         checkpointer.close()
+
+
+def _check_same_objective(config: Config, saved: dict | None, checkpoint: Path) -> None:
+    """A run learns one objective. A t5 run's two (span, seq2seq) build the same tree, so a resume on
+    the other one would restore and go on with the first task's optimizer moments, schedule and data
+    position without a word: refused. Moving to another task is a new run from the exported weights."""
+    saved_model, saved_train = (saved or {}).get("model") or {}, (saved or {}).get("train") or {}
+    family = FAMILIES.get(saved_model.get("arch"))
+    old = saved_train.get("objective") or (family.objective if family else None)
+    if old is not None and old != config.objective:
+        raise ConfigError(f"train.objective: checkpoint {checkpoint} was trained with train.objective={old}, this "
+                          f"config says {config.objective}; resume with train.objective={old}, or start the new "
+                          "task in a new workdir with init_from=<an `llm-jax export` of this run>")
 
 
 def build(config: Config, mesh: jax.sharding.Mesh | None = None, with_data: bool = True) -> Setup:
