@@ -89,6 +89,8 @@ def test_override_beats_file(tmp_path):
     ("model.arch=t5 train.objective=mlm", "which learns span or seq2seq"),
     ("model.arch=gpt2 model.position=relative", "model.position=relative does not fit model.arch=gpt2"),
     ("model.arch=t5 model.position=rope", "model.position=rope does not fit model.arch=t5"),
+    ("model.arch=t5 model.attention=cudnn", "model.attention=cudnn does not fit model.arch=t5"),
+    ("model.arch=t5 model.attention=splash train.seq_len=128", "model.attention=splash does not fit model.arch=t5"),
     ("train.target_len=16", "train.target_len is an encoder-decoder"),
     ("model.arch=t5 tokenizer.extra_ids=0", "tokenizer.extra_ids must be positive"),
     ("model.arch=t5 model.n_decoder_layers=0", "model.n_decoder_layers' must be positive"),
