@@ -364,6 +364,13 @@ def _log_setup(setup: Setup) -> None:
              count_params(setup.abstract_state.params) / 1e6, dict(setup.mesh.shape), setup.mesh.size)
     log.info("data: %s", data_lib.skip_summary(setup.sources))
     log.info("dtypes: %s", describe_dtypes(setup.abstract_state.params, setup.abstract_state.opt_state, c.model.dtype))
+    if c.objective == "seq2seq" and jax.process_index() == 0:  # one log: every process reads the same examples
+        read, inputs_cut, targets_cut = data_lib.cut_pairs(c, setup.tokenizer, setup.sources.train)
+        if inputs_cut or targets_cut:
+            log.warning("of the first %d training examples, %d inputs are longer than train.seq_len=%d and %d targets "
+                        "longer than the target length %d: they are cut (a cut target loses its end); raise "
+                        "train.seq_len or train.target_len to keep them whole", read, inputs_cut, c.train.seq_len,
+                        targets_cut, c.target_len)
 
 
 def _restore_or_init(setup: Setup, checkpointer: ckpt.Checkpointer, train_iter) -> tuple[TrainState, int, dict]:
