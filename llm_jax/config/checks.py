@@ -96,6 +96,11 @@ def validate(c: Config) -> None:
              "train.seq_len")
     _require(c.objective != "span" or t.seq_len >= 4,
              f"train.seq_len ({t.seq_len}) must be at least 4 for span corruption")
+    # A sentinel, a dropped token and eos: shorter targets leave pieces of one token, which have no noise,
+    # and the run would learn nothing but eos.
+    _require(c.objective != "span" or t.target_len == 0 or t.target_len >= 3,
+             f"train.target_len ({t.target_len}) must be at least 3 for span corruption (a sentinel, a dropped "
+             "token and eos), or 0 to derive it from train.seq_len")
     if c.objective == "span" and tk.extra_ids > 0:
         from llm_jax.data.objectives import noise_counts, span_piece_length  # imports nothing of llm_jax
 
