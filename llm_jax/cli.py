@@ -86,7 +86,7 @@ def _cmd_generate(args) -> int:
     _check_generate_options(args)  # before the checkpoint is read: seconds, not a minute
     from llm_jax.train import loop
 
-    setup, params, _ = loop.restore_for_inference(args.workdir)
+    setup, params, _ = loop.restore_for_inference(args.workdir, with_data=False)
     c = setup.config
     if c.model.family.encoder:
         raise ConfigError(f"generate needs a decoder (or an encoder-decoder); {args.workdir} holds an encoder "
@@ -103,7 +103,7 @@ def _cmd_fill_mask(args) -> int:
     from llm_jax.train import loop
 
     fill_mask.check_top_k(args.top_k)  # before the checkpoint is read
-    setup, params, _ = loop.restore_for_inference(args.workdir)
+    setup, params, _ = loop.restore_for_inference(args.workdir, with_data=False)
     if setup.config.objective != "mlm":
         raise ConfigError(f"fill-mask needs a masked-LM run (model.arch=bert); {args.workdir} trains "
                           f"{setup.config.objective} with model.arch={setup.config.model.arch}")

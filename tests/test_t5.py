@@ -87,3 +87,17 @@ def test_a_span_run_resumed_as_seq2seq_is_refused(t5_run, tmp_path):
                                           "this config says seq2seq"):
         check_workdir_matches(config, workdir)
     check_workdir_matches(_config(workdir.parent, "unused", *T5, "train.steps=20"), workdir)  # span resumes
+
+
+def test_generate_reads_the_run_tokenizer_not_its_data(t5_run, capsys, monkeypatch):
+    # The corpus a run trained on may be gone (or be a big one to prepare again): generation needs
+    # the run's own tokenizer and checkpoint alone.
+    workdir, _ = t5_run
+
+    def no_data(config):
+        raise ConfigError(f"data.path={config.data.path!r} matches no files")
+
+    monkeypatch.setattr("llm_jax.data.pipeline.open_sources", no_data)
+    assert cli.main(["generate", str(workdir), "--prompt", "the cat <extra_id_0>", "--temperature", "0",
+                     "--max-new-tokens", "3"]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.startswith("<extra_id_0>")

@@ -24,7 +24,7 @@ from flax import linen as nn
 from llm_jax.config import Config, ConfigError, dump_config, to_dict
 from llm_jax.data import pipeline as data_lib
 from llm_jax.data import shards
-from llm_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
+from llm_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer, load_run_tokenizer
 from llm_jax.infer import fill_mask
 from llm_jax.infer.generate import generate
 from llm_jax.models import flops
@@ -515,8 +515,12 @@ def _finish(run: _StepLoop, writer: MetricsWriter) -> dict[str, Any]:
     return summary
 
 
-def restore_for_inference(workdir: str | Path, overrides=()) -> tuple[Setup, Any, int]:
-    """The run's own config and the params of its newest checkpoint, for eval and generate."""
+def restore_for_inference(workdir: str | Path, overrides=(), with_data: bool = True) -> tuple[Setup, Any, int]:
+    """The run's own config and the params of its newest checkpoint, for eval and generate.
+
+    `with_data=False` (generate, fill-mask): the run's own tokenizer alone, so the corpus it was
+    trained on may be gone, and is never opened or prepared again; the data only when the run has no
+    tokenizer yet."""
     from llm_jax.config import load_config
 
     workdir = Path(workdir)
@@ -524,7 +528,11 @@ def restore_for_inference(workdir: str | Path, overrides=()) -> tuple[Setup, Any
     if not config_path.is_file():
         raise ConfigError(f"{workdir} is not a run directory (no config.yaml)")
     config = load_config(config_path, [f"workdir={workdir}", "parallel.mode=jit", *overrides])
-    setup = build(config)
+    tokenizer = None if with_data else load_run_tokenizer(config, workdir)
+    if tokenizer is None:
+        setup = build(config)
+    else:
+        setup = dataclasses.replace(build(config, with_data=False), tokenizer=tokenizer)
     # Read-only: safe while a training run still writes to this directory.
     checkpointer = ckpt.Checkpointer(workdir / "checkpoints", config.checkpoint, read_only=True,
                                      run_config=to_dict(config))
