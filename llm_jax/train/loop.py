@@ -22,8 +22,8 @@ import numpy as np
 from flax import linen as nn
 
 from llm_jax.config import Config, ConfigError, dump_config, to_dict
+from llm_jax.data import objectives, shards
 from llm_jax.data import pipeline as data_lib
-from llm_jax.data import shards
 from llm_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer, load_run_tokenizer
 from llm_jax.infer import fill_mask
 from llm_jax.infer.generate import generate
@@ -364,6 +364,11 @@ def _log_setup(setup: Setup) -> None:
              count_params(setup.abstract_state.params) / 1e6, dict(setup.mesh.shape), setup.mesh.size)
     log.info("data: %s", data_lib.skip_summary(setup.sources))
     log.info("dtypes: %s", describe_dtypes(setup.abstract_state.params, setup.abstract_state.opt_state, c.model.dtype))
+    used = objectives.span_targets_used(c.train.seq_len, c.target_len) if c.objective == "span" else c.target_len
+    if used < c.target_len and jax.process_index() == 0:
+        log.warning("span corruption fills %d of the %d decoder positions (train.target_len) before the inputs fill "
+                    "train.seq_len=%d: the rest of every row is padding; leave train.target_len at 0 to derive it",
+                    used, c.target_len, c.train.seq_len)
     if c.objective == "seq2seq" and jax.process_index() == 0:  # one log: every process reads the same examples
         read, inputs_cut, targets_cut = data_lib.cut_pairs(c, setup.tokenizer, setup.sources.train)
         if inputs_cut or targets_cut:
