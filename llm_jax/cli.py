@@ -297,7 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    # key=value overrides after an option (`plan CONFIG --devices 8 mesh.tensor=2`): argparse ends the
+    # positionals at the first option, so they come back unknown; they are the command's overrides.
+    if unknown and hasattr(args, "rest") and all("=" in a and not a.startswith("-") for a in unknown):
+        args.rest += unknown
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     from llm_jax.runtime.stop_signal import StartupInterrupted, StopSignal
 
     # `train` handles signals from here on: importing JAX (for the malloc tuning below) takes a second,
