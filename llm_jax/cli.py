@@ -86,7 +86,7 @@ def _cmd_generate(args) -> int:
     _check_generate_options(args)  # before the checkpoint is read: seconds, not a minute
     from llm_jax.train import loop
 
-    setup, params, _ = loop.restore_for_inference(args.workdir)
+    setup, params, _ = loop.restore_for_inference(args.workdir, with_data=False)
     c = setup.config
     if c.model.family.encoder:
         raise ConfigError(f"generate needs a decoder (or an encoder-decoder); {args.workdir} holds an encoder "
@@ -103,7 +103,7 @@ def _cmd_fill_mask(args) -> int:
     from llm_jax.train import loop
 
     fill_mask.check_top_k(args.top_k)  # before the checkpoint is read
-    setup, params, _ = loop.restore_for_inference(args.workdir)
+    setup, params, _ = loop.restore_for_inference(args.workdir, with_data=False)
     if setup.config.objective != "mlm":
         raise ConfigError(f"fill-mask needs a masked-LM run (model.arch=bert); {args.workdir} trains "
                           f"{setup.config.objective} with model.arch={setup.config.model.arch}")
@@ -326,7 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    # key=value overrides after an option (`plan CONFIG --devices 8 mesh.tensor=2`): argparse ends the
+    # positionals at the first option, so they come back unknown; they are the command's overrides.
+    if unknown and hasattr(args, "rest") and all("=" in a and not a.startswith("-") for a in unknown):
+        args.rest += unknown
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     from llm_jax.runtime.stop_signal import StartupInterrupted, StopSignal
 
     # `train` handles signals from here on: importing JAX (for the malloc tuning below) takes a second,

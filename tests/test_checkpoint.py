@@ -370,3 +370,21 @@ def test_init_from_an_unrolled_export_into_scanned_layers(base_run, tmp_path, co
     _, unrolled, _ = loop.restore_for_inference(base_run / "run")
     np.testing.assert_array_equal(params["layers"]["attn"]["query"]["kernel"][0],
                                   unrolled["layer_0"]["attn"]["query"]["kernel"])
+
+
+def test_init_from_compares_the_model_keys_by_what_they_resolve_to(tmp_path):
+    # Only the export's config.yaml is read before any work: a stand-in export is enough.
+    from llm_jax.config import dump_config, load_config
+
+    export = tmp_path / "export"
+    (export / ckpt.EXPORT_PARAMS).mkdir(parents=True)
+    dump_config(load_config("configs/tiny.yaml", ["model.arch=t5"]), export / ckpt.EXPORT_CONFIG)
+
+    def config(*overrides):
+        return load_config("configs/tiny.yaml", ["model.arch=t5", f"init_from={export}", *overrides])
+
+    # Spelling out what the export left to its default (n_layers 2, the family's position) is the same model.
+    ckpt.check_init_from(config("model.n_encoder_layers=2", "model.n_decoder_layers=2", "model.position=relative",
+                                "model.gated_mlp=true", "model.n_kv_heads=4"))
+    with pytest.raises(ConfigError, match=r"model.n_decoder_layers=2, not 1;"):  # numbers, not None
+        ckpt.check_init_from(config("model.n_decoder_layers=1"))

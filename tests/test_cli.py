@@ -31,6 +31,9 @@ def test_typo_in_a_key_exits_2_with_one_line():
     (["train", "model.d_model=100", "model.n_heads=3"], "divisible"),
     (["train", "train.batch_size=6", "optimizer.grad_accum=4"], "grad_accum"),
     (["eval", "/no/such/run"], "not a run directory"),
+    # Overrides after an option are the command's overrides too, not unrecognized arguments.
+    (["plan", "configs/t5_base.yaml", "--devices", "8", "model.n_layrs=2"], "did you mean 'model.n_layers'"),
+    (["bench", "configs/t5_tiny.yaml", "--steps", "1", "model.n_heads=3"], "divisible"),
 ])
 def test_bad_input_exits_2(args, fragment, capsys):
     assert main(args) == 2

@@ -541,3 +541,14 @@ def test_tfds_seq2seq_examples_through_mock_data():
             pipeline.open_sources(toy_config("model.arch=t5", "train.objective=seq2seq", "data.source=tfds",
                                              "data.tfds_name=aeslc", "data.input_key=email_body",
                                              "data.target_key=summary"))
+
+
+def test_cut_pairs_counts_the_examples_seq2seq_cuts():
+    # seq_len 8 and target_len 4 keep 7 input and 3 target ids (each side ends in eos).
+    config = toy_config("model.arch=t5", "train.objective=seq2seq", "train.target_len=4")
+    pairs = [("a" * 7, "b" * 3), ("a" * 8, "b" * 3), ("a", "b" * 4), ("a" * 9, "b" * 9)]
+    assert pipeline.cut_pairs(config, CharTokenizer(), pairs) == (4, 2, 2)
+    assert pipeline.cut_pairs(config, CharTokenizer(), pairs, limit=2) == (2, 1, 0)
+    # What PairCutter does with them: the first example whole, the last cut on both sides.
+    cutter = pipeline.PairCutter(CharTokenizer(), SEQ, 4)
+    assert [len(cutter(p)[0]["encoder_inputs"]) for p in pairs] == [8, 8, 2, 8]

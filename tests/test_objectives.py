@@ -328,3 +328,11 @@ def test_span_batches_survive_a_resume_and_do_not_depend_on_the_process_layout()
     other, _ = _batches(_span_config("train.batch_size=8", "data.shuffle_window=8", "data.virtual_shards=2", "seed=8"),
                         steps=1, **kw)
     assert not np.array_equal(other[0]["targets"], uninterrupted[0]["targets"])
+
+
+def test_span_targets_used_says_when_a_longer_target_len_is_padding():
+    derived = objectives.span_lengths(32)[1]
+    assert objectives.span_targets_used(32, derived) == derived  # the derived length is filled exactly
+    assert objectives.span_targets_used(32, 200) == derived  # the inputs are full first: the rest is padding
+    assert objectives.span_targets_used(32, derived - 1) <= derived - 1  # shorter pieces fill a shorter one
+    assert objectives.span_targets_used(32, 3) == 3

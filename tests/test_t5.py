@@ -10,8 +10,9 @@ from test_trainer import _config, corpus  # noqa: F401 - the corpus fixture
 
 from llm_jax import cli
 from llm_jax.commands.export import export_run
+from llm_jax.config import ConfigError
 from llm_jax.data.tokenizer import Tokenizer
-from llm_jax.train.loop import train
+from llm_jax.train.loop import check_workdir_matches, train
 from llm_jax.train.metrics import read_metrics
 
 # 10 sentinels: the tiny vocabulary (300) holds them beside the byte pieces; pieces of train.seq_len
@@ -72,3 +73,31 @@ def test_t5_export_then_init_from(t5_run, tmp_path, corpus):  # noqa: F811
     first = _train_rows(tmp_path / "tuned" / "run")[0]["loss"]
     assert first == pytest.approx(_train_rows(workdir)[-1]["loss"], abs=0.5)  # the exported model, on another batch
     assert first < np.log(300) - 1.0  # a random init starts near ln(vocab_size)
+
+
+def test_a_span_run_resumed_as_seq2seq_is_refused(t5_run, tmp_path):
+    # Both objectives build the same tree, so only the saved config tells them apart: a resume on the
+    # other one would go on with the span run's moments, schedule and data position without a word.
+    workdir, _ = t5_run
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"input": "a b", "target": "b a"}) + "\n")
+    config = _config(workdir.parent, "unused", *T5, "train.steps=20", "train.objective=seq2seq",
+                     "data.source=jsonl", f"data.path={pairs}")
+    with pytest.raises(ConfigError, match="train.objective: checkpoint .* was trained with train.objective=span, "
+                                          "this config says seq2seq"):
+        check_workdir_matches(config, workdir)
+    check_workdir_matches(_config(workdir.parent, "unused", *T5, "train.steps=20"), workdir)  # span resumes
+
+
+def test_generate_reads_the_run_tokenizer_not_its_data(t5_run, capsys, monkeypatch):
+    # The corpus a run trained on may be gone (or be a big one to prepare again): generation needs
+    # the run's own tokenizer and checkpoint alone.
+    workdir, _ = t5_run
+
+    def no_data(config):
+        raise ConfigError(f"data.path={config.data.path!r} matches no files")
+
+    monkeypatch.setattr("llm_jax.data.pipeline.open_sources", no_data)
+    assert cli.main(["generate", str(workdir), "--prompt", "the cat <extra_id_0>", "--temperature", "0",
+                     "--max-new-tokens", "3"]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.startswith("<extra_id_0>")

@@ -58,6 +58,11 @@ def validate(c: Config) -> None:
     _require((m.resolved_position == "relative") == m.family.encoder_decoder,
              f"model.position={m.resolved_position} does not fit model.arch={m.arch}: relative position biases "
              "are the encoder-decoder's (t5) and its only positions")
+    # The fused kernels (cpu_kernels, cuDNN, splash) take a mask but no additive bias: relative positions are
+    # always attended explicitly (models/relative.py), so another choice would be ignored without a word.
+    _require(m.attention == "xla" or m.resolved_position != "relative",
+             f"model.attention={m.attention} does not fit model.arch={m.arch}: its relative position biases are "
+             "added to the scores, which the fused kernels cannot take; use model.attention=xla")
     for key in ("n_encoder_layers", "n_decoder_layers"):
         value = getattr(m, key)
         _require(value is None or value > 0, f"config key 'model.{key}' must be positive, got {value}")
@@ -91,6 +96,11 @@ def validate(c: Config) -> None:
              "train.seq_len")
     _require(c.objective != "span" or t.seq_len >= 4,
              f"train.seq_len ({t.seq_len}) must be at least 4 for span corruption")
+    # A sentinel, a dropped token and eos: shorter targets leave pieces of one token, which have no noise,
+    # and the run would learn nothing but eos.
+    _require(c.objective != "span" or t.target_len == 0 or t.target_len >= 3,
+             f"train.target_len ({t.target_len}) must be at least 3 for span corruption (a sentinel, a dropped "
+             "token and eos), or 0 to derive it from train.seq_len")
     if c.objective == "span" and tk.extra_ids > 0:
         from llm_jax.data.objectives import noise_counts, span_piece_length  # imports nothing of llm_jax
 

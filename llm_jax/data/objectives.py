@@ -138,6 +138,14 @@ def span_piece_length(inputs_length: int, targets_length: int, noise_density: fl
     return tokens
 
 
+def span_targets_used(inputs_length: int, targets_length: int, noise_density: float = NOISE_DENSITY,
+                      mean_span_length: float = MEAN_SPAN_LENGTH) -> int:
+    """The targets of the longest piece (`span_piece_length`): at most `targets_length`, fewer when the
+    inputs are full first (a train.target_len above the derived one leaves the rest of each row padding)."""
+    tokens = span_piece_length(inputs_length, targets_length, noise_density, mean_span_length)
+    return corrupted_lengths(tokens, noise_density, mean_span_length)[1]
+
+
 def _random_segmentation(items: int, segments: int, rng: np.random.Generator) -> np.ndarray:
     """Lengths of `segments` non-empty runs that add up to `items`, uniform over all such
     compositions (T5's `_random_segmentation`): the cuts are a uniform sample of the items - 1 gaps."""

@@ -373,7 +373,7 @@ class PairCutter:
     """An (input, target) example -> its one piece. Picklable.
 
     Each side is its ids + [eos], cut to its length (seq_len, target_len) with the eos kept last: an
-    over-long example is truncated, never dropped.
+    over-long example is truncated, never dropped (the run log counts them: `cut_pairs`).
     """
 
     def __init__(self, tokenizer: Tokenizer, seq_len: int, target_len: int):
@@ -387,6 +387,19 @@ class PairCutter:
         targets = self._side(target, self.target_len)
         return [{"encoder_inputs": self._side(source, self.seq_len), "inputs": decoder_inputs(targets),
                  "targets": targets}]
+
+
+def cut_pairs(config: Config, tokenizer: Tokenizer, pairs: Any, limit: int = 1000) -> tuple[int, int, int]:
+    """(examples read, inputs cut, targets cut) among the first `limit` (input, target) pairs: those
+    `PairCutter` cuts to train.seq_len and Config.target_len. A cut target loses its end and the model
+    learns to stop there, so the run log says how many (a sample: tokenizing is the cost)."""
+    read = min(len(pairs), limit)
+    inputs_cut = targets_cut = 0
+    for i in range(read):
+        source, target = pairs[i]
+        inputs_cut += len(tokenizer.encode(source)) > config.train.seq_len - 1  # one place is the eos
+        targets_cut += len(tokenizer.encode(target)) > config.target_len - 1
+    return read, inputs_cut, targets_cut
 
 
 # What each objective makes of a document and how its pieces pack: the two functions below are the

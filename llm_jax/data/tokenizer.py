@@ -379,6 +379,16 @@ def _write_run_tokenizer(config: Config, sources: Any, out_dir: Path) -> None:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
+def load_run_tokenizer(config: Config, workdir: str | os.PathLike) -> Tokenizer | None:
+    """The tokenizer a run has already written (WORKDIR/tokenizer/spm.model), or None: what generation
+    reads, without the data that trained it."""
+    model_path = Path(workdir) / "tokenizer" / MODEL_NAME
+    if not model_path.is_file():
+        return None
+    log.info("loading tokenizer %s", model_path)
+    return _check_loaded(_load_own(model_path), config)
+
+
 def load_or_train_tokenizer(config: Config, workdir: str | os.PathLike, sources: Any) -> Tokenizer:
     """The run's tokenizer: WORKDIR/tokenizer/spm.model if present, else tokenizer.path, else trained.
 

@@ -9,10 +9,11 @@ of each stack: the same function). Cross-attention has no position bias.
 
 Scores are not scaled by 1/sqrt(head_dim): T5 folds that factor into the query's init (encdec.py).
 
-The attention is computed explicitly (einsum, float32 scores and softmax, bias added) whatever
-`model.attention` says: the fused kernels this package uses (cpu_kernels, blocked_attention, cuDNN's
-packed layout, splash) take a mask but no additive bias. Masks are folded into the same bias (a large
-negative number where a key is hidden), so one [B or 1, H, L, S] array per stack carries both.
+The attention is computed explicitly (einsum, float32 scores and softmax, bias added), and the config
+refuses any other `model.attention` for relative positions: the fused kernels this package uses
+(cpu_kernels, blocked_attention, cuDNN's packed layout, splash) take a mask but no additive bias. Masks
+are folded into the same bias (a large negative number where a key is hidden), so one [B or 1, H, L, S]
+array per stack carries both.
 
 Shape suffixes as in `layers.py`; N is the number of relative position buckets.
 """

@@ -560,10 +560,20 @@ def check_init_from(config: Config) -> Config:
     return dataclasses.replace(config, tokenizer=dataclasses.replace(config.tokenizer, path=str(model_file)))
 
 
+# Model keys whose None means the family's value or another key's: compared by what they resolve to, so a
+# config that spells out what the export left to its default (model.n_decoder_layers=2 beside n_layers=2)
+# is the same model, and a difference names numbers, not None.
+_RESOLVED_MODEL_KEYS = {"n_encoder_layers": "encoder_layers", "n_decoder_layers": "decoder_layers",
+                        "n_kv_heads": "kv_heads", "position": "resolved_position",
+                        "tie_embeddings": "resolved_tie_embeddings", "activation": "resolved_activation",
+                        "gated_mlp": "resolved_gated_mlp", "norm_eps": "resolved_norm_eps"}
+
+
 def _check_same_model(path: Path, model: ModelConfig) -> None:
     saved = load_config(path / EXPORT_CONFIG).model
     for field in dataclasses.fields(ModelConfig):
-        ours, theirs = getattr(model, field.name), getattr(saved, field.name)
+        name = _RESOLVED_MODEL_KEYS.get(field.name, field.name)
+        ours, theirs = getattr(model, name), getattr(saved, name)
         if field.name not in SAME_TREE_MODEL_KEYS and ours != theirs:
             raise ConfigError(f"init_from: {path} holds a model with model.{field.name}={theirs!r}, not {ours!r}; "
                               "use the same model settings")

@@ -14,6 +14,7 @@ when `init_from` names one).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +40,19 @@ def is_export(path: str | Path) -> bool:
             and (path / ckpt.EXPORT_INFO).is_file())
 
 
-def restore_export(path: str | Path, overrides=()) -> tuple[Any, Any, int]:
-    """(setup, params, step) of an export, like `loop.restore_for_inference` of a run directory."""
+def restore_export(path: str | Path, overrides=(), with_data: bool = True) -> tuple[Any, Any, int]:
+    """(setup, params, step) of an export, like `loop.restore_for_inference` of a run directory
+    (`with_data=False`: the export's own tokenizer alone, its training data never opened)."""
     from llm_jax.train import loop  # which reads exports through this module
 
     path = Path(path).absolute()
     info = ckpt.export_info(path)
     config = load_config(path / ckpt.EXPORT_CONFIG, [f"workdir={path}", "init_from=", *LOCAL_MESH, *overrides])
-    setup = loop.build(config)  # reads the export's tokenizer/, as a run reads its own
+    tokenizer = None if with_data else loop.load_run_tokenizer(config, path)
+    if tokenizer is None:
+        setup = loop.build(config)  # reads the export's tokenizer/, as a run reads its own
+    else:
+        setup = dataclasses.replace(loop.build(config, with_data=False), tokenizer=tokenizer)
     if "quantization" in info:
         params = quantize.from_stored(read_tree(path / ckpt.EXPORT_PARAMS, setup.mesh))
     else:

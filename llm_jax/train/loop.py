@@ -23,14 +23,15 @@ import optax
 from flax import linen as nn
 
 from llm_jax.config import Config, ConfigError, dump_config, to_dict
+from llm_jax.data import objectives, shards
 from llm_jax.data import pipeline as data_lib
-from llm_jax.data import shards
-from llm_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
+from llm_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer, load_run_tokenizer
 from llm_jax.infer import fill_mask
 from llm_jax.infer.generate import generate
 from llm_jax.models import flops
 from llm_jax.models.build import make_model
 from llm_jax.models.decoder import count_params
+from llm_jax.models.families import FAMILIES
 from llm_jax.parallel import mesh as mesh_lib
 from llm_jax.runtime.stop_signal import StopSignal
 from llm_jax.train import checkpoint as ckpt
@@ -94,10 +95,24 @@ def check_workdir_matches(config: Config, workdir: Path) -> None:
         step = checkpointer.latest_step()
         if step is not None:  # the model and optimizer alone: cheap, no data is read
             checkpointer.check_fits(step, build(config, with_data=False).abstract_state)
+            _check_same_objective(config, checkpointer.saved_config(step), checkpointer.directory / str(step))
     except ckpt.DamagedCheckpointError:
         pass
     finally:
         checkpointer.close()
+
+
+def _check_same_objective(config: Config, saved: dict | None, checkpoint: Path) -> None:
+    """A run learns one objective. A t5 run's two (span, seq2seq) build the same tree, so a resume on
+    the other one would restore and go on with the first task's optimizer moments, schedule and data
+    position without a word: refused. Moving to another task is a new run from the exported weights."""
+    saved_model, saved_train = (saved or {}).get("model") or {}, (saved or {}).get("train") or {}
+    family = FAMILIES.get(saved_model.get("arch"))
+    old = saved_train.get("objective") or (family.objective if family else None)
+    if old is not None and old != config.objective:
+        raise ConfigError(f"train.objective: checkpoint {checkpoint} was trained with train.objective={old}, this "
+                          f"config says {config.objective}; resume with train.objective={old}, or start the new "
+                          "task in a new workdir with init_from=<an `llm-jax export` of this run>")
 
 
 def build(config: Config, mesh: jax.sharding.Mesh | None = None, with_data: bool = True) -> Setup:
@@ -353,6 +368,18 @@ def _log_setup(setup: Setup) -> None:
              count_params(setup.abstract_state.params) / 1e6, dict(setup.mesh.shape), setup.mesh.size)
     log.info("data: %s", data_lib.skip_summary(setup.sources))
     log.info("dtypes: %s", describe_dtypes(setup.abstract_state.params, setup.abstract_state.opt_state, c.model.dtype))
+    used = objectives.span_targets_used(c.train.seq_len, c.target_len) if c.objective == "span" else c.target_len
+    if used < c.target_len and jax.process_index() == 0:
+        log.warning("span corruption fills %d of the %d decoder positions (train.target_len) before the inputs fill "
+                    "train.seq_len=%d: the rest of every row is padding; leave train.target_len at 0 to derive it",
+                    used, c.target_len, c.train.seq_len)
+    if c.objective == "seq2seq" and jax.process_index() == 0:  # one log: every process reads the same examples
+        read, inputs_cut, targets_cut = data_lib.cut_pairs(c, setup.tokenizer, setup.sources.train)
+        if inputs_cut or targets_cut:
+            log.warning("of the first %d training examples, %d inputs are longer than train.seq_len=%d and %d targets "
+                        "longer than the target length %d: they are cut (a cut target loses its end); raise "
+                        "train.seq_len or train.target_len to keep them whole", read, inputs_cut, c.train.seq_len,
+                        targets_cut, c.target_len)
 
 
 def _restore_or_init(setup: Setup, checkpointer: ckpt.Checkpointer, train_iter) -> tuple[TrainState, int, dict]:
@@ -497,19 +524,27 @@ def _finish(run: _StepLoop, writer: MetricsWriter) -> dict[str, Any]:
     return summary
 
 
-def restore_for_inference(workdir: str | Path, overrides=()) -> tuple[Setup, Any, int]:
+def restore_for_inference(workdir: str | Path, overrides=(), with_data: bool = True) -> tuple[Setup, Any, int]:
     """The run's own config and the params of its newest checkpoint, for eval and generate; or those
-    of an export directory (`llm-jax export`, `quantize`, `prune`), read by train/exported.py."""
+    of an export directory (`llm-jax export`, `quantize`, `prune`), read by train/exported.py.
+
+    `with_data=False` (generate, fill-mask): the run's own tokenizer alone, so the corpus it was
+    trained on may be gone, and is never opened or prepared again; the data only when the run has no
+    tokenizer yet."""
     from llm_jax.config import load_config
 
     workdir = Path(workdir)
     if exported.is_export(workdir):
-        return exported.restore_export(workdir, overrides)
+        return exported.restore_export(workdir, overrides, with_data)
     config_path = workdir / "config.yaml"
     if not config_path.is_file():
         raise ConfigError(f"{workdir} is not a run directory (no config.yaml)")
     config = load_config(config_path, [f"workdir={workdir}", "parallel.mode=jit", *overrides])
-    setup = build(config)
+    tokenizer = None if with_data else load_run_tokenizer(config, workdir)
+    if tokenizer is None:
+        setup = build(config)
+    else:
+        setup = dataclasses.replace(build(config, with_data=False), tokenizer=tokenizer)
     # Read-only: safe while a training run still writes to this directory.
     checkpointer = ckpt.Checkpointer(workdir / "checkpoints", config.checkpoint, read_only=True,
                                      run_config=to_dict(config))
