@@ -33,12 +33,13 @@ from llm_jax.models.decoder import count_params
 from llm_jax.parallel import mesh as mesh_lib
 from llm_jax.runtime.stop_signal import StopSignal
 from llm_jax.train import checkpoint as ckpt
-from llm_jax.train import pmap, run_lock
+from llm_jax.train import pmap, run_lock, tasks
 from llm_jax.train.fault_tolerance import NonFiniteError, NonFiniteGuard, ProcessAgreement, SaveClock
 from llm_jax.train.metrics import MetricsWriter
 from llm_jax.train.optim import describe_dtypes, make_optimizer
 from llm_jax.train.report import Reporter, log_eval
 from llm_jax.train.steps import TrainState, eval_step, init_state, train_step
+from llm_jax.train.task_steps import task_eval_step, task_loss_sums
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ class Setup:
     abstract_state: Any  # unboxed ShapeDtypeStructs of the TrainState
     state_shardings: Any
     tokenizer: Tokenizer | None  # None when built without data (bench)
-    sources: Any
+    sources: Any  # DataSources; a fine-tuning task's LabelledSources (train/tasks.py)
+    labels: Any = None  # a fine-tuning task's LabelSet; None for language modelling
 
     @property
     def rules(self):
@@ -103,13 +105,19 @@ def build(config: Config, mesh: jax.sharding.Mesh | None = None, with_data: bool
     """Everything a run needs before the first step, in data-flow order."""
     workdir = Path(config.workdir)
     mesh = mesh if mesh is not None else mesh_lib.make_mesh(config)
-    sources = tokenizer = None
+    sources = tokenizer = labels = None
     if with_data:
         if jax.process_index() == 0:
             workdir.mkdir(parents=True, exist_ok=True)
-        sources = data_lib.open_sources(config)
-        tokenizer = load_or_train_tokenizer(config, workdir, sources)
-    model = make_model(config.model)
+        if tasks.is_task(config):
+            sources, tokenizer = tasks.open_task_data(config, workdir)
+            labels = sources.labels
+        else:
+            sources = data_lib.open_sources(config)
+            tokenizer = load_or_train_tokenizer(config, workdir, sources)
+    elif tasks.is_task(config):
+        labels = tasks.required_labels(workdir)
+    model = tasks.make_task_model(config, labels) if labels is not None else make_model(config.model)
     tx, schedule = make_optimizer(config.optimizer, config.train.steps, scan_layers=config.model.scan_layers)
 
     rules = mesh_lib.axis_rules(config)
@@ -119,7 +127,8 @@ def build(config: Config, mesh: jax.sharding.Mesh | None = None, with_data: bool
         boxed = jax.eval_shape(init_fn, jax.ShapeDtypeStruct((2,), jnp.uint32))
     state_shardings = mesh_lib.logical_shardings(boxed, mesh, rules)  # pmap: all replicated
     abstract_state = ckpt.abstract_with_shardings(nn.unbox(boxed), state_shardings)
-    return Setup(config, workdir, mesh, model, tx, schedule, abstract_state, state_shardings, tokenizer, sources)
+    return Setup(config, workdir, mesh, model, tx, schedule, abstract_state, state_shardings, tokenizer, sources,
+                 labels)
 
 
 def create_state(setup: Setup) -> TrainState:
@@ -151,20 +160,24 @@ def compile_steps(setup: Setup) -> Steps:
     mesh = setup.mesh
     batch_sharding = mesh_lib.batch_sharding(mesh)
     replicated = mesh_lib.replicated(mesh)
+    task = setup.labels is not None  # fine-tuning: the task's loss and eval (train/task_steps.py)
+    loss_fn = task_loss_sums if task else None
     eval_fn = jax.jit(
-        functools.partial(eval_step, model=setup.model),
+        functools.partial(task_eval_step, model=setup.model, num_labels=len(setup.labels)) if task
+        else functools.partial(eval_step, model=setup.model),
         in_shardings=(setup.state_shardings.params, batch_sharding),
         out_shardings=replicated,
     )
     if c.parallel.mode == "pmap":
         train_fn = pmap.compile_train_step(setup.model, setup.tx, setup.schedule, mesh=mesh,
-                                           grad_accum=c.optimizer.grad_accum, use_dropout=c.model.dropout > 0)
+                                           grad_accum=c.optimizer.grad_accum, use_dropout=c.model.dropout > 0,
+                                           loss_fn=loss_fn)
         return Steps(train=train_fn, eval=eval_fn, put_batch=lambda b: pmap.put_batch(b, mesh),
                      to_loop=lambda s: pmap.to_stacked(s, mesh), to_global=lambda s: pmap.to_global(s, mesh))
     train_fn = jax.jit(
         functools.partial(train_step, model=setup.model, tx=setup.tx, schedule=setup.schedule,
                           grad_accum=c.optimizer.grad_accum, use_dropout=c.model.dropout > 0,
-                          param_shardings=setup.state_shardings.params),
+                          param_shardings=setup.state_shardings.params, loss_fn=loss_fn),
         in_shardings=(setup.state_shardings, batch_sharding),
         out_shardings=(setup.state_shardings, replicated),
         donate_argnums=0,
@@ -181,6 +194,8 @@ def held_out_batches(setup: Setup) -> list[dict[str, np.ndarray]]:
     would score loss 0 and perplexity 1, and rank as the best checkpoint.
     """
     c = setup.config
+    if setup.labels is not None:
+        return tasks.held_out_batches(setup)
     batches = data_lib.make_eval_batches(c, setup.tokenizer, setup.sources,
                                          mesh_lib.batch_rows(setup.mesh, c.train.batch_size))
     if c.objective == "mlm" and batches:  # an empty eval split skips evaluation, as for any objective
@@ -199,7 +214,9 @@ def held_out_batches(setup: Setup) -> list[dict[str, np.ndarray]]:
 
 def evaluate(setup: Setup, eval_fn, params, eval_batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
     """Mean loss and perplexity over the held-out batches (sums first, one division); for masked LM
-    also the accuracy over the masked positions."""
+    also the accuracy over the masked positions. Fine-tuning tasks: their metrics (train/tasks.py)."""
+    if setup.labels is not None:
+        return tasks.evaluate_task(setup, eval_fn, params, eval_batches)
     batch_sharding = mesh_lib.batch_sharding(setup.mesh)
     sums = {"loss": jnp.zeros(()), "correct": jnp.zeros(()), "weight": jnp.zeros(())}
     with setup.context():
@@ -247,7 +264,7 @@ def _check_sample_prompt(setup: Setup) -> None:
     """Refuses, before the first step, a masked-LM sample prompt the model cannot read (longer than
     model.max_len): found at the end, it would fail a finished run."""
     c = setup.config
-    if c.objective == "mlm" and "[MASK]" in c.train.sample_prompt:
+    if c.objective == "mlm" and "[MASK]" in c.train.sample_prompt and setup.labels is None:
         fill_mask.encode_with_masks(setup.tokenizer, c.train.sample_prompt, c.model.max_len,
                                     option="train.sample_prompt")
 
@@ -257,6 +274,8 @@ def _final_sample(setup: Setup, params) -> str | None:
     generates for it (encoder-decoders: for span corruption, what fills the prompt's sentinels), or
     the predictions at its [MASK]s (masked LM; None when the prompt has none)."""
     c = setup.config
+    if setup.labels is not None:  # a fine-tuned head has nothing to sample
+        return None
     if c.objective == "mlm":
         if "[MASK]" not in c.train.sample_prompt:
             return None
@@ -315,14 +334,17 @@ def _train(config: Config, stop: StopSignal, on_exit: contextlib.ExitStack) -> d
     _check_sample_prompt(setup)
     if is_main:
         dump_config(config, workdir / "config.yaml")
+    if setup.labels is not None:
+        tasks.save_run_labels(config, setup.labels)
     _log_setup(setup)
     # Measured once (on CPU a ~0.1 s matmul) before the data pipeline's threads start, which would
     # share the cores with the measurement; only process 0 logs.
     peak_flops = flops.total_peak_flops() if is_main else None
 
     # Exactly the rows this process's devices hold of every step's global batch.
-    train_iter = shards.make_train_iterator(config, setup.tokenizer, setup.sources,
-                                            mesh_lib.batch_rows(setup.mesh, config.train.batch_size))
+    rows = mesh_lib.batch_rows(setup.mesh, config.train.batch_size)
+    make_iterator = tasks.make_train_iterator if setup.labels is not None else shards.make_train_iterator
+    train_iter = make_iterator(config, setup.tokenizer, setup.sources, rows)
     iter_ckpt = ckpt.IteratorCheckpoint(lambda: shards.iterator_state(train_iter))
     eval_batches = held_out_batches(setup)
     checkpointer = ckpt.Checkpointer(workdir / "checkpoints", config.checkpoint, run_config=to_dict(config))
@@ -347,7 +369,8 @@ def _log_setup(setup: Setup) -> None:
     c = setup.config
     log.info("model: %s, %.2fM parameters; mesh %s over %d devices", c.model.arch,
              count_params(setup.abstract_state.params) / 1e6, dict(setup.mesh.shape), setup.mesh.size)
-    log.info("data: %s", data_lib.skip_summary(setup.sources))
+    if setup.labels is None:  # a task's data said what it kept and skipped as it was read
+        log.info("data: %s", data_lib.skip_summary(setup.sources))
     log.info("dtypes: %s", describe_dtypes(setup.abstract_state.params, setup.abstract_state.opt_state, c.model.dtype))
 
 
@@ -362,7 +385,10 @@ def _restore_or_init(setup: Setup, checkpointer: ckpt.Checkpointer, train_iter) 
         ignore_damaged=c.checkpoint.ignore_damaged)
     if restored is None:
         state = create_state(setup)
-        if c.init_from:  # exported parameters, a fresh optimizer and step 0
+        if c.init_from and setup.labels is not None:  # the body exported, the head fresh
+            state = state.replace(params=tasks.params_from_export(c, state.params, setup.abstract_state.params))
+            log.info("starting from the parameters exported in %s (the body; the task head is new)", c.init_from)
+        elif c.init_from:  # exported parameters, a fresh optimizer and step 0
             state = state.replace(params=ckpt.load_exported_params(c.init_from, c.model, setup.abstract_state.params))
             log.info("starting from the parameters exported in %s", c.init_from)
         return state, 0, {}
