@@ -16,7 +16,7 @@ from flax import linen as nn
 from llm_jax import cli
 from llm_jax.commands.export import export_run
 from llm_jax.config import load_config
-from llm_jax.train import loop, tasks
+from llm_jax.train import loop, task_metrics, tasks
 from llm_jax.train.loop import train
 from llm_jax.train.metrics import read_metrics
 
@@ -94,7 +94,7 @@ def _classify(workdir: Path, data: Path, export: Path, *extra: str):
 def _tag(workdir: Path, data: Path, export: Path, *extra: str):
     return load_config(None, [f"workdir={workdir}", "task.kind=tag", "data.source=conll",
                               f"data.path={data}/tag_train.conll", f"data.eval_path={data}/tag_validation.conll",
-                              f"init_from={export}", *TINY, "optimizer.lr=1e-2", "train.steps=30",
+                              f"init_from={export}", *TINY, "train.seq_len=32", "optimizer.lr=1e-2", "train.steps=30",
                               "train.eval_every=15", "checkpoint.every=15", *extra])
 
 
@@ -126,6 +126,17 @@ def test_a_tag_run_learns_and_reports_entity_scores(data, export, tmp_path):
     assert evals[-1]["eval_f1"] > 0.3  # tagging every word O scores 0
     assert json.loads((tmp_path / "run" / "labels.json").read_text())["labels"] == ["B-LOC", "B-PER", "I-LOC",
                                                                                      "I-PER", "O"]
+    # predict tags each word from its first piece, as eval scores it
+    out = tmp_path / "tags.jsonl"
+    assert cli.main(["predict", str(tmp_path / "run"), "--input", str(data / "tag_validation.conll"),
+                     "--output", str(out)]) == 0
+    predicted = [json.loads(line) for line in out.read_text().splitlines()]
+    truth = [s.split("\n") for s in (data / "tag_validation.conll").read_text().strip().split("\n\n")]
+    truth_tags = [[line.split()[1] for line in s] for s in truth]
+    assert [p["tokens"] for p in predicted] == [[line.split()[0] for line in s] for s in truth]
+    counts = task_metrics.entity_counts(truth_tags, [p["tags"] for p in predicted]).scores()
+    assert counts["f1"] == pytest.approx(summary["eval_f1"], abs=1e-9)
+    assert counts["token_accuracy"] == pytest.approx(summary["eval_accuracy"], abs=1e-9)
 
 
 def test_init_from_restores_the_body_bit_exactly_and_creates_the_head(data, export, tmp_path):
@@ -153,13 +164,16 @@ def test_a_resumed_fine_tuning_run_matches_the_uninterrupted_one(classify_run, d
     shutil.rmtree(resumed / "checkpoints" / "24")  # as if stopped after the save at step 12
     (resumed / "metrics.jsonl").write_text("")
     train(_classify(resumed, data, export))
-    want = {r["step"]: r for r in read_metrics(workdir / "metrics.jsonl")}
+    rows = read_metrics(workdir / "metrics.jsonl")
     got = read_metrics(resumed / "metrics.jsonl")
-    assert [r["step"] for r in got if "loss" in r] == list(range(13, 25))
-    for row in got:
-        for key in ("loss", "grad_norm", "eval_loss", "eval_accuracy"):
-            if key in row:
-                assert row[key] == want[row["step"]][key], (row["step"], key)
+    for kind in ("loss", "eval_loss"):  # train rows, then eval rows
+        want = {r["step"]: r for r in rows if kind in r and r["step"] > 12}
+        resumed_rows = {r["step"]: r for r in got if kind in r}
+        assert sorted(resumed_rows) == sorted(want) and want
+        for step, row in resumed_rows.items():
+            for key in ("loss", "grad_norm", "eval_loss", "eval_accuracy"):
+                if key in row:
+                    assert row[key] == want[step][key], (step, key)
 
 
 def test_predict_writes_what_eval_scores(classify_run, data, tmp_path, capsys):
@@ -183,3 +197,13 @@ def test_a_model_that_does_not_fit_the_export_is_one_line(data, export, tmp_path
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "model.d_model=32" in err[0]
+
+
+def test_a_decoder_fine_tunes_for_classification_from_its_last_token(data, tmp_path):
+    config = load_config(None, [f"workdir={tmp_path / 'run'}", "task.kind=classify", "data.source=jsonl",
+                                f"data.path={data}/classify_train.jsonl",
+                                f"data.eval_path={data}/classify_validation.jsonl", *TINY, "model.arch=gpt2",
+                                "optimizer.lr=1e-2", "train.steps=20", "train.eval_every=20"])
+    assert config.pooling == "last"
+    summary = train(config)
+    assert summary["eval_accuracy"] >= 0.9 and summary["eval_macro_f1"] >= 0.9
