@@ -111,7 +111,8 @@ def build(config: Config, mesh: jax.sharding.Mesh | None = None, with_data: bool
         sources = data_lib.open_sources(config)
         tokenizer = load_or_train_tokenizer(config, workdir, sources)
     model = make_model(config.model)
-    tx, schedule = make_optimizer(config.optimizer, config.train.steps, scan_layers=config.model.scan_layers)
+    tx, schedule = make_optimizer(config.optimizer, config.train.steps, scan_layers=config.model.scan_layers,
+                                  finetune=config.finetune)
 
     rules = mesh_lib.axis_rules(config)
     init_fn = functools.partial(init_state, model=model, tx=tx, seq_len=config.train.seq_len)
