@@ -34,6 +34,7 @@ from llm_jax.parallel import mesh as mesh_lib
 from llm_jax.runtime.stop_signal import StopSignal
 from llm_jax.train import checkpoint as ckpt
 from llm_jax.train import pmap, run_lock, tasks
+from llm_jax.train.early_stopping import EarlyStopping, best_metric
 from llm_jax.train.fault_tolerance import NonFiniteError, NonFiniteGuard, ProcessAgreement, SaveClock
 from llm_jax.train.metrics import MetricsWriter
 from llm_jax.train.optim import describe_dtypes, make_optimizer
@@ -118,7 +119,8 @@ def build(config: Config, mesh: jax.sharding.Mesh | None = None, with_data: bool
     elif tasks.is_task(config):
         labels = tasks.required_labels(workdir)
     model = tasks.make_task_model(config, labels) if labels is not None else make_model(config.model)
-    tx, schedule = make_optimizer(config.optimizer, config.train.steps, scan_layers=config.model.scan_layers)
+    tx, schedule = make_optimizer(config.optimizer, config.train.steps, scan_layers=config.model.scan_layers,
+                                  finetune=config.finetune)
 
     rules = mesh_lib.axis_rules(config)
     init_fn = functools.partial(init_state, model=model, tx=tx, seq_len=config.train.seq_len)
@@ -347,8 +349,13 @@ def _train(config: Config, stop: StopSignal, on_exit: contextlib.ExitStack) -> d
     train_iter = make_iterator(config, setup.tokenizer, setup.sources, rows)
     iter_ckpt = ckpt.IteratorCheckpoint(lambda: shards.iterator_state(train_iter))
     eval_batches = held_out_batches(setup)
-    checkpointer = ckpt.Checkpointer(workdir / "checkpoints", config.checkpoint, run_config=to_dict(config))
+    stopper = EarlyStopping.from_config(config.train.early_stopping)  # None: off
+    # Early stopping keeps the best checkpoint whatever checkpoint.keep_best says: the final report is of it.
+    checkpointer = ckpt.Checkpointer(workdir / "checkpoints", config.checkpoint, run_config=to_dict(config),
+                                     best=best_metric(config), keep_best=config.checkpoint.keep_best or bool(stopper))
     state, start, metadata = _restore_or_init(setup, checkpointer, train_iter)
+    if stopper is not None:
+        stopper.restore(metadata.get("early_stopping"))  # counts on where the checkpoint's run was
     log.info("per-device bytes: params %d, optimizer state %d",
              mesh_lib.bytes_per_device(state.params), mesh_lib.bytes_per_device(state.opt_state))
 
@@ -358,7 +365,7 @@ def _train(config: Config, stop: StopSignal, on_exit: contextlib.ExitStack) -> d
     guard = NonFiniteGuard(config.train.max_nonfinite_steps, total=int(metadata.get("nonfinite_steps", 0)))
     reporter = Reporter(config, writer, guard, start, peak_flops, show_progress=is_main and config.train.progress)
     run = _StepLoop(setup, steps, steps.to_loop(state), start, train_iter, iter_ckpt, eval_batches,
-                    checkpointer, guard, reporter)
+                    checkpointer, guard, reporter, stopper)
     stop.running()
     with setup.context():
         run.run(stop)
@@ -410,13 +417,15 @@ class _StepLoop:
     """The steps of one run, on the state it owns, with its hooks: report, evaluate, save."""
 
     def __init__(self, setup: Setup, steps: Steps, state, start: int, train_iter, iter_ckpt, eval_batches,
-                 checkpointer: ckpt.Checkpointer, guard: NonFiniteGuard, reporter: Reporter):
+                 checkpointer: ckpt.Checkpointer, guard: NonFiniteGuard, reporter: Reporter,
+                 stopper: EarlyStopping | None = None):
         c = setup.config
         self.setup, self.config, self.steps = setup, c, steps
         self.state = state  # in the loop layout (steps.to_loop)
         self.start = self.step = start
         self.train_iter, self.iter_ckpt, self.eval_batches = train_iter, iter_ckpt, eval_batches
         self.checkpointer, self.guard, self.reporter = checkpointer, guard, reporter
+        self.stopper = stopper
         self.is_main = jax.process_index() == 0
         self.wall_start = time.time()
         self.last_eval: dict[str, float] = {}
@@ -429,7 +438,7 @@ class _StepLoop:
         one step late, so the host never waits for the device in between."""
         c, reporter = self.config, self.reporter
         stop_agreed = False
-        while self.step < c.train.steps and not stop_agreed and not self.guard.diverged:
+        while self.step < c.train.steps and not stop_agreed and not self.guard.diverged and not self.early_stopped:
             t0 = time.perf_counter()
             local = next(self.train_iter)
             reporter.waited_for_data(time.perf_counter() - t0)
@@ -451,7 +460,7 @@ class _StepLoop:
                 break  # nothing more is saved; the error is raised once the writers are closed
             eval_due = step % c.train.eval_every == 0 or step == c.train.steps
             save_due = (step % c.checkpoint.every == 0 or step == c.train.steps or stop_agreed or decision.save
-                        or (eval_due and c.checkpoint.keep_best))  # keep_best: the evaluated state is on disk
+                        or (eval_due and self.checkpointer.keep_best))  # keep_best: the evaluated state is on disk
             if stop_agreed and step < c.train.steps:
                 log.warning("stopping at step %d on a signal: saving a checkpoint", step)
             if eval_due or save_due:
@@ -474,6 +483,12 @@ class _StepLoop:
                                   self.eval_batches)
         self.last_eval_step = self.step
         self.reporter.eval_done(self.step, self.last_eval)
+        if self.stopper is not None and self.stopper.update(self.step, self.last_eval):
+            log.info("%s", self.stopper.reason())
+
+    @property
+    def early_stopped(self) -> bool:
+        return self.stopper is not None and self.stopper.stopped
 
     def save(self) -> None:
         step = self.step
@@ -484,8 +499,10 @@ class _StepLoop:
         tokens_per_step = self.config.train.batch_size * flops.tokens_per_row(self.config)
         metadata = {"step": step, "tokens_seen": step * tokens_per_step, "wall_time_s": time.time() - self.wall_start,
                     "config": to_dict(self.config), "nonfinite_steps": self.guard.total}
-        eval_loss = self.last_eval["eval_loss"] if self.last_eval_step == step else None  # ranks it for keep_best
-        self.checkpointer.save(step, self.steps.to_global(self.state), self.iter_ckpt, metadata, eval_loss=eval_loss)
+        if self.stopper is not None:
+            metadata["early_stopping"] = self.stopper.state_dict()
+        evaluated = self.last_eval if self.last_eval_step == step else None  # ranks it for keep_best
+        self.checkpointer.save(step, self.steps.to_global(self.state), self.iter_ckpt, metadata, eval_metrics=evaluated)
         self.save_clock.saved()
 
 
@@ -502,9 +519,12 @@ def _finish(run: _StepLoop, writer: MetricsWriter) -> dict[str, Any]:
         writer.close()
         raise NonFiniteError(run.guard.message(step, last_good))
 
-    summary: dict[str, Any] = {"step": step, "stopped_early": step < c.train.steps}
+    # stopped_early: by a signal, to be resumed; a run ended by early stopping is done.
+    summary: dict[str, Any] = {"step": step, "stopped_early": step < c.train.steps and not run.early_stopped}
     try:
-        if not summary["stopped_early"]:
+        if run.stopper is not None:
+            _report_best(run, summary)
+        elif not summary["stopped_early"]:
             params = run.steps.to_global(run.state.params)
             last_eval = run.last_eval
             if run.last_eval_step != step:  # a finished run started again: evaluate its final state
@@ -517,6 +537,30 @@ def _finish(run: _StepLoop, writer: MetricsWriter) -> dict[str, Any]:
         run.checkpointer.close()
     writer.close()
     return summary
+
+
+def _report_best(run: _StepLoop, summary: dict[str, Any]) -> None:
+    """With early stopping, the final report is of the best checkpoint: its eval metrics, its step
+    (`best_step`) and its sample; `early_stopping` says why the run stopped, or that it ran to the end."""
+    stopper = run.stopper
+    summary["early_stopping"] = {"metric": stopper.metric, "best": stopper.best, "best_step": stopper.best_step,
+                                 "reason": stopper.reason() if stopper.stopped else
+                                 f"ran to train.steps={run.config.train.steps} without stopping early"}
+    if summary["stopped_early"]:
+        return
+    run.checkpointer.wait()  # the best may be the save still in flight
+    best_step = run.checkpointer.best_step()
+    if best_step is None:  # nothing evaluated was saved (e.g. every eval was non-finite)
+        log.warning("early stopping: no checkpoint holds %s; the final report is of step %d", stopper.metric, run.step)
+        params, best_step = run.steps.to_global(run.state.params), run.step
+    else:
+        state, _ = run.checkpointer.restore(best_step, run.setup.abstract_state)
+        params = state.params
+    result = evaluate(run.setup, run.steps.eval, params, run.eval_batches)
+    log.info("the final report is of the best checkpoint, step %d (%s %.6g)", best_step, stopper.metric,
+             result.get(stopper.metric, math.nan))
+    summary.update(result, best_step=best_step)
+    summary["sample"] = _final_sample(run.setup, params)
 
 
 def restore_for_inference(workdir: str | Path, overrides=()) -> tuple[Setup, Any, int]:
