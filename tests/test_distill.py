@@ -37,6 +37,22 @@ def test_the_loss_is_the_weighted_kl_and_task_loss_of_a_direct_computation():
     assert float(loss_sum) == pytest.approx(expected, rel=1e-5)
 
 
+def test_a_classification_head_distils_over_its_labels_and_skips_unlabelled_rows():
+    rng = np.random.default_rng(1)
+    student, teacher = rng.normal(size=(2, 4, 3)).astype(np.float32)  # 4 rows, 3 labels
+    labels = np.array([[2], [0], [-1], [1]], np.int32)  # row 2 has no label: not scored
+    source = distill.LogitsSource(logits=lambda params, batch, model, rng: params,
+                                  task_loss=distill.TASK.task_loss, weights=distill.TASK.weights)
+    loss_sum, weight_sum = distill.distill_loss_sums(student, {"labels": labels}, None, None, teacher_model=None,
+                                                     teacher_params=teacher, source=source, temperature=1.0,
+                                                     alpha=0.25)
+    p_t, p_s = _softmax(teacher), _softmax(student)
+    kl = (p_t * (np.log(p_t) - np.log(p_s))).sum(-1)
+    ce = -np.log(p_s[[0, 1, 3], labels[[0, 1, 3], 0]])
+    assert float(weight_sum) == 3.0
+    assert float(loss_sum) == pytest.approx(0.25 * kl[[0, 1, 3]].sum() + 0.75 * ce.sum(), rel=1e-5)
+
+
 @pytest.fixture(scope="module")
 def markov_corpus(tmp_path_factory):
     """Documents from a random word chain (each word followed by one of 4 words, at random rates): a

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,10 +30,13 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax.config import Config, ConfigError, load_config, to_dict
+from llm_jax.models.decoder import count_params
 from llm_jax.train import checkpoint as ckpt
 from llm_jax.train import task_steps
 from llm_jax.train.losses import cross_entropy_sum
 from llm_jax.train.steps import _logits as lm_logits
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +179,7 @@ def load_teacher(config: Config, mesh: jax.sharding.Mesh, build: Callable, label
     try:
         if is_export:
             params = ckpt.load_exported_params(path, teacher_config.model, abstract)
-            step = int(_export_step(path))
+            step = _export_step(path)
         else:
             reader = ckpt.Checkpointer(path / "checkpoints", teacher_config.checkpoint, read_only=True,
                                        run_config=to_dict(teacher_config))
@@ -188,12 +193,12 @@ def load_teacher(config: Config, mesh: jax.sharding.Mesh, build: Callable, label
             params, step = state.params, int(metadata["step"])
     except ckpt.CheckpointError as e:
         raise ConfigError(f"distill.teacher: {e}") from e
+    log.info("distilling from %s (step %d, %.2fM parameters): T=%g, alpha=%g", path, step,
+             count_params(params) / 1e6, config.distill.temperature, config.distill.alpha)
     return Teacher(setup.model, params, setup.state_shardings.params, step)
 
 
 def _export_step(path: Path) -> int:
-    import json
-
     try:
         return int(json.loads((path / "export.json").read_text()).get("step", 0))
     except (OSError, ValueError, AttributeError):

@@ -344,7 +344,8 @@ def _train(config: Config, stop: StopSignal, on_exit: contextlib.ExitStack) -> d
     check_workdir_matches(config, workdir)
     setup = build(config)
     _check_sample_prompt(setup)
-    teacher = _load_teacher(setup)
+    # Before any step: a teacher that cannot be used ends the run now, in one line.
+    teacher = distill.load_teacher(config, setup.mesh, build, setup.labels) if config.distill.teacher else None
     if is_main:
         dump_config(config, workdir / "config.yaml")
     if setup.labels is not None:
@@ -381,17 +382,6 @@ def _train(config: Config, stop: StopSignal, on_exit: contextlib.ExitStack) -> d
     with setup.context():
         run.run(stop)
     return _finish(run, writer)
-
-
-def _load_teacher(setup: Setup) -> distill.Teacher | None:
-    """distill.teacher's model and parameters on this run's mesh, before any step (None: no teacher)."""
-    c = setup.config
-    if not c.distill.teacher:
-        return None
-    teacher = distill.load_teacher(c, setup.mesh, build, setup.labels)
-    log.info("distilling from %s (step %d, %.2fM parameters): T=%g, alpha=%g", c.distill.teacher, teacher.step,
-             count_params(teacher.params) / 1e6, c.distill.temperature, c.distill.alpha)
-    return teacher
 
 
 def _log_setup(setup: Setup) -> None:
@@ -524,6 +514,9 @@ class _StepLoop:
         if self.stopper is not None:
             metadata["early_stopping"] = self.stopper.state_dict()
         evaluated = self.last_eval if self.last_eval_step == step else None  # ranks it for keep_best
+        if evaluated and self.stopper is not None and self.stopper.best_step != step:
+            # Not an improvement by early stopping's rule (a tie, or less than min_delta): never ranked the best.
+            evaluated = {k: v for k, v in evaluated.items() if k != self.stopper.metric}
         self.checkpointer.save(step, self.steps.to_global(self.state), self.iter_ckpt, metadata, eval_metrics=evaluated)
         self.save_clock.saved()
 
