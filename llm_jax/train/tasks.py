@@ -24,6 +24,7 @@ import numpy as np
 from llm_jax.config import Config, ConfigError
 from llm_jax.data import labelled
 from llm_jax.data import task_batches as batches_lib
+from llm_jax.data.task_inputs import count_truncated
 from llm_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
 from llm_jax.models.heads import TaskModel
 from llm_jax.parallel import mesh as mesh_lib
@@ -66,7 +67,11 @@ def open_task_data(config: Config, workdir: Path) -> tuple[labelled.LabelledSour
     """The labelled examples (with the saved label set when the run has one) and the run's tokenizer."""
     sources = labelled.open_labelled(config, saved_labels(workdir))
     tokenizer = load_or_train_tokenizer(config, workdir, _TextSources(sources))
-    batches_lib.make_encoder(config, tokenizer, sources.labels)  # refuses a tokenizer without [CLS]/[SEP] now
+    encoder = batches_lib.make_encoder(config, tokenizer, sources.labels)  # refuses a tokenizer without [CLS]/[SEP]
+    cut = count_truncated(encoder, sources.train)
+    if cut:  # said once: a classifier reads less of them, a tagger gets no label for their last words
+        log.warning("%d of %d training examples do not fit train.seq_len=%d and are cut", cut, len(sources.train),
+                    config.train.seq_len)
     return sources, tokenizer
 
 
