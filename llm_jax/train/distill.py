@@ -149,6 +149,12 @@ def check_teacher(config: Config) -> Config:
     if ours != theirs:
         raise ConfigError(f"distill.teacher: {path} has model.vocab_size={theirs}, the student {ours}: teacher and "
                           "student must share the vocabulary")
+    if teacher.objective != config.objective:
+        raise ConfigError(f"distill.teacher: {path} learns {teacher.objective} (model.arch={teacher.model.arch}), the "
+                          f"student {config.objective}: their logits would not mean the same")
+    if teacher.model.resolved_position == "learned" and teacher.model.max_len < config.train.seq_len:
+        raise ConfigError(f"distill.teacher: {path} reads at most {teacher.model.max_len} positions (model.max_len), "
+                          f"fewer than train.seq_len={config.train.seq_len}")
     if teacher.task.kind != config.task.kind:
         raise ConfigError(f"distill.teacher: {path} was trained for task.kind={teacher.task.kind}, the student for "
                           f"{config.task.kind}")

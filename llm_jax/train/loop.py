@@ -558,9 +558,7 @@ def _report_best(run: _StepLoop, summary: dict[str, Any]) -> None:
     """With early stopping, the final report is of the best checkpoint: its eval metrics, its step
     (`best_step`) and its sample; `early_stopping` says why the run stopped, or that it ran to the end."""
     stopper = run.stopper
-    summary["early_stopping"] = {"metric": stopper.metric, "best": stopper.best, "best_step": stopper.best_step,
-                                 "reason": stopper.reason() if stopper.stopped else
-                                 f"ran to train.steps={run.config.train.steps} without stopping early"}
+    summary["early_stopping"] = stopper.summary(run.step, run.config.train.steps, interrupted=summary["stopped_early"])
     if summary["stopped_early"]:
         return
     run.checkpointer.wait()  # the best may be the save still in flight
