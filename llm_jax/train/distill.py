@@ -124,14 +124,12 @@ def _teacher_dir(config: Config) -> tuple[Path, bool]:
 
 
 def _teacher_config(config: Config, path: Path) -> Config:
-    """The teacher's own config, laid over the student's mesh (it is sharded like the student)."""
-    mesh = config.mesh
+    """The teacher's own config with the student's mesh and axis rules: it is sharded like the student."""
     try:
-        return load_config(path / "config.yaml", [
-            f"workdir={path}", "parallel.mode=jit", f"mesh.data={mesh.data}", f"mesh.fsdp={mesh.fsdp}",
-            f"mesh.tensor={mesh.tensor}"])
+        teacher = load_config(path / "config.yaml", [f"workdir={path}"])
     except ConfigError as e:
         raise ConfigError(f"distill.teacher: {path / 'config.yaml'}: {e}") from e
+    return dataclasses.replace(teacher, mesh=config.mesh, parallel=config.parallel)
 
 
 def check_teacher(config: Config) -> Config:
