@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import sys
+from pathlib import Path
 
 from llm_jax.config import ConfigError
 
@@ -182,6 +183,25 @@ def _cmd_data_prepare(args) -> int:
     return 0
 
 
+def _cmd_data_examples(args) -> int:
+    from llm_jax.data import examples
+
+    out = Path(args.out)
+    summary = {"classify": examples.write_classify_example(out / "classify"),
+               "tag": examples.write_tag_example(out / "tag")}
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from llm_jax.commands.predict import write_predictions
+
+    count = write_predictions(args.workdir, args.input, args.output)
+    if args.output is not None:
+        print(f"wrote {count} predictions to {args.output}")
+    return 0
+
+
 def _cmd_plan(args) -> int:
     from llm_jax.config import load_config
 
@@ -250,6 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.eval_batches=32")
     p.set_defaults(func=_cmd_eval)
 
+    p = sub.add_parser("predict", help="a fine-tuned run's label (and probability) per example, or tags per word: "
+                       "one JSON line each")
+    p.add_argument("workdir")
+    p.add_argument("--input", required=True, help="a file in the run's format (data.source: jsonl, csv, conll)")
+    p.add_argument("--output", default=None, help="a JSONL file to write (default: stdout)")
+    p.set_defaults(func=_cmd_predict)
+
     p = sub.add_parser("generate", help="continue a prompt (decoders) or generate its target (encoder-decoders) "
                        "with the newest checkpoint of a run directory")
     p.add_argument("workdir")
@@ -308,11 +335,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenizer.byte_fallback: unknown characters as bytes rather than <unk>")
     p.set_defaults(func=_cmd_tokenizer_train)
 
-    p = sub.add_parser("data", help="data tools: llm-jax data prepare [CONFIG] [key=value ...]")
-    p = p.add_subparsers(dest="action", required=True).add_parser(
+    p = sub.add_parser("data", help="data tools: llm-jax data prepare [CONFIG] [key=value ...] | data examples OUT")
+    actions = p.add_subparsers(dest="action", required=True)
+    p = actions.add_parser(
         "prepare", help="local files -> TFDS ArrayRecord datasets and the run's tokenizer; prints the stats")
     p.add_argument("rest", nargs="*", metavar="[CONFIG] key=value")
     p.set_defaults(func=_cmd_data_prepare)
+    p = actions.add_parser("examples", help="write the fine-tuning examples made from Python's standard library: "
+                           "OUT/classify (JSONL) and OUT/tag (CoNLL); prints their summaries")
+    p.add_argument("out", help="a directory, e.g. data/examples (configs/classify_example.yaml reads it)")
+    p.set_defaults(func=_cmd_data_examples)
 
     p = sub.add_parser("plan", help="compile the train step for a target mesh ahead of time; per-device memory")
     p.add_argument("rest", nargs="*", metavar="[CONFIG] key=value")

@@ -185,3 +185,108 @@ def test_an_encoder_decoders_scanned_stacks_are_per_layer_for_lamb():
     assert stacked["encoder/layers/mlp/gate/kernel"] and stacked["decoder/layers/cross_attn/query/kernel"]
     assert not stacked["embed/embedding"] and not stacked["encoder/final_norm/scale"]
     assert all(is_stacked == ("/layers/" in name) for name, is_stacked in stacked.items())
+
+
+# ----------------------------------------------------------------------------- fine-tuning: what is trained
+
+
+def _moment_names(opt_state) -> set[str]:
+    """The parameters (path names) that hold an Adam moment in `opt_state`."""
+    names = set()
+    for path, _ in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
+        keys = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+        if "mu" in [getattr(k, "name", None) for k in path]:
+            names.add("/".join(keys[keys.index("train") + 1:] if "train" in keys else keys))
+    return names
+
+
+def test_frozen_parameters_are_bit_identical_after_training_and_hold_no_state():
+    import functools
+
+    from test_steps import MODEL, _batch
+
+    from llm_jax.config import FinetuneConfig
+    from llm_jax.train.steps import init_state, train_step
+
+    model = Transformer(MODEL)
+    tx, schedule = make_optimizer(OptimizerConfig(lr=1e-2, warmup_steps=0), 100,
+                                  finetune=FinetuneConfig(freeze="layers:1"))
+    state = jax.jit(lambda r: nn.unbox(init_state(r, model, tx, seq_len=8)))(jax.random.key_data(jax.random.key(0)))
+    step = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule))
+    trained = state
+    for seed in range(3):
+        trained, _ = step(trained, _batch(seed=seed))
+    before = {"/".join(str(k.key) for k in p): x for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+    after = {"/".join(str(k.key) for k in p): x for p, x in jax.tree_util.tree_flatten_with_path(trained.params)[0]}
+    names = {name for name in before if name.startswith(("embed/", "pos_embed/", "layer_0/"))}
+    assert names and all(np.array_equal(before[n], after[n]) for n in names)  # bit for bit
+    assert all(not np.array_equal(before[n], after[n]) for n in set(before) - names)
+    assert _moment_names(trained.opt_state) == set(before) - names  # moments only for what is trained
+
+
+@pytest.mark.parametrize("freeze, trained", [("body", {"head/kernel"}),
+                                             ("embeddings", {"head/kernel", "body/layer_0/w"})])
+def test_freezing_the_body_or_the_embeddings(freeze, trained):
+    from llm_jax.config import FinetuneConfig
+
+    params = {"body": {"embed": {"embedding": jnp.ones((4, 2))}, "layer_0": {"w": jnp.ones((2, 2))}},
+              "head": {"kernel": jnp.ones((2, 3))}}
+    tx, _ = make_optimizer(OptimizerConfig(lr=0.1, warmup_steps=0), 10, finetune=FinetuneConfig(freeze=freeze))
+    opt_state = tx.init(params)
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), opt_state, params)
+    assert _moment_names(opt_state) == trained
+    moved = {"/".join(str(k.key) for k in path) for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]
+             if float(jnp.abs(u).max()) > 0}
+    assert moved == trained
+
+
+def _first_update(params, finetune):
+    """The first AdamW update (no decay, no clipping): -lr * factor * sign(gradient), per element."""
+    tx, _ = make_optimizer(OptimizerConfig(lr=0.1, warmup_steps=0, weight_decay=0.0, clip_norm=0.0), 10,
+                           finetune=finetune)
+    grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.5), params)
+    return tx.update(grads, tx.init(params), params)[0]
+
+
+def test_layer_decay_and_head_lr_scale_each_layer_the_same_scanned_or_unrolled():
+    from llm_jax.config import FinetuneConfig
+
+    finetune = FinetuneConfig(layer_decay=0.5, head_lr=0.4)
+    rng = np.random.default_rng(0)
+    blocks = [{"attn": {"kernel": jnp.asarray(rng.normal(size=(2, 3)), jnp.float32)}} for _ in range(3)]
+    common = {"embed": {"embedding": jnp.ones((5, 2))}, "final_norm": {"scale": jnp.ones(2)},
+              "head": {"kernel": jnp.ones((2, 4))}}
+    unrolled = {**common, **{f"layer_{i}": b for i, b in enumerate(blocks)}}
+    scanned = {**common, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
+    up_unrolled, up_scanned = _first_update(unrolled, finetune), _first_update(scanned, finetune)
+    lr = -float(up_unrolled["final_norm"]["scale"][0])  # the plain rate: above the blocks, factor 1
+    # lr * 0.5**(n - i) for block i of n = 3, 0.5**(n + 1) for the embeddings, head_lr / lr for the head.
+    np.testing.assert_allclose([-float(up_unrolled[f"layer_{i}"]["attn"]["kernel"][0, 0]) for i in range(3)],
+                               [lr / 8, lr / 4, lr / 2], rtol=1e-5)
+    np.testing.assert_allclose(-up_unrolled["embed"]["embedding"], lr / 16, rtol=1e-5)
+    np.testing.assert_allclose(-up_unrolled["head"]["kernel"], lr * 4, rtol=1e-5)
+    for i in range(3):
+        np.testing.assert_array_equal(up_scanned["layers"]["attn"]["kernel"][i],
+                                      up_unrolled[f"layer_{i}"]["attn"]["kernel"])
+    for name in common:  # the embeddings sit below the stack however it is laid out
+        np.testing.assert_array_equal(jax.tree.leaves(up_scanned[name]), jax.tree.leaves(up_unrolled[name]))
+
+
+def test_a_frozen_optimizer_state_checkpoints_and_restores_exactly(tmp_path):
+    from llm_jax.config import load_config
+    from llm_jax.train import checkpoint as ckpt
+    from llm_jax.train import loop
+
+    config = load_config("configs/tiny.yaml", [f"workdir={tmp_path}", "model.vocab_size=300", "train.seq_len=16",
+                                              "finetune.freeze=layers:1", "finetune.layer_decay=0.8"])
+    setup = loop.build(config, with_data=False)
+    state = loop.create_state(setup)
+    state = state.replace(opt_state=jax.tree.map(lambda x: x + 1, state.opt_state))  # moments not all zero
+    saver = ckpt.Checkpointer(tmp_path / "checkpoints", config.checkpoint)
+    saver.save(3, state, None, {"step": 3})
+    saver.close()
+    reader = ckpt.Checkpointer(tmp_path / "checkpoints", config.checkpoint, read_only=True)
+    restored, _ = reader.restore(3, setup.abstract_state)
+    reader.close()
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True))

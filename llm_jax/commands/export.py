@@ -13,10 +13,12 @@ from llm_jax.config import Config, ConfigError, load_config, to_dict
 from llm_jax.models.decoder import count_params
 from llm_jax.train import checkpoint as ckpt
 from llm_jax.train import exported, loop
+from llm_jax.train.early_stopping import best_metric
 
 
 def export_run(workdir: str | Path, out: str | Path, best: bool = False) -> dict[str, Any]:
-    """Writes the newest checkpoint's parameters (or, with `best`, those of the lowest eval loss)."""
+    """Writes the newest checkpoint's parameters (or, with `best`, those of the best eval loss, or
+    of the early-stopping metric when the run names one)."""
     workdir = Path(workdir)
     config, params, step = restore_run(workdir, best)
     info = {"step": step, "workdir": str(workdir.absolute()), "params": count_params(params)}
@@ -44,13 +46,14 @@ def restore_run(workdir: Path, best: bool = False) -> tuple[Config, Any, int]:
                                        "mesh.tensor=1"])
     setup = loop.build(config, with_data=False)
     checkpointer = ckpt.Checkpointer(workdir / "checkpoints", config.checkpoint, read_only=True,
-                                     run_config=to_dict(config))
+                                     run_config=to_dict(config), best=best_metric(config),
+                                     keep_best=config.checkpoint.keep_best or bool(config.train.early_stopping.metric))
     try:
         if best:
             step = checkpointer.best_step()
             if step is None:
-                raise ConfigError(f"{workdir} has no checkpoint with an eval loss; --best needs a run trained "
-                                  "with checkpoint.keep_best=true")
+                raise ConfigError(f"{workdir} has no checkpoint with {best_metric(config)[0]}; --best needs a run "
+                                  "trained with checkpoint.keep_best=true or train.early_stopping.metric")
             state, _ = checkpointer.restore(step, setup.abstract_state)
         else:
             restored = checkpointer.restore_latest(setup.abstract_state)

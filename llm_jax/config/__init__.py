@@ -10,7 +10,10 @@ from llm_jax.config.schema import (
     Config,
     ConfigError,
     DataConfig,
+    DistillConfig,
     DistributedConfig,
+    EarlyStoppingConfig,
+    FinetuneConfig,
     MeshConfig,
     MixtureSource,
     ModelConfig,
@@ -22,8 +25,8 @@ from llm_jax.config.schema import (
 )
 
 __all__ = [
-    "CHOICES", "DEFAULT_AXIS_RULES", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DistributedConfig",
-    "MeshConfig", "MixtureSource", "ModelConfig", "OptimizerConfig", "ParallelConfig", "TaskConfig", "TokenizerConfig",
-    "TrainConfig", "all_keys", "dump_config", "load_config", "parse_override", "to_dict", "validate",
-    "validate_for_devices",
+    "CHOICES", "DEFAULT_AXIS_RULES", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DistillConfig",
+    "DistributedConfig", "EarlyStoppingConfig", "FinetuneConfig", "MeshConfig", "MixtureSource", "ModelConfig",
+    "OptimizerConfig", "ParallelConfig", "TaskConfig", "TokenizerConfig", "TrainConfig", "all_keys", "dump_config",
+    "load_config", "parse_override", "to_dict", "validate", "validate_for_devices",
 ]

@@ -191,12 +191,72 @@ def validate(c: Config) -> None:
              f"parallel.mode=pmap replicates the state over all devices: mesh.fsdp and mesh.tensor must be 1, "
              f"got {c.mesh.fsdp} and {c.mesh.tensor}")
 
+    _check_finetune(c)
+
     dist = c.distributed
     _require(dist.num_processes is None or dist.num_processes > 0,
              f"config key 'distributed.num_processes' must be positive, got {dist.num_processes}")
     if dist.process_id is not None and dist.num_processes is not None:
         _require(0 <= dist.process_id < dist.num_processes,
                  f"distributed.process_id ({dist.process_id}) must be in [0, {dist.num_processes})")
+
+
+# The eval metrics of each kind of run (train/loop.evaluate and the task metrics): what early stopping can watch.
+_EVAL_METRICS = {"lm": ("eval_loss", "eval_perplexity"),
+                 "classify": ("eval_loss", "eval_perplexity", "eval_accuracy", "eval_macro_f1"),
+                 "tag": ("eval_loss", "eval_perplexity", "eval_accuracy", "eval_precision", "eval_recall", "eval_f1")}
+
+
+def eval_metrics(c: Config) -> tuple[str, ...]:
+    """The metrics each eval line of this run holds (masked LM also scores its accuracy)."""
+    metrics = _EVAL_METRICS[c.task.kind]
+    return (*metrics, "eval_accuracy") if c.task.kind == "lm" and c.objective == "mlm" else metrics
+
+
+def freeze_layers(freeze: str) -> int | None:
+    """N of `finetune.freeze=layers:N`, or None for the other modes (a malformed N: ConfigError)."""
+    if not freeze.startswith("layers:"):
+        return None
+    n = freeze.split(":", 1)[1]
+    _require(n.isdigit() and int(n) > 0, f"config key 'finetune.freeze' must be layers:N with N a positive integer, "
+             f"got {freeze!r}")
+    return int(n)
+
+
+def _check_finetune(c: Config) -> None:
+    """Early stopping, what is trained (finetune.*) and distillation."""
+    es = c.train.early_stopping
+    allowed = eval_metrics(c)
+    _require(not es.metric or es.metric in allowed,
+             f"config key 'train.early_stopping.metric' must be one of {', '.join(allowed)} for task.kind="
+             f"{c.task.kind}, got {es.metric!r}")
+    _require(es.mode in ("min", "max", None),
+             f"config key 'train.early_stopping.mode' must be one of min, max, null, got {es.mode!r}")
+    _require(es.patience > 0, f"config key 'train.early_stopping.patience' must be positive, got {es.patience}")
+    _require(es.min_delta >= 0, f"config key 'train.early_stopping.min_delta' must be >= 0, got {es.min_delta}")
+
+    f, m = c.finetune, c.model
+    _require(f.freeze in ("none", "embeddings", "body") or f.freeze.startswith("layers:"),
+             f"config key 'finetune.freeze' must be one of none, embeddings, body, layers:N, got {f.freeze!r}")
+    n = freeze_layers(f.freeze)
+    stack = m.encoder_layers if m.family.encoder_decoder else m.n_layers
+    _require(n is None or n <= stack, f"finetune.freeze={f.freeze} freezes more blocks than the model's {stack}")
+    _require(n is None or not m.scan_layers,
+             f"finetune.freeze={f.freeze} freezes some blocks of a layer stack that model.scan_layers=true holds in "
+             "one array per weight: set model.scan_layers=false")
+    _require(f.freeze != "body" or c.task.kind != "lm",
+             "finetune.freeze=body trains the task head alone; task.kind=lm has no task head")
+    _require(f.head_lr >= 0, f"config key 'finetune.head_lr' must be >= 0 (0: optimizer.lr), got {f.head_lr}")
+    _require(f.head_lr == 0 or c.task.kind != "lm",
+             "finetune.head_lr is the task head's; task.kind=lm has no task head")
+    _require(bool(f.head_name), "config key 'finetune.head_name' must name the task head's parameters")
+    _require(0 < f.layer_decay <= 1, f"config key 'finetune.layer_decay' must be in (0, 1], got {f.layer_decay}")
+
+    d = c.distill
+    _require(d.temperature > 0, f"config key 'distill.temperature' must be positive, got {d.temperature}")
+    _require(0 <= d.alpha <= 1, f"config key 'distill.alpha' must be in [0, 1], got {d.alpha}")
+    _require(not d.teacher or c.parallel.mode == "jit",
+             "distill.teacher needs parallel.mode=jit (the teacher is sharded like the student over the mesh)")
 
 
 def validate_for_devices(c: Config, num_devices: int) -> tuple[int, int, int]:

@@ -184,6 +184,16 @@ class OptimizerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EarlyStoppingConfig:
+    """Stop when a held-out metric has stopped improving (train/early_stopping.py); checked at each eval."""
+
+    metric: str = ""  # an eval metric, e.g. eval_loss, eval_accuracy, eval_f1; empty: never stop early
+    mode: str | None = None  # min | max; None: min for eval_loss and eval_perplexity, max for the others
+    patience: int = 3  # evaluations in a row without improvement before the run stops
+    min_delta: float = 0.0  # an improvement is a change of more than this in the better direction
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     steps: int = 300
     # clm (next-token prediction, decoders) | mlm (masked tokens, encoders) | span (T5's span corruption) |
@@ -209,6 +219,7 @@ class TrainConfig:
     # steps; the host reads each answer one agreement later, so it never waits on the device for
     # it. A signal then stops all processes at the same step within 2 x agree_every steps.
     agree_every: int = 10
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,7 +228,9 @@ class CheckpointConfig:
     keep: int = 3  # the newest checkpoints kept
     async_save: bool = True
     every_minutes: float = 0.0  # also save when this much time has passed since the last save; 0: off
-    keep_best: bool = False  # also keep the checkpoint of the lowest eval loss (every eval step is saved)
+    # Also keep the best checkpoint: of the lowest eval loss, or of train.early_stopping.metric when set
+    # (every eval step is saved). Early stopping keeps it whatever this says.
+    keep_best: bool = False
     # A run refuses to start over at step 0 when every checkpoint was set aside in damaged_checkpoints/:
     # training would be lost without a word. true: start anyway.
     ignore_damaged: bool = False
@@ -268,6 +281,31 @@ class TaskConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """What is trained, and how fast (train/optim.py)."""
+
+    # none | embeddings | body (all but the task head) | layers:N (the embeddings and the first N blocks).
+    # Frozen parameters get no update and no optimizer state.
+    freeze: str = "none"
+    head_lr: float = 0.0  # the task head's peak learning rate; 0: optimizer.lr
+    head_name: str = "head"  # the top-level parameter name of the task head (models/heads.py)
+    # Layer-wise learning-rate decay: block i (from 0) of n gets lr * layer_decay**(n - i), the
+    # embeddings layer_decay**(n + 1), everything above the blocks lr. 1: off.
+    layer_decay: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation from a trained teacher (train/distill.py)."""
+
+    teacher: str = ""  # a run directory or an `llm-jax export` directory; empty: no distillation
+    # Both distributions are softened by it; the KL term is scaled by its square. 1: measured best on a
+    # small language model (docs/benchmarks.md, distillation), where 2 did worse than no teacher.
+    temperature: float = 1.0
+    alpha: float = 0.5  # weight of the KL term; 1 - alpha weighs the task loss
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     workdir: str = "runs/default"
     seed: int = 0
@@ -279,6 +317,8 @@ class Config:
     optimizer: OptimizerConfig = OptimizerConfig()
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    distill: DistillConfig = DistillConfig()
     mesh: MeshConfig = MeshConfig()
     parallel: ParallelConfig = ParallelConfig()
     distributed: DistributedConfig = DistributedConfig()

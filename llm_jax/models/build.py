@@ -19,15 +19,16 @@ from llm_jax.models.encoder import Encoder
 ENCODER_KEYS = ("encoder_inputs", "encoder_segment_ids", "encoder_positions")
 
 
-def make_model(config: ModelConfig) -> nn.Module:
+def make_model(config: ModelConfig, name: str | None = None) -> nn.Module:
     """The Linen module for `config`. Every family's module takes (tokens, positions=, segment_ids=,
     deterministic=) and returns float32 logits [batch, length, vocab]; an encoder-decoder's also takes
-    the encoder side as keyword arguments (`encoder_inputs`)."""
+    the encoder side as keyword arguments (`encoder_inputs`). `name`: its name as a submodule (a task
+    model's body, models/heads.py)."""
     if config.family.encoder_decoder:
-        return EncoderDecoder(config)
+        return EncoderDecoder(config, name=name)
     if config.family.encoder:
-        return Encoder(config)
-    return Transformer(config)
+        return Encoder(config, name=name)
+    return Transformer(config, name=name)
 
 
 def encoder_inputs(config: ModelConfig, batch: dict[str, Any]) -> dict[str, Any]:

@@ -84,8 +84,10 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions=None, segment_ids=None, *, deterministic: bool = True,
-                 decode: bool = False):
-        """tokens/positions/segment_ids: int32 [batch, length]. Returns float32 logits [batch, length, vocab].
+                 decode: bool = False, output: str = "logits"):
+        """tokens/positions/segment_ids: int32 [batch, length]. Returns float32 logits [batch, length, vocab],
+        or with output="hidden" the final norm's output [batch, length, embed] (what task heads read;
+        init still creates the LM head, so the parameter tree is the same whatever `output` asks).
 
         positions None -> arange (in decode mode: continuing from the tokens already cached);
         segment_ids None -> one document, no padding. Packed rows give each document its own
@@ -118,11 +120,17 @@ class Transformer(nn.Module):
         x_BLE = layer_stack(block, cfg, x_BLE, positions_BL, segment_ids_BL, deterministic, decode)
 
         x_BLE = make_norm(cfg, "final_norm")(x_BLE)
+        if output not in ("logits", "hidden"):
+            raise ValueError(f"Transformer output must be logits or hidden, got {output!r}")
+        if output == "hidden" and not self.is_initializing():
+            return x_BLE
         if cfg.resolved_tie_embeddings:
             logits_BLV = embed.attend(x_BLE)
         else:
             logits_BLV = Dense(features=(cfg.vocab_size,), kernel_axes=("embed", "vocab"), init_std=cfg.init_std,
                                dtype=dtype, param_dtype=param_dtype, out_dtype=jnp.float32, name="lm_head")(x_BLE)
+        if output == "hidden":  # initializing: the LM head exists, the caller reads the hidden states
+            return x_BLE
         return constrain(logits_BLV, ("batch", "length", "vocab"))
 
     def _default_positions(self, batch: int, length: int, decode: bool) -> jax.Array:

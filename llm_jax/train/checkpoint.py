@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import json
 import logging
 import math
@@ -139,13 +140,15 @@ def _quiet_echoes_of_failed_reads() -> None:
 class Checkpointer:
     """The checkpoints of one run directory.
 
-    Kept: the newest `checkpoint.keep`, plus with `checkpoint.keep_best` the one of the lowest eval
-    loss. `read_only` (eval, generate, export) never deletes, moves or cleans up anything, so it is
-    safe beside a training run writing to the same directory.
+    Kept: the newest `checkpoint.keep`, plus with `checkpoint.keep_best` (or `keep_best=True`) the best
+    by `best` = (eval metric, min | max): the lowest eval loss unless early stopping names another
+    metric (early_stopping.best_metric). `read_only` (eval, generate, export) never deletes, moves or
+    cleans up anything, so it is safe beside a training run writing to the same directory.
     """
 
     def __init__(self, directory: str | Path, config: CheckpointConfig, read_only: bool = False,
-                 run_config: dict | None = None):
+                 run_config: dict | None = None, best: tuple[str, str] = ("eval_loss", "min"),
+                 keep_best: bool | None = None):
         self.directory = Path(directory).absolute()
         self.read_only = read_only
         self.run_config = run_config  # this run's resolved config: names the settings behind a mismatch
@@ -153,19 +156,23 @@ class Checkpointer:
         if not read_only and self.directory.exists() and not self.directory.is_dir():
             # Orbax would only fail at the first save, after the steps before it were trained.
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(self.directory))
-        self.keep_best = config.keep_best
+        self.keep_best = config.keep_best if keep_best is None else keep_best
+        self.best_metric, best_mode = best
         keep = {"max_to_keep": config.keep}
-        if config.keep_best:
+        if self.keep_best:
             # Orbax's `best_fn` alone would keep only the best `max_to_keep`; both policies together
             # keep the newest K (what resume needs) and the best one. A checkpoint counts for "best"
-            # only if it was saved with an eval loss.
+            # only if it was saved with the metric.
+            rank = functools.partial(_metric, name=self.best_metric, mode=best_mode)
             keep = {
                 "preservation_policy": pp.AnyPreservationPolicy([
                     pp.LatestN(n=config.keep),
-                    pp.BestN(get_metric_fn=_eval_loss, reverse=True, n=1, keep_checkpoints_without_metrics=False),
+                    # BestN keeps the last of the sorted list: descending for min, ascending for max.
+                    pp.BestN(get_metric_fn=rank, reverse=best_mode == "min", n=1,
+                             keep_checkpoints_without_metrics=False),
                 ]),
-                "best_fn": _eval_loss,  # makes Orbax write the metrics and answer best_step()
-                "best_mode": "min",
+                "best_fn": rank,  # makes Orbax write the metrics and answer best_step()
+                "best_mode": best_mode,
             }
         if read_only:
             # Nothing is saved or deleted: give Orbax no saving or pruning settings, which it would
@@ -201,17 +208,17 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def best_step(self) -> int | None:
-        """The step of the lowest eval loss among the kept checkpoints (needs checkpoint.keep_best)."""
+        """The step of the best eval metric among the kept checkpoints (needs keep_best)."""
         if not self.keep_best:
             return None
         best = self.manager.best_step()
         return best if best is not None and self.manager.metrics(best) is not None else None
 
     def save(self, step: int, state: Any, data: IteratorCheckpoint | None, metadata: dict,
-             eval_loss: float | None = None) -> None:
+             eval_metrics: dict[str, float] | None = None) -> None:
         """Starts a save (async by default); the state arrays are copied before this returns.
 
-        `eval_loss` (of this very state) ranks the checkpoint for `checkpoint.keep_best`.
+        `eval_metrics` (of this very state) rank the checkpoint for keep_best.
         """
         items = {
             "state": ocp.args.StandardSave(state),
@@ -219,7 +226,7 @@ class Checkpointer:
         }
         if data is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data)
-        metrics = {"eval_loss": eval_loss} if eval_loss is not None and math.isfinite(eval_loss) else None
+        metrics = {k: float(v) for k, v in (eval_metrics or {}).items() if math.isfinite(v)} or None
         with self._save_faults(step):  # also reports a failure of the previous async save
             self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
         self._last_save = step
@@ -296,8 +303,8 @@ class Checkpointer:
         difference = checkpoint_tree.difference(checkpoint_tree.specs(checkpoint_tree.flat(saved_tree)),
                                                 checkpoint_tree.specs(checkpoint_tree.flat(abstract_state)))
         if difference is not None:
-            changed = changed_settings(self.saved_config(step), self.run_config, ("model", "optimizer"),
-                                       ignore=SAME_TREE_MODEL_KEYS)
+            changed = changed_settings(self.saved_config(step), self.run_config,
+                                       ("model", "optimizer", "finetune"), ignore=SAME_TREE_MODEL_KEYS)
             because = f" (changed since: {', '.join(changed)})" if changed else ""
             raise ConfigError(f"checkpoint {self.directory / str(step)} does not fit this config: {difference}"
                               f"{because}; use the settings the run was trained with, a new workdir, or "
@@ -430,8 +437,12 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def _eval_loss(metrics: dict) -> float:
-    return float(metrics["eval_loss"])
+def _metric(metrics: dict, name: str, mode: str) -> float:
+    """A checkpoint's rank: its metric, or the worst value when it was saved without it (e.g. before
+    early stopping named the metric)."""
+    if name in metrics:
+        return float(metrics[name])
+    return math.inf if mode == "min" else -math.inf
 
 
 def changed_settings(saved: dict | None, current: dict | None, sections: tuple[str, ...],

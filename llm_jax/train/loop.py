@@ -35,12 +35,14 @@ from llm_jax.models.families import FAMILIES
 from llm_jax.parallel import mesh as mesh_lib
 from llm_jax.runtime.stop_signal import StopSignal
 from llm_jax.train import checkpoint as ckpt
-from llm_jax.train import exported, pmap, run_lock
+from llm_jax.train import distill, exported, pmap, run_lock, tasks
+from llm_jax.train.early_stopping import EarlyStopping, best_metric
 from llm_jax.train.fault_tolerance import NonFiniteError, NonFiniteGuard, ProcessAgreement, SaveClock
 from llm_jax.train.metrics import MetricsWriter
 from llm_jax.train.optim import describe_dtypes, keep_masked_zero, make_optimizer
 from llm_jax.train.report import Reporter, log_eval
 from llm_jax.train.steps import TrainState, eval_step, init_state, train_step
+from llm_jax.train.task_steps import task_eval_step, task_loss_sums
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,8 @@ class Setup:
     abstract_state: Any  # unboxed ShapeDtypeStructs of the TrainState
     state_shardings: Any
     tokenizer: Tokenizer | None  # None when built without data (bench)
-    sources: Any
+    sources: Any  # DataSources; a fine-tuning task's LabelledSources (train/tasks.py)
+    labels: Any = None  # a fine-tuning task's LabelSet; None for language modelling
 
     @property
     def rules(self):
@@ -119,14 +122,21 @@ def build(config: Config, mesh: jax.sharding.Mesh | None = None, with_data: bool
     """Everything a run needs before the first step, in data-flow order."""
     workdir = Path(config.workdir)
     mesh = mesh if mesh is not None else mesh_lib.make_mesh(config)
-    sources = tokenizer = None
+    sources = tokenizer = labels = None
     if with_data:
         if jax.process_index() == 0:
             workdir.mkdir(parents=True, exist_ok=True)
-        sources = data_lib.open_sources(config)
-        tokenizer = load_or_train_tokenizer(config, workdir, sources)
-    model = make_model(config.model)
-    tx, schedule = make_optimizer(config.optimizer, config.train.steps, scan_layers=config.model.scan_layers)
+        if tasks.is_task(config):
+            sources, tokenizer = tasks.open_task_data(config, workdir)
+            labels = sources.labels
+        else:
+            sources = data_lib.open_sources(config)
+            tokenizer = load_or_train_tokenizer(config, workdir, sources)
+    elif tasks.is_task(config):
+        labels = tasks.required_labels(workdir)
+    model = tasks.make_task_model(config, labels) if labels is not None else make_model(config.model)
+    tx, schedule = make_optimizer(config.optimizer, config.train.steps, scan_layers=config.model.scan_layers,
+                                  finetune=config.finetune)
     masks = exported.load_export_mask(config.init_from) if config.init_from else None
     if masks is not None:  # a pruned export (infer/prune.py): its zeros stay zero while the run trains
         tx = optax.chain(tx, keep_masked_zero(masks))
@@ -138,7 +148,8 @@ def build(config: Config, mesh: jax.sharding.Mesh | None = None, with_data: bool
         boxed = jax.eval_shape(init_fn, jax.ShapeDtypeStruct((2,), jnp.uint32))
     state_shardings = mesh_lib.logical_shardings(boxed, mesh, rules)  # pmap: all replicated
     abstract_state = ckpt.abstract_with_shardings(nn.unbox(boxed), state_shardings)
-    return Setup(config, workdir, mesh, model, tx, schedule, abstract_state, state_shardings, tokenizer, sources)
+    return Setup(config, workdir, mesh, model, tx, schedule, abstract_state, state_shardings, tokenizer, sources,
+                 labels)
 
 
 def create_state(setup: Setup) -> TrainState:
@@ -164,33 +175,46 @@ class Steps:
     to_global: Any
 
 
-def compile_steps(setup: Setup) -> Steps:
-    """Train and eval steps with explicit shardings; the train state is donated."""
+def compile_steps(setup: Setup, teacher: distill.Teacher | None = None) -> Steps:
+    """Train and eval steps with explicit shardings; the train state is donated. With a `teacher`
+    (distill.teacher) the train step distils: the teacher's parameters are its third input, sharded
+    like the student's and not donated."""
     c = setup.config
     mesh = setup.mesh
     batch_sharding = mesh_lib.batch_sharding(mesh)
     replicated = mesh_lib.replicated(mesh)
+    task = setup.labels is not None  # fine-tuning: the task's loss and eval (train/task_steps.py)
+    loss_fn = task_loss_sums if task else None
     eval_fn = jax.jit(
-        functools.partial(eval_step, model=setup.model),
+        functools.partial(task_eval_step, model=setup.model, num_labels=len(setup.labels)) if task
+        else functools.partial(eval_step, model=setup.model),
         in_shardings=(setup.state_shardings.params, batch_sharding),
         out_shardings=replicated,
     )
     if c.parallel.mode == "pmap":
         train_fn = pmap.compile_train_step(setup.model, setup.tx, setup.schedule, mesh=mesh,
-                                           grad_accum=c.optimizer.grad_accum, use_dropout=c.model.dropout > 0)
+                                           grad_accum=c.optimizer.grad_accum, use_dropout=c.model.dropout > 0,
+                                           loss_fn=loss_fn)
         return Steps(train=train_fn, eval=eval_fn, put_batch=lambda b: pmap.put_batch(b, mesh),
                      to_loop=lambda s: pmap.to_stacked(s, mesh), to_global=lambda s: pmap.to_global(s, mesh))
-    train_fn = jax.jit(
-        functools.partial(train_step, model=setup.model, tx=setup.tx, schedule=setup.schedule,
-                          grad_accum=c.optimizer.grad_accum, use_dropout=c.model.dropout > 0,
-                          param_shardings=setup.state_shardings.params),
-        in_shardings=(setup.state_shardings, batch_sharding),
-        out_shardings=(setup.state_shardings, replicated),
-        donate_argnums=0,
-    )
+    step_fn = functools.partial(train_step, model=setup.model, tx=setup.tx, schedule=setup.schedule,
+                                grad_accum=c.optimizer.grad_accum, use_dropout=c.model.dropout > 0,
+                                param_shardings=setup.state_shardings.params, loss_fn=loss_fn)
+    if teacher is not None:
+        distilling = jax.jit(distill.with_teacher(step_fn, teacher, c),
+                             in_shardings=(setup.state_shardings, batch_sharding, teacher.shardings),
+                             out_shardings=(setup.state_shardings, replicated), donate_argnums=0)
+        train_fn = functools.partial(_call_with, distilling, teacher.params)
+    else:
+        train_fn = jax.jit(step_fn, in_shardings=(setup.state_shardings, batch_sharding),
+                           out_shardings=(setup.state_shardings, replicated), donate_argnums=0)
     return Steps(train=train_fn, eval=eval_fn,
                  put_batch=lambda b: mesh_lib.global_batch(b, batch_sharding, c.train.batch_size),
                  to_loop=lambda s: s, to_global=lambda s: s)
+
+
+def _call_with(step, teacher_params, state, batch):
+    return step(state, batch, teacher_params)
 
 
 def held_out_batches(setup: Setup) -> list[dict[str, np.ndarray]]:
@@ -200,6 +224,8 @@ def held_out_batches(setup: Setup) -> list[dict[str, np.ndarray]]:
     would score loss 0 and perplexity 1, and rank as the best checkpoint.
     """
     c = setup.config
+    if setup.labels is not None:
+        return tasks.held_out_batches(setup)
     batches = data_lib.make_eval_batches(c, setup.tokenizer, setup.sources,
                                          mesh_lib.batch_rows(setup.mesh, c.train.batch_size))
     if c.objective == "mlm" and batches:  # an empty eval split skips evaluation, as for any objective
@@ -218,7 +244,9 @@ def held_out_batches(setup: Setup) -> list[dict[str, np.ndarray]]:
 
 def evaluate(setup: Setup, eval_fn, params, eval_batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
     """Mean loss and perplexity over the held-out batches (sums first, one division); for masked LM
-    also the accuracy over the masked positions."""
+    also the accuracy over the masked positions. Fine-tuning tasks: their metrics (train/tasks.py)."""
+    if setup.labels is not None:
+        return tasks.evaluate_task(setup, eval_fn, params, eval_batches)
     batch_sharding = mesh_lib.batch_sharding(setup.mesh)
     sums = {"loss": jnp.zeros(()), "correct": jnp.zeros(()), "weight": jnp.zeros(())}
     with setup.context():
@@ -266,7 +294,7 @@ def _check_sample_prompt(setup: Setup) -> None:
     """Refuses, before the first step, a masked-LM sample prompt the model cannot read (longer than
     model.max_len): found at the end, it would fail a finished run."""
     c = setup.config
-    if c.objective == "mlm" and "[MASK]" in c.train.sample_prompt:
+    if c.objective == "mlm" and "[MASK]" in c.train.sample_prompt and setup.labels is None:
         fill_mask.encode_with_masks(setup.tokenizer, c.train.sample_prompt, c.model.max_len,
                                     option="train.sample_prompt")
 
@@ -276,6 +304,8 @@ def _final_sample(setup: Setup, params) -> str | None:
     generates for it (encoder-decoders: for span corruption, what fills the prompt's sentinels), or
     the predictions at its [MASK]s (masked LM; None when the prompt has none)."""
     c = setup.config
+    if setup.labels is not None:  # a fine-tuned head has nothing to sample
+        return None
     if c.objective == "mlm":
         if "[MASK]" not in c.train.sample_prompt:
             return None
@@ -329,33 +359,44 @@ def _train(config: Config, stop: StopSignal, on_exit: contextlib.ExitStack) -> d
     workdir = Path(config.workdir)
     if config.init_from:
         config = ckpt.check_init_from(config)  # before any work; brings the exported tokenizer
+    config = distill.check_teacher(config)  # likewise: the teacher's tokenizer, its vocabulary checked
     check_workdir_matches(config, workdir)
     setup = build(config)
     _check_sample_prompt(setup)
+    # Before any step: a teacher that cannot be used ends the run now, in one line.
+    teacher = distill.load_teacher(config, setup.mesh, build, setup.labels) if config.distill.teacher else None
     if is_main:
         dump_config(config, workdir / "config.yaml")
+    if setup.labels is not None:
+        tasks.save_run_labels(config, setup.labels)
     _log_setup(setup)
     # Measured once (on CPU a ~0.1 s matmul) before the data pipeline's threads start, which would
     # share the cores with the measurement; only process 0 logs.
     peak_flops = flops.total_peak_flops() if is_main else None
 
     # Exactly the rows this process's devices hold of every step's global batch.
-    train_iter = shards.make_train_iterator(config, setup.tokenizer, setup.sources,
-                                            mesh_lib.batch_rows(setup.mesh, config.train.batch_size))
+    rows = mesh_lib.batch_rows(setup.mesh, config.train.batch_size)
+    make_iterator = tasks.make_train_iterator if setup.labels is not None else shards.make_train_iterator
+    train_iter = make_iterator(config, setup.tokenizer, setup.sources, rows)
     iter_ckpt = ckpt.IteratorCheckpoint(lambda: shards.iterator_state(train_iter))
     eval_batches = held_out_batches(setup)
-    checkpointer = ckpt.Checkpointer(workdir / "checkpoints", config.checkpoint, run_config=to_dict(config))
+    stopper = EarlyStopping.from_config(config.train.early_stopping)  # None: off
+    # Early stopping keeps the best checkpoint whatever checkpoint.keep_best says: the final report is of it.
+    checkpointer = ckpt.Checkpointer(workdir / "checkpoints", config.checkpoint, run_config=to_dict(config),
+                                     best=best_metric(config), keep_best=config.checkpoint.keep_best or bool(stopper))
     state, start, metadata = _restore_or_init(setup, checkpointer, train_iter)
+    if stopper is not None:
+        stopper.restore(metadata.get("early_stopping"))  # counts on where the checkpoint's run was
     log.info("per-device bytes: params %d, optimizer state %d",
              mesh_lib.bytes_per_device(state.params), mesh_lib.bytes_per_device(state.opt_state))
 
-    steps = compile_steps(setup)
+    steps = compile_steps(setup, teacher)
     writer = MetricsWriter(workdir, enabled=is_main)
     on_exit.callback(writer.close)  # on a failure too: its event file thread must end before the process
     guard = NonFiniteGuard(config.train.max_nonfinite_steps, total=int(metadata.get("nonfinite_steps", 0)))
     reporter = Reporter(config, writer, guard, start, peak_flops, show_progress=is_main and config.train.progress)
     run = _StepLoop(setup, steps, steps.to_loop(state), start, train_iter, iter_ckpt, eval_batches,
-                    checkpointer, guard, reporter)
+                    checkpointer, guard, reporter, stopper)
     stop.running()
     with setup.context():
         run.run(stop)
@@ -366,7 +407,8 @@ def _log_setup(setup: Setup) -> None:
     c = setup.config
     log.info("model: %s, %.2fM parameters; mesh %s over %d devices", c.model.arch,
              count_params(setup.abstract_state.params) / 1e6, dict(setup.mesh.shape), setup.mesh.size)
-    log.info("data: %s", data_lib.skip_summary(setup.sources))
+    if setup.labels is None:  # a task's data said what it kept and skipped as it was read
+        log.info("data: %s", data_lib.skip_summary(setup.sources))
     log.info("dtypes: %s", describe_dtypes(setup.abstract_state.params, setup.abstract_state.opt_state, c.model.dtype))
     used = objectives.span_targets_used(c.train.seq_len, c.target_len) if c.objective == "span" else c.target_len
     if used < c.target_len and jax.process_index() == 0:
@@ -393,7 +435,10 @@ def _restore_or_init(setup: Setup, checkpointer: ckpt.Checkpointer, train_iter) 
         ignore_damaged=c.checkpoint.ignore_damaged)
     if restored is None:
         state = create_state(setup)
-        if c.init_from:  # exported parameters, a fresh optimizer and step 0
+        if c.init_from and setup.labels is not None:  # the body exported, the head fresh
+            state = state.replace(params=tasks.params_from_export(c, state.params, setup.abstract_state.params))
+            log.info("starting from the parameters exported in %s (the body; the task head is new)", c.init_from)
+        elif c.init_from:  # exported parameters, a fresh optimizer and step 0
             state = state.replace(params=ckpt.load_exported_params(c.init_from, c.model, setup.abstract_state.params))
             log.info("starting from the parameters exported in %s", c.init_from)
         return state, 0, {}
@@ -415,13 +460,15 @@ class _StepLoop:
     """The steps of one run, on the state it owns, with its hooks: report, evaluate, save."""
 
     def __init__(self, setup: Setup, steps: Steps, state, start: int, train_iter, iter_ckpt, eval_batches,
-                 checkpointer: ckpt.Checkpointer, guard: NonFiniteGuard, reporter: Reporter):
+                 checkpointer: ckpt.Checkpointer, guard: NonFiniteGuard, reporter: Reporter,
+                 stopper: EarlyStopping | None = None):
         c = setup.config
         self.setup, self.config, self.steps = setup, c, steps
         self.state = state  # in the loop layout (steps.to_loop)
         self.start = self.step = start
         self.train_iter, self.iter_ckpt, self.eval_batches = train_iter, iter_ckpt, eval_batches
         self.checkpointer, self.guard, self.reporter = checkpointer, guard, reporter
+        self.stopper = stopper
         self.is_main = jax.process_index() == 0
         self.wall_start = time.time()
         self.last_eval: dict[str, float] = {}
@@ -434,7 +481,7 @@ class _StepLoop:
         one step late, so the host never waits for the device in between."""
         c, reporter = self.config, self.reporter
         stop_agreed = False
-        while self.step < c.train.steps and not stop_agreed and not self.guard.diverged:
+        while self.step < c.train.steps and not stop_agreed and not self.guard.diverged and not self.early_stopped:
             t0 = time.perf_counter()
             local = next(self.train_iter)
             reporter.waited_for_data(time.perf_counter() - t0)
@@ -456,7 +503,7 @@ class _StepLoop:
                 break  # nothing more is saved; the error is raised once the writers are closed
             eval_due = step % c.train.eval_every == 0 or step == c.train.steps
             save_due = (step % c.checkpoint.every == 0 or step == c.train.steps or stop_agreed or decision.save
-                        or (eval_due and c.checkpoint.keep_best))  # keep_best: the evaluated state is on disk
+                        or (eval_due and self.checkpointer.keep_best))  # keep_best: the evaluated state is on disk
             if stop_agreed and step < c.train.steps:
                 log.warning("stopping at step %d on a signal: saving a checkpoint", step)
             if eval_due or save_due:
@@ -479,6 +526,12 @@ class _StepLoop:
                                   self.eval_batches)
         self.last_eval_step = self.step
         self.reporter.eval_done(self.step, self.last_eval)
+        if self.stopper is not None and self.stopper.update(self.step, self.last_eval):
+            log.info("%s", self.stopper.reason())
+
+    @property
+    def early_stopped(self) -> bool:
+        return self.stopper is not None and self.stopper.stopped
 
     def save(self) -> None:
         step = self.step
@@ -489,8 +542,13 @@ class _StepLoop:
         tokens_per_step = self.config.train.batch_size * flops.tokens_per_row(self.config)
         metadata = {"step": step, "tokens_seen": step * tokens_per_step, "wall_time_s": time.time() - self.wall_start,
                     "config": to_dict(self.config), "nonfinite_steps": self.guard.total}
-        eval_loss = self.last_eval["eval_loss"] if self.last_eval_step == step else None  # ranks it for keep_best
-        self.checkpointer.save(step, self.steps.to_global(self.state), self.iter_ckpt, metadata, eval_loss=eval_loss)
+        if self.stopper is not None:
+            metadata["early_stopping"] = self.stopper.state_dict()
+        evaluated = self.last_eval if self.last_eval_step == step else None  # ranks it for keep_best
+        if evaluated and self.stopper is not None and self.stopper.best_step != step:
+            # Not an improvement by early stopping's rule (a tie, or less than min_delta): never ranked the best.
+            evaluated = {k: v for k, v in evaluated.items() if k != self.stopper.metric}
+        self.checkpointer.save(step, self.steps.to_global(self.state), self.iter_ckpt, metadata, eval_metrics=evaluated)
         self.save_clock.saved()
 
 
@@ -507,9 +565,12 @@ def _finish(run: _StepLoop, writer: MetricsWriter) -> dict[str, Any]:
         writer.close()
         raise NonFiniteError(run.guard.message(step, last_good))
 
-    summary: dict[str, Any] = {"step": step, "stopped_early": step < c.train.steps}
+    # stopped_early: by a signal, to be resumed; a run ended by early stopping is done.
+    summary: dict[str, Any] = {"step": step, "stopped_early": step < c.train.steps and not run.early_stopped}
     try:
-        if not summary["stopped_early"]:
+        if run.stopper is not None:
+            _report_best(run, summary)
+        elif not summary["stopped_early"]:
             params = run.steps.to_global(run.state.params)
             last_eval = run.last_eval
             if run.last_eval_step != step:  # a finished run started again: evaluate its final state
@@ -522,6 +583,29 @@ def _finish(run: _StepLoop, writer: MetricsWriter) -> dict[str, Any]:
         run.checkpointer.close()
     writer.close()
     return summary
+
+
+def _report_best(run: _StepLoop, summary: dict[str, Any]) -> None:
+    """With early stopping, the final report is of the best checkpoint: its eval metrics, its step
+    (`best_step`) and its sample; `early_stopping` says why the run stopped, or that it ran to the end."""
+    stopper = run.stopper
+    summary["early_stopping"] = stopper.summary(run.step, run.config.train.steps, interrupted=summary["stopped_early"])
+    if summary["stopped_early"]:
+        return
+    run.checkpointer.wait()  # the best may be the save still in flight
+    best_step = run.checkpointer.best_step()
+    if best_step is None:  # nothing evaluated was saved (e.g. every eval was non-finite)
+        log.warning("early stopping: no checkpoint holds %s; the final report is of step %d", stopper.metric, run.step)
+        params, best_step = run.steps.to_global(run.state.params), run.step
+    else:
+        state, _ = run.checkpointer.restore(best_step, run.setup.abstract_state)
+        params = state.params
+    result = evaluate(run.setup, run.steps.eval, params, run.eval_batches)
+    log.info("the final report is of the best checkpoint, step %d (%s %.6g)", best_step, stopper.metric,
+             result.get(stopper.metric, math.nan))
+    summary.update(result, best_step=best_step)
+    summary["sample"] = _final_sample(run.setup, params)
+
 
 
 def restore_for_inference(workdir: str | Path, overrides=(), with_data: bool = True) -> tuple[Setup, Any, int]:

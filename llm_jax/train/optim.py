@@ -1,4 +1,5 @@
-"""The optax transformation: AdamW or LAMB, warmup + cosine schedule, clipping, decay mask.
+"""The optax transformation: AdamW or LAMB, warmup + cosine schedule, clipping, decay mask; for
+fine-tuning, frozen parameters, the task head's learning rate and layer-wise learning-rate decay.
 
 Precision: the optimizer always works in float32. With `model.param_dtype=bfloat16` it sees float32
 copies of the gradients and parameters, so both Adam moments are float32 (optax's `mu_dtype` covers
@@ -8,6 +9,7 @@ when it is applied.
 
 from __future__ import annotations
 
+import re
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -15,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llm_jax.config import ConfigError, OptimizerConfig
+from llm_jax.config import ConfigError, FinetuneConfig, OptimizerConfig
+from llm_jax.config.checks import freeze_layers
 from llm_jax.models.decoder import SCANNED_LAYERS
 
 # Weight decay pulls a weight towards zero. That is a prior for matmul kernels and token embeddings
@@ -26,8 +29,22 @@ NO_DECAY_NAMES = ("bias", "scale")  # leaf names: Norm scale/bias, Dense bias
 NO_DECAY_MODULES = ("pos_embed", "type_embed")  # module names: the learned position and token-type tables
 
 
+# The modules below the first block: what `finetune.freeze=embeddings` freezes and layer decay treats
+# as the lowest layer.
+EMBEDDING_MODULES = ("embed", "pos_embed", "type_embed", "embed_norm")
+_BLOCK = re.compile(r"layer_(\d+)$")  # an unrolled block (models/decoder.layer_stack)
+
+
 def _names(path) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def _is_box(x) -> bool:
+    """A Flax metadata box (nn.Partitioned): a leaf for the labelling below, so that the labels of a
+    boxed tree (state init under eval_shape) and of its plain arrays (updates) are the same tree."""
+    from flax.core import meta
+
+    return isinstance(x, meta.AxisMetadata)
 
 
 def make_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -172,12 +189,112 @@ def describe_dtypes(params: Any, opt_state: Any, compute_dtype: str) -> str:
     return f"params {floating(params)}, optimizer moments {floating(opt_state)}, compute {compute_dtype}"
 
 
-def make_optimizer(config: OptimizerConfig, total_steps: int,
-                   scan_layers: bool = False) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def _block(names: tuple[str, ...]) -> int | None:
+    """The index of the unrolled block a parameter belongs to, or None."""
+    for name in names:
+        match = _BLOCK.match(name)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def _part(names: tuple[str, ...], head_name: str) -> str:
+    """head | embeddings | blocks | other (final norms, the LM heads, a pooler, position biases)."""
+    if names[0] == head_name:
+        return "head"
+    if set(names) & set(EMBEDDING_MODULES):
+        return "embeddings"
+    if SCANNED_LAYERS in names[:-1] or _block(names) is not None:
+        return "blocks"
+    return "other"
+
+
+def freeze_labels(params: Any, finetune: FinetuneConfig) -> Any:
+    """"frozen" or "train" for each parameter (boxes count as leaves): `finetune.freeze` says which.
+
+    layers:N freezes the embeddings and blocks 0..N-1 (the bottom of the network; of each stack of
+    an encoder-decoder); body freezes all but the task head (`finetune.head_name`).
+    """
+    n = freeze_layers(finetune.freeze)
+
+    def label(path, _leaf) -> str:
+        names = _names(path)
+        part = _part(names, finetune.head_name)
+        frozen = {"embeddings": part == "embeddings", "body": part != "head",
+                  "none": False}.get(finetune.freeze)
+        if n is not None:
+            frozen = part == "embeddings" or (part == "blocks" and _block(names) < n)
+        return "frozen" if frozen else "train"
+
+    return jax.tree_util.tree_map_with_path(label, params, is_leaf=_is_box)
+
+
+def lr_factors(params: Any, finetune: FinetuneConfig, lr: float) -> Any:
+    """Each parameter's learning rate as a multiple of optimizer.lr's: the task head head_lr / lr; with
+    layer decay block i of n layer_decay**(n - i), the embeddings layer_decay**(n + 1).
+
+    A stacked leaf of `scan_layers` holds every block: its factor is an array [n, 1, ...], one per
+    block, broadcast over the rest, so scanned and unrolled layers learn alike. n is counted in the
+    tree itself (the blocks beside a parameter, or a stacked leaf's leading axis): an encoder-decoder's
+    stacks each count their own.
+    """
+    decay = finetune.layer_decay
+    stacks: dict[tuple[str, ...], int] = {}  # the parent of unrolled blocks -> how many blocks it holds
+    n_layers = 0  # the deepest stack's: the embeddings sit below it
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        names = _names(path)
+        block = _block(names)
+        if block is not None:
+            parent = names[:[_BLOCK.match(x) is not None for x in names].index(True)]
+            stacks[parent] = max(stacks.get(parent, 0), block + 1)
+            n_layers = max(n_layers, block + 1)
+        elif SCANNED_LAYERS in names[:-1]:
+            n_layers = max(n_layers, leaf.shape[0])
+
+    def factor(path, leaf):
+        names = _names(path)
+        part = _part(names, finetune.head_name)
+        if part == "head":
+            return finetune.head_lr / lr if finetune.head_lr else 1.0
+        if part == "other" or decay == 1.0:
+            return 1.0
+        if part == "embeddings":
+            return decay ** (n_layers + 1)
+        if SCANNED_LAYERS in names[:-1]:
+            n = leaf.shape[0]
+            return (decay ** (n - jnp.arange(n, dtype=jnp.float32))).reshape((n,) + (1,) * (leaf.ndim - 1))
+        block = _block(names)
+        parent = names[:[_BLOCK.match(x) is not None for x in names].index(True)]
+        return decay ** (stacks[parent] - block)
+
+    return jax.tree_util.tree_map_with_path(factor, params)
+
+
+def scale_by_lr_factors(finetune: FinetuneConfig, lr: float) -> optax.GradientTransformation:
+    """Multiplies each update by its parameter's `lr_factors`: the update already holds the scheduled
+    learning rate (and AdamW's decay term, or LAMB's trust ratio), so this is that parameter's own
+    learning rate on the same schedule. Not `optax.partition` with one optimizer per rate: a stacked
+    leaf needs a rate per block, which no partition of leaves can give."""
+
+    def update_fn(updates, state, params=None):
+        del params
+        factors = lr_factors(updates, finetune, lr)
+        return jax.tree.map(lambda u, f: (u * f).astype(u.dtype), updates, factors), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def make_optimizer(config: OptimizerConfig, total_steps: int, scan_layers: bool = False,
+                   finetune: FinetuneConfig | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Built once per run; the schedule is returned too so the trainer can log the learning rate.
 
     `scan_layers`: the parameters hold the blocks as one stacked subtree (model.scan_layers), which
     LAMB needs to know to keep one trust ratio per layer.
+
+    `finetune.freeze`: `optax.partition` gives the frozen parameters `optax.set_to_zero()` (no update,
+    no optimizer state: optax leaves a MaskedNode where their moments would be) and the others the
+    clipped optimizer, so clipping sees only the gradients that are applied. With nothing frozen and
+    no learning-rate factors the optimizer (and its state tree) is what pretraining has always used.
     """
     schedule = make_schedule(config, total_steps)
     if config.name == "adamw":
@@ -190,4 +307,11 @@ def make_optimizer(config: OptimizerConfig, total_steps: int,
     # Always a chain of two: clip_norm=0 (no clipping) and clip_norm>0 then give the same optimizer-state
     # tree (both states are EmptyState), so a run resumes whichever way the setting was changed.
     clip = optax.clip_by_global_norm(config.clip_norm) if config.clip_norm > 0 else optax.identity()
-    return optax.chain(clip, core), schedule
+    tx = optax.chain(clip, core)
+    finetune = finetune or FinetuneConfig()
+    if finetune.freeze != "none":
+        tx = optax.partition({"train": tx, "frozen": optax.set_to_zero()},
+                             lambda params: freeze_labels(params, finetune))
+    if finetune.head_lr or finetune.layer_decay != 1.0:
+        tx = optax.chain(tx, scale_by_lr_factors(finetune, config.lr))
+    return tx, schedule

@@ -70,11 +70,12 @@ def put_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
     return {k: put(v) for k, v in local_batch.items()}
 
 
-def compile_train_step(model, tx, schedule, *, grad_accum: int, use_dropout: bool, mesh: Mesh):
-    """(stacked state, stacked batch) -> (stacked state, host-ready metrics of one replica)."""
+def compile_train_step(model, tx, schedule, *, grad_accum: int, use_dropout: bool, mesh: Mesh, loss_fn=None):
+    """(stacked state, stacked batch) -> (stacked state, host-ready metrics of one replica).
+    `loss_fn`: as train_step's (None: the language-model loss)."""
     step = jax.pmap(
         functools.partial(train_step, model=model, tx=tx, schedule=schedule, grad_accum=grad_accum,
-                          use_dropout=use_dropout, axis_name=AXIS),
+                          use_dropout=use_dropout, axis_name=AXIS, loss_fn=loss_fn),
         axis_name=AXIS,
         devices=list(mesh.devices.flat),
         donate_argnums=0,

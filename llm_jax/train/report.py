@@ -95,8 +95,9 @@ class Reporter:
 def log_eval(bar: Any, step: int, result: dict[str, float]) -> None:
     """One console line per evaluation, as it happens (metrics.jsonl has them too, but no one watches it)."""
     message = f"step {step}: eval loss {result['eval_loss']:.4f}, eval perplexity {result['eval_perplexity']:.2f}"
-    if "eval_accuracy" in result:
-        message += f", eval accuracy {result['eval_accuracy']:.4f}"
+    for key in ("eval_accuracy", "eval_macro_f1", "eval_precision", "eval_recall", "eval_f1"):  # by task
+        if key in result:
+            message += f", {key.replace('_', ' ')} {result[key]:.4f}"
     if bar is None:
         log.info(message)
         return

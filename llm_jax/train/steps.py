@@ -89,7 +89,7 @@ def update_unless_nonfinite(finite: jax.Array, tx: optax.GradientTransformation,
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx: optax.GradientTransformation,
                schedule: optax.Schedule, grad_accum: int = 1, use_dropout: bool = False,
-               axis_name: str | None = None, param_shardings: Any = None):
+               axis_name: str | None = None, param_shardings: Any = None, loss_fn=None):
     """One optimizer update over the whole batch, accumulated over `grad_accum` micro-batches.
 
     Gradients of loss *sums* are accumulated and divided once by the total target count, so the
@@ -101,6 +101,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx: opt
     runs, and each gradient kept in its parameter's shards: `param_shardings` (the sharded path;
     None under pmap) pins every gradient to them explicitly, and the weights travel through the
     loop's carry (see `accumulate`). Measured with `llm-jax plan`, docs/benchmarks.md.
+
+    `loss_fn(params, batch, model, rng) -> (loss sum, weight sum)`: None is the language-model loss;
+    fine-tuning tasks pass theirs (train/task_steps.py).
     """
     def like_params(grads):
         if param_shardings is None:
@@ -110,7 +113,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx: opt
     rng = jax.random.fold_in(state.rng, state.step) if use_dropout else None
     if rng is not None and axis_name is not None:
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))  # each replica its own dropout
-    grad_fn = jax.value_and_grad(_loss_sums, has_aux=True)
+    grad_fn = jax.value_and_grad(_loss_sums if loss_fn is None else loss_fn, has_aux=True)
 
     if grad_accum == 1:
         (loss_sum, weight_sum), grads = grad_fn(state.params, batch, model, rng)
