@@ -94,6 +94,16 @@ def test_override_beats_file(tmp_path):
     ("model.arch=t5 model.n_decoder_layers=0", "model.n_decoder_layers' must be positive"),
     ("model.activation=tanh", "one of gelu_tanh, gelu, silu, relu, null"),
     ("model.arch=bert train.objective=mlm", None),
+    ("finetune.freeze=layers:x", "layers:N with N a positive integer"),
+    ("finetune.freeze=top", "one of none, embeddings, body, layers:N"),
+    ("finetune.freeze=layers:5", "freezes more blocks than the model's 4"),
+    ("finetune.freeze=layers:1 model.scan_layers=true", "set model.scan_layers=false"),
+    ("finetune.freeze=body", "task.kind=lm has no task head"),
+    ("finetune.layer_decay=0", "'finetune.layer_decay' must be in (0, 1]"),
+    ("finetune.freeze=layers:2 finetune.layer_decay=0.8", None),
+    ("distill.alpha=1.5", "'distill.alpha' must be in [0, 1]"),
+    ("distill.temperature=0", "'distill.temperature' must be positive"),
+    ("distill.teacher=x parallel.mode=pmap", "distill.teacher needs parallel.mode=jit"),
 ])
 def test_config_errors_are_one_line(override, fragment):
     if fragment is None:

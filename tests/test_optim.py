@@ -268,6 +268,8 @@ def test_layer_decay_and_head_lr_scale_each_layer_the_same_scanned_or_unrolled()
     for i in range(3):
         np.testing.assert_array_equal(up_scanned["layers"]["attn"]["kernel"][i],
                                       up_unrolled[f"layer_{i}"]["attn"]["kernel"])
+    for name in common:  # the embeddings sit below the stack however it is laid out
+        np.testing.assert_array_equal(jax.tree.leaves(up_scanned[name]), jax.tree.leaves(up_unrolled[name]))
 
 
 def test_a_frozen_optimizer_state_checkpoints_and_restores_exactly(tmp_path):

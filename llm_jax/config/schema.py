@@ -299,7 +299,9 @@ class DistillConfig:
     """Knowledge distillation from a trained teacher (train/distill.py)."""
 
     teacher: str = ""  # a run directory or an `llm-jax export` directory; empty: no distillation
-    temperature: float = 2.0  # both distributions are softened by it; the KL term is scaled by its square
+    # Both distributions are softened by it; the KL term is scaled by its square. 1: measured best on a
+    # small language model (docs/benchmarks.md, distillation), where 2 did worse than no teacher.
+    temperature: float = 1.0
     alpha: float = 0.5  # weight of the KL term; 1 - alpha weighs the task loss
 
 

@@ -301,8 +301,8 @@ class Checkpointer:
         difference = checkpoint_tree.difference(checkpoint_tree.specs(checkpoint_tree.flat(saved_tree)),
                                                 checkpoint_tree.specs(checkpoint_tree.flat(abstract_state)))
         if difference is not None:
-            changed = changed_settings(self.saved_config(step), self.run_config, ("model", "optimizer"),
-                                       ignore=SAME_TREE_MODEL_KEYS)
+            changed = changed_settings(self.saved_config(step), self.run_config,
+                                       ("model", "optimizer", "finetune"), ignore=SAME_TREE_MODEL_KEYS)
             because = f" (changed since: {', '.join(changed)})" if changed else ""
             raise ConfigError(f"checkpoint {self.directory / str(step)} does not fit this config: {difference}"
                               f"{because}; use the settings the run was trained with, a new workdir, or "

@@ -87,6 +87,16 @@ class EarlyStopping:
                 f"{self.min_delta:g} for {self.evals_since_best} evaluations (patience {self.patience}); the best, "
                 f"{self.best:.6g}, was at step {self.best_step}")
 
+    def summary(self, step: int, total_steps: int, interrupted: bool) -> dict:
+        """The final summary's `early_stopping`: the best and why the run ended where it did."""
+        if self.stopped:
+            reason = self.reason()
+        elif interrupted:
+            reason = f"interrupted at step {step}: the counts go on when the run resumes"
+        else:
+            reason = f"ran to train.steps={total_steps} without stopping early"
+        return {"metric": self.metric, "best": self.best, "best_step": self.best_step, "reason": reason}
+
     def state_dict(self) -> dict:
         """What a checkpoint's metadata keeps (JSON)."""
         return {"metric": self.metric, "mode": self.mode, "best": self.best, "best_step": self.best_step,

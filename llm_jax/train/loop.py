@@ -33,7 +33,7 @@ from llm_jax.models.decoder import count_params
 from llm_jax.parallel import mesh as mesh_lib
 from llm_jax.runtime.stop_signal import StopSignal
 from llm_jax.train import checkpoint as ckpt
-from llm_jax.train import pmap, run_lock, tasks
+from llm_jax.train import distill, pmap, run_lock, tasks
 from llm_jax.train.early_stopping import EarlyStopping, best_metric
 from llm_jax.train.fault_tolerance import NonFiniteError, NonFiniteGuard, ProcessAgreement, SaveClock
 from llm_jax.train.metrics import MetricsWriter
@@ -156,8 +156,10 @@ class Steps:
     to_global: Any
 
 
-def compile_steps(setup: Setup) -> Steps:
-    """Train and eval steps with explicit shardings; the train state is donated."""
+def compile_steps(setup: Setup, teacher: distill.Teacher | None = None) -> Steps:
+    """Train and eval steps with explicit shardings; the train state is donated. With a `teacher`
+    (distill.teacher) the train step distils: the teacher's parameters are its third input, sharded
+    like the student's and not donated."""
     c = setup.config
     mesh = setup.mesh
     batch_sharding = mesh_lib.batch_sharding(mesh)
@@ -176,17 +178,24 @@ def compile_steps(setup: Setup) -> Steps:
                                            loss_fn=loss_fn)
         return Steps(train=train_fn, eval=eval_fn, put_batch=lambda b: pmap.put_batch(b, mesh),
                      to_loop=lambda s: pmap.to_stacked(s, mesh), to_global=lambda s: pmap.to_global(s, mesh))
-    train_fn = jax.jit(
-        functools.partial(train_step, model=setup.model, tx=setup.tx, schedule=setup.schedule,
-                          grad_accum=c.optimizer.grad_accum, use_dropout=c.model.dropout > 0,
-                          param_shardings=setup.state_shardings.params, loss_fn=loss_fn),
-        in_shardings=(setup.state_shardings, batch_sharding),
-        out_shardings=(setup.state_shardings, replicated),
-        donate_argnums=0,
-    )
+    step_fn = functools.partial(train_step, model=setup.model, tx=setup.tx, schedule=setup.schedule,
+                                grad_accum=c.optimizer.grad_accum, use_dropout=c.model.dropout > 0,
+                                param_shardings=setup.state_shardings.params, loss_fn=loss_fn)
+    if teacher is not None:
+        distilling = jax.jit(distill.with_teacher(step_fn, teacher, c),
+                             in_shardings=(setup.state_shardings, batch_sharding, teacher.shardings),
+                             out_shardings=(setup.state_shardings, replicated), donate_argnums=0)
+        train_fn = functools.partial(_call_with, distilling, teacher.params)
+    else:
+        train_fn = jax.jit(step_fn, in_shardings=(setup.state_shardings, batch_sharding),
+                           out_shardings=(setup.state_shardings, replicated), donate_argnums=0)
     return Steps(train=train_fn, eval=eval_fn,
                  put_batch=lambda b: mesh_lib.global_batch(b, batch_sharding, c.train.batch_size),
                  to_loop=lambda s: s, to_global=lambda s: s)
+
+
+def _call_with(step, teacher_params, state, batch):
+    return step(state, batch, teacher_params)
 
 
 def held_out_batches(setup: Setup) -> list[dict[str, np.ndarray]]:
@@ -331,9 +340,12 @@ def _train(config: Config, stop: StopSignal, on_exit: contextlib.ExitStack) -> d
     workdir = Path(config.workdir)
     if config.init_from:
         config = ckpt.check_init_from(config)  # before any work; brings the exported tokenizer
+    config = distill.check_teacher(config)  # likewise: the teacher's tokenizer, its vocabulary checked
     check_workdir_matches(config, workdir)
     setup = build(config)
     _check_sample_prompt(setup)
+    # Before any step: a teacher that cannot be used ends the run now, in one line.
+    teacher = distill.load_teacher(config, setup.mesh, build, setup.labels) if config.distill.teacher else None
     if is_main:
         dump_config(config, workdir / "config.yaml")
     if setup.labels is not None:
@@ -359,7 +371,7 @@ def _train(config: Config, stop: StopSignal, on_exit: contextlib.ExitStack) -> d
     log.info("per-device bytes: params %d, optimizer state %d",
              mesh_lib.bytes_per_device(state.params), mesh_lib.bytes_per_device(state.opt_state))
 
-    steps = compile_steps(setup)
+    steps = compile_steps(setup, teacher)
     writer = MetricsWriter(workdir, enabled=is_main)
     on_exit.callback(writer.close)  # on a failure too: its event file thread must end before the process
     guard = NonFiniteGuard(config.train.max_nonfinite_steps, total=int(metadata.get("nonfinite_steps", 0)))
@@ -502,6 +514,9 @@ class _StepLoop:
         if self.stopper is not None:
             metadata["early_stopping"] = self.stopper.state_dict()
         evaluated = self.last_eval if self.last_eval_step == step else None  # ranks it for keep_best
+        if evaluated and self.stopper is not None and self.stopper.best_step != step:
+            # Not an improvement by early stopping's rule (a tie, or less than min_delta): never ranked the best.
+            evaluated = {k: v for k, v in evaluated.items() if k != self.stopper.metric}
         self.checkpointer.save(step, self.steps.to_global(self.state), self.iter_ckpt, metadata, eval_metrics=evaluated)
         self.save_clock.saved()
 
@@ -543,9 +558,7 @@ def _report_best(run: _StepLoop, summary: dict[str, Any]) -> None:
     """With early stopping, the final report is of the best checkpoint: its eval metrics, its step
     (`best_step`) and its sample; `early_stopping` says why the run stopped, or that it ran to the end."""
     stopper = run.stopper
-    summary["early_stopping"] = {"metric": stopper.metric, "best": stopper.best, "best_step": stopper.best_step,
-                                 "reason": stopper.reason() if stopper.stopped else
-                                 f"ran to train.steps={run.config.train.steps} without stopping early"}
+    summary["early_stopping"] = stopper.summary(run.step, run.config.train.steps, interrupted=summary["stopped_early"])
     if summary["stopped_early"]:
         return
     run.checkpointer.wait()  # the best may be the save still in flight

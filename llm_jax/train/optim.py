@@ -194,13 +194,16 @@ def lr_factors(params: Any, finetune: FinetuneConfig, lr: float) -> Any:
     """
     decay = finetune.layer_decay
     stacks: dict[tuple[str, ...], int] = {}  # the parent of unrolled blocks -> how many blocks it holds
-    for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+    n_layers = 0  # the deepest stack's: the embeddings sit below it
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         names = _names(path)
         block = _block(names)
         if block is not None:
             parent = names[:[_BLOCK.match(x) is not None for x in names].index(True)]
             stacks[parent] = max(stacks.get(parent, 0), block + 1)
-    n_layers = max(stacks.values(), default=0)
+            n_layers = max(n_layers, block + 1)
+        elif SCANNED_LAYERS in names[:-1]:
+            n_layers = max(n_layers, leaf.shape[0])
 
     def factor(path, leaf):
         names = _names(path)
