@@ -54,8 +54,9 @@ def _cmd_train(args) -> int:
             print(f"stopped at step {summary['step']}; the checkpoint is saved, run the same command to resume")
         else:
             line = f"eval loss {summary['eval_loss']:.4f} | eval perplexity {summary['eval_perplexity']:.2f}"
-            if "eval_accuracy" in summary:
-                line += f" | eval accuracy {summary['eval_accuracy']:.4f}"
+            for key in ("eval_accuracy", "eval_macro_f1", "eval_f1"):  # masked LM, classify, tag
+                if key in summary:
+                    line += f" | {key.replace('_', ' ')} {summary[key]:.4f}"
             print(line)
             if summary["sample"] is not None:
                 what = "fill-mask" if config.objective == "mlm" else "sample"
