@@ -94,6 +94,7 @@ class Generation:
     finish_reason: str
     logprob: float
     score: float | None = None  # beam search: logprob / len(tokens) ** length_penalty, what ranks the beams
+    token_logprobs: list[float] | None = None  # each token's (sampling and greedy; beam search: None)
 
 
 def bucket_length(length: int) -> int:
@@ -185,8 +186,8 @@ def process_logits(logits_RV: jax.Array, present_RV: jax.Array, step, eos_id: ja
 def _sample_loop(tokens_to_logits: TokensToLogits, cache, logits_RV: jax.Array, present_RV: jax.Array,
                  rng: jax.Array, eos_id: jax.Array, *, decoding: Decoding, stream: bool):
     """Chooses from `logits_RV`, feeds the token back, and so on: (new ids [R, N], how many of them
-    each row keeps [R], their summed log-probabilities [R]). A row stops after max_new_tokens or
-    right after choosing eos_id; the loop stops when every row has."""
+    each row keeps [R], their log-probabilities [R, N]). A row stops after max_new_tokens or right
+    after choosing eos_id; the loop stops when every row has."""
     rows, n = logits_RV.shape[0], decoding.max_new_tokens
 
     def cond(state):
@@ -194,23 +195,23 @@ def _sample_loop(tokens_to_logits: TokensToLogits, cache, logits_RV: jax.Array, 
         return jnp.logical_and(step < n, jnp.any(running_R))
 
     def body(state):
-        step, logits_RV, present_RV, cache, rng, out_RN, lengths_R, running_R, logprob_R = state
+        step, logits_RV, present_RV, cache, rng, out_RN, lengths_R, running_R, logprob_RN = state
         rng, step_rng = jax.random.split(rng)
         processed_RV = process_logits(logits_RV, present_RV, step, eos_id, decoding)
         token_R = sampling_lib.choose(processed_RV, step_rng, decoding.sampling)
         out_RN = out_RN.at[:, step].set(token_R)
         lengths_R = lengths_R + running_R
-        logprob_R = logprob_R + jnp.where(running_R, sampling_lib.token_logprob(logits_RV, token_R), 0.0)
+        logprob_RN = logprob_RN.at[:, step].set(sampling_lib.token_logprob(logits_RV, token_R))
         if stream:
             jax.debug.callback(_on_step_host, step, token_R, running_R, ordered=True)
         running_R = jnp.logical_and(running_R, token_R != eos_id)
         present_RV = sampling_lib.mark_present(present_RV, token_R)
         # The last step's forward pass is wasted, but it keeps the loop body a single shape.
         cache, logits_RV = tokens_to_logits(cache, token_R[:, None], step)
-        return step + 1, logits_RV, present_RV, cache, rng, out_RN, lengths_R, running_R, logprob_R
+        return step + 1, logits_RV, present_RV, cache, rng, out_RN, lengths_R, running_R, logprob_RN
 
     state = (jnp.array(0, jnp.int32), logits_RV, present_RV, cache, rng, jnp.zeros((rows, n), jnp.int32),
-             jnp.zeros((rows,), jnp.int32), jnp.ones((rows,), bool), jnp.zeros((rows,), jnp.float32))
+             jnp.zeros((rows,), jnp.int32), jnp.ones((rows,), bool), jnp.zeros((rows, n), jnp.float32))
     state = jax.lax.while_loop(cond, body, state)
     return state[5], state[6], state[8]
 
@@ -229,7 +230,7 @@ def _on_step_host(step, token_R, running_R) -> None:
 @functools.partial(jax.jit, static_argnames=("config", "decoding", "stream"))
 def _generate_jit(config: ModelConfig, params, prompt_RP: jax.Array, real_RP: jax.Array, rng: jax.Array,
                   eos_id: jax.Array, *, decoding: Decoding, stream: bool = False):
-    """Sampling / greedy: (new ids [R, N], kept lengths [R], log-probabilities [R])."""
+    """Sampling / greedy: (new ids [R, N], kept lengths [R], their log-probabilities [R, N])."""
     fn, cache, logits_RV, present_RV = start(config, params, prompt_RP, real_RP, decoding.max_new_tokens)
     return _sample_loop(fn, cache, logits_RV, present_RV, rng, eos_id, decoding=decoding, stream=stream)
 
@@ -280,7 +281,7 @@ def generate_batch(model: nn.Module, params, prompts: Sequence[Sequence[int]], d
             continue
         _listener[0] = on_step
         try:
-            out_RN, lengths_R, logprob_R = jax.device_get(_generate_jit(
+            out_RN, lengths_R, logprob_RN = jax.device_get(_generate_jit(
                 config, params, jnp.asarray(ids), jnp.asarray(real), batch_rng, eos, decoding=decoding,
                 stream=on_step is not None))
         finally:
@@ -289,7 +290,9 @@ def generate_batch(model: nn.Module, params, prompts: Sequence[Sequence[int]], d
             gens = []
             for r in range(b * copies, (b + 1) * copies):
                 tokens = [int(t) for t in out_RN[r, :lengths_R[r]]]
-                gens.append(Generation(tokens, _finish(tokens, eos_id), float(logprob_R[r])))
+                token_logprobs = [float(x) for x in logprob_RN[r, :lengths_R[r]]]
+                gens.append(Generation(tokens, _finish(tokens, eos_id), sum(token_logprobs),
+                                       token_logprobs=token_logprobs))
             results.append(gens)
     return results
 
