@@ -83,36 +83,48 @@ def _record(tokenizer, prompt: str, head_ids: list[int], generation: Generation,
     return record
 
 
+def _stop_prefix_len(text: str, stops: list[str]) -> int:
+    """The length of the longest end of `text` that begins some stop string."""
+    return max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+
+
 class _Streamer:
     """Prints one row's text as its ids arrive (the host callback of the compiled loop), then a newline.
-    The text is decoded whole at each step and the new part printed, as SentencePiece joins pieces."""
+    The text is decoded whole at each step and the new part printed, as SentencePiece joins pieces;
+    an end that may begin a stop string waits until the next ids tell."""
 
     def __init__(self, tokenizer, head: str, head_ids: list[int], out: TextIO, stops: list[str]):
         self.tokenizer, self.head_ids, self.out, self.stops = tokenizer, head_ids, out, stops
         self.ids: list[int] = []
         self.shown = ""
-        self.done = False
+        self.ended = False  # eos, or the row stopped running
+        self.stopped = False  # a stop string appeared: the text is final
         out.write(head)
         out.flush()
 
     def __call__(self, step: int, token_R, running_R) -> None:
-        if self.done or not bool(running_R[0]):
+        if self.ended or self.stopped or not bool(running_R[0]):
             return
         token = int(token_R[0])
         if token == self.tokenizer.eos_id:
-            self.done = True
+            self.ended = True
             return
         self.ids.append(token)
         text = new_text(self.tokenizer, self.head_ids, self.ids)
         cut = cut_at_stop(text, self.stops)
         if cut is not None:
-            text, self.done = text[:cut], True
+            text, self.stopped = text[:cut], True
+        else:  # hold back what may be the start of a stop string
+            text = text[:len(text) - _stop_prefix_len(text, self.stops)]
         if text.startswith(self.shown):
             self.out.write(text[len(self.shown):])
             self.out.flush()
             self.shown = text
 
     def end(self) -> None:
+        if not self.stopped:  # the held-back end of the text, no stop string after all
+            text = new_text(self.tokenizer, self.head_ids, self.ids)
+            self.out.write(text[len(self.shown):] if text.startswith(self.shown) else "")
         self.out.write("\n")
         self.out.flush()
 
