@@ -49,9 +49,10 @@ def run_beams(model, params, decoding, eos_id=None):
                               eos_id=eos_id)[0]
 
 
-def test_beam_search_with_enough_beams_is_exhaustive_search():
+def test_beam_search_with_enough_beams_is_exhaustive_search_and_beats_greedy():
     """25 beams keep every 2-token prefix of a 5-token vocabulary: the 25 best 3-token continuations
-    must be exactly the exhaustive ranking's, in order, with their log-probabilities."""
+    must be exactly the exhaustive ranking's, in order, with their log-probabilities; on this model
+    greedy decoding misses the best one."""
     model, params = five_token_model()
     exhaustive = sorted(all_continuations_logprob(model, params).items(), key=lambda kv: -kv[1])
     decoding = Decoding(max_new_tokens=NEW, num_beams=25, num_return_sequences=25, length_penalty=0.0)
@@ -59,16 +60,15 @@ def test_beam_search_with_enough_beams_is_exhaustive_search():
     assert [tuple(b.tokens) for b in beams] == [seq for seq, _ in exhaustive[:25]]
     np.testing.assert_allclose([b.logprob for b in beams], [v for _, v in exhaustive[:25]], rtol=1e-5)
     np.testing.assert_allclose([b.score for b in beams], [b.logprob for b in beams])  # length_penalty 0
+    greedy = generate_batch(model, params, [PROMPT], Decoding(max_new_tokens=NEW, sampling=Sampling(temperature=0.0)),
+                            rng=jax.random.key(0))[0][0]
+    assert greedy.logprob < beams[0].logprob - 1e-2
 
 
-def test_one_beam_is_greedy_and_more_beams_score_at_least_greedys():
+def test_one_beam_is_greedy():
     model, params = five_token_model()
     greedy = generate_batch(model, params, [PROMPT], Decoding(max_new_tokens=NEW, sampling=Sampling(temperature=0.0)),
                             rng=jax.random.key(0))[0][0]
     [one] = run_beams(model, params, Decoding(max_new_tokens=NEW, num_beams=1))
     assert one.tokens == greedy.tokens
     np.testing.assert_allclose(one.logprob, greedy.logprob, rtol=1e-5)
-    best = run_beams(model, params, Decoding(max_new_tokens=NEW, num_beams=3))[0]
-    assert best.logprob > greedy.logprob + 1e-2  # here beams find a better sequence
-    exhaustive = all_continuations_logprob(model, params)
-    assert greedy.logprob < max(exhaustive.values()) - 1e-2  # a model on which greedy is not the best
