@@ -163,6 +163,13 @@ def _cmd_bench(args) -> int:
 
     config_path, overrides = _split_config_args(args.rest)
     config = load_config(config_path, overrides)
+    if args.decode:
+        from llm_jax.commands import decode_bench
+
+        print(json.dumps(decode_bench.run_decode_bench(config, batch=args.batch, num_beams=args.num_beams,
+                                                       prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                                                       rounds=args.steps)))
+        return 0
     from llm_jax.commands import bench
 
     print(json.dumps(bench.run_bench(config, steps=args.steps, warmup=args.warmup)))
@@ -316,10 +323,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--best", action="store_true", help="the checkpoint of the lowest eval loss (checkpoint.keep_best)")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("bench", help="time the train step; prints one JSON object")
+    p = sub.add_parser("bench", help="time the train step (or with --decode, generation); prints one JSON object")
     p.add_argument("rest", nargs="*", metavar="[CONFIG] key=value")
     p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    p.add_argument("--decode", action="store_true", help="time generation instead (decode_tokens_per_sec); "
+                   "--steps timed calls")
+    p.add_argument("--batch", type=int, default=1, help="--decode: prompts decoded together")
+    p.add_argument("--num-beams", type=int, default=1, help="--decode: beam search above 1")
+    p.add_argument("--prompt-len", type=int, default=32, help="--decode: ids per prompt")
+    p.add_argument("--new-tokens", type=int, default=64, help="--decode: generated per prompt")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools: llm-jax tokenizer train [CONFIG] [key=value ...]")
