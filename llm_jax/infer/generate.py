@@ -76,6 +76,9 @@ class Decoding:
             raise ValueError(f"generate --num-beams must be positive, got {self.num_beams}")
         if self.num_return_sequences < 1:
             raise ValueError(f"generate --num-return-sequences must be positive, got {self.num_return_sequences}")
+        if self.num_beams == 1 and self.sampling.greedy and self.num_return_sequences > 1:
+            raise ValueError("generate --num-return-sequences above 1 needs sampling (--temperature > 0) or "
+                             "--num-beams: greedy decoding would return the same sequence each time")
         if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
             raise ValueError(f"generate --num-return-sequences ({self.num_return_sequences}) must be at most "
                              f"--num-beams ({self.num_beams}): beam search returns its best beams")
