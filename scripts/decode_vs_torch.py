@@ -148,9 +148,9 @@ def jax_side(args) -> None:
         ids, real, eos = jnp.asarray(ids), jnp.asarray(real), jnp.asarray(-1 if eos_id is None else eos_id, jnp.int32)
 
         if k > 1:
-            call = functools.partial(beam_search._beam_search_jit, m, params, ids, real, eos, decoding=decoding)
+            call = functools.partial(beam_search.search_rows, m, params, ids, real, eos, decoding=decoding)
         else:
-            call = functools.partial(gen._generate_jit, m, params, ids, real, jax.random.key(0), eos,
+            call = functools.partial(gen.sample_rows, m, params, ids, real, jax.random.key(0), eos,
                                      decoding=decoding)
         with setup.context(split_batch=False):
             out = jax.block_until_ready(call())

@@ -68,8 +68,8 @@ def run_decode_bench(config: Config, *, batch: int = 1, num_beams: int = 1, prom
 
     def call():
         if num_beams > 1:
-            return beam_search._beam_search_jit(config.model, params, ids, real, eos, decoding=decoding)
-        return gen._generate_jit(config.model, params, ids, real, jax.random.key(0), eos, decoding=decoding)
+            return beam_search.search_rows(config.model, params, ids, real, eos, decoding=decoding)
+        return gen.sample_rows(config.model, params, ids, real, jax.random.key(0), eos, decoding=decoding)
 
     with setup.context(split_batch=False):
         t0 = time.perf_counter()

@@ -50,9 +50,10 @@ def _take(x_BK, index_BJ):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "decoding"))
-def _beam_search_jit(config: ModelConfig, params, prompt_RP: jax.Array, real_RP: jax.Array, eos_id: jax.Array,
-                     *, decoding: gen.Decoding):
-    """Rows R = B x K (the K beams of a prompt side by side). Returns the finished set, best first:
+def search_rows(config: ModelConfig, params, prompt_RP: jax.Array, real_RP: jax.Array, eos_id: jax.Array,
+                *, decoding: gen.Decoding):
+    """The compiled beam search over prepared rows R = B x K (each prompt repeated K times, side by
+    side; `pad_prompts`). Returns the finished set, best first:
     (ids [B, K, N], lengths [B, K], summed log-probabilities [B, K], scores [B, K])."""
     k, n, lp = decoding.num_beams, decoding.max_new_tokens, decoding.length_penalty
     rows = prompt_RP.shape[0]
@@ -128,7 +129,7 @@ def search(config: ModelConfig, params, prompt_RP: jax.Array, real_RP: jax.Array
     """Per prompt (rows R = prompts x num_beams, each prompt repeated), its num_return_sequences best
     beams."""
     seq, length, total, score = jax.device_get(
-        _beam_search_jit(config, params, prompt_RP, real_RP, eos, decoding=decoding))
+        search_rows(config, params, prompt_RP, real_RP, eos, decoding=decoding))
     results = []
     for b in range(seq.shape[0]):
         gens = []

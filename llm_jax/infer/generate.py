@@ -231,9 +231,11 @@ def _on_step_host(step, token_R, running_R) -> None:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "decoding", "stream"))
-def _generate_jit(config: ModelConfig, params, prompt_RP: jax.Array, real_RP: jax.Array, rng: jax.Array,
-                  eos_id: jax.Array, *, decoding: Decoding, stream: bool = False):
-    """Sampling / greedy: (new ids [R, N], kept lengths [R], their log-probabilities [R, N])."""
+def sample_rows(config: ModelConfig, params, prompt_RP: jax.Array, real_RP: jax.Array, rng: jax.Array,
+                eos_id: jax.Array, *, decoding: Decoding, stream: bool = False):
+    """The compiled program of sampling / greedy decoding over prepared rows (`pad_prompts`, one row
+    per sequence): (new ids [R, N], kept lengths [R], their log-probabilities [R, N]). eos_id < 0:
+    none. `generate_batch` is the friendly entry; bench --decode times this one."""
     fn, cache, logits_RV, present_RV = start(config, params, prompt_RP, real_RP, decoding.max_new_tokens)
     return _sample_loop(fn, cache, logits_RV, present_RV, rng, eos_id, decoding=decoding, stream=stream)
 
@@ -284,7 +286,7 @@ def generate_batch(model: nn.Module, params, prompts: Sequence[Sequence[int]], d
             continue
         _listener[0] = on_step
         try:
-            out_RN, lengths_R, logprob_RN = jax.device_get(_generate_jit(
+            out_RN, lengths_R, logprob_RN = jax.device_get(sample_rows(
                 config, params, jnp.asarray(ids), jnp.asarray(real), batch_rng, eos, decoding=decoding,
                 stream=on_step is not None))
         finally:
