@@ -268,6 +268,7 @@ def generate_batch(model: nn.Module, params, prompts: Sequence[Sequence[int]], d
     config = model.config
     for p in prompts:
         check_fits(config, len(p), decoding.max_new_tokens)
+    batch_size = min(batch_size, len(prompts))  # a lone prompt is not decoded batch_size times
     copies = decoding.num_beams if decoding.num_beams > 1 else decoding.num_return_sequences
     eos = jnp.asarray(-1 if eos_id is None else eos_id, jnp.int32)
     results: list[list[Generation]] = []

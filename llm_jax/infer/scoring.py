@@ -53,6 +53,7 @@ def _pick(logits_BLV, targets_BL):
 
 def _rows(pairs: Sequence[tuple[list[int], list[int]]], batch_size: int):
     """Chunks of `batch_size` pairs, the last filled with copies of its first (one shape per bucket)."""
+    batch_size = min(batch_size, len(pairs))
     for first in range(0, len(pairs), batch_size):
         chunk = list(pairs[first:first + batch_size])
         yield chunk, chunk + [chunk[0]] * (batch_size - len(chunk))
