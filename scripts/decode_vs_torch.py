@@ -16,8 +16,9 @@ rows per second (beam search: a prompt's best beam), as `llm-jax bench --decode`
    new token), and `bound_fraction` is how close batch-1 greedy comes to it.
 
 `--check` runs a tiny model (2 layers, d_model 64, vocab 512) with peaked weights (--init-std 0.3) and
-adds beam search with an eos, a length penalty and early stopping, so that ids must agree token for
-token: Hugging Face's beam semantics (infer/beam_search.py) on the same weights.
+adds beam search with an eos, length penalties and early stopping, and the repetition penalty, so that
+ids must agree token for token: Hugging Face's semantics (infer/beam_search.py, infer/sampling.py) on
+the same weights.
 
     python scripts/decode_vs_torch.py                       # configs/baby_gpt.yaml
     python scripts/decode_vs_torch.py --check --rounds 1    # a quick end-to-end check
@@ -50,6 +51,8 @@ def cases(check: bool) -> list[dict]:
                     "early_stopping": True})
         out.append({"name": "beam3_eos_heuristic", "batch": 2, "num_beams": 3, "eos": True, "length_penalty": 0.5,
                     "early_stopping": False})
+        out.append({"name": "greedy_repetition", "batch": 2, "num_beams": 1, "repetition_penalty": 1.5})
+        out.append({"name": "beam3_repetition", "batch": 2, "num_beams": 3, "repetition_penalty": 1.5})
     return out
 
 
@@ -141,7 +144,8 @@ def jax_side(args) -> None:
             greedy = gen.generate_batch(setup.model, params, prompts[:1], gen.Decoding(
                 args.new_tokens, sampling=Sampling(temperature=0.0)), rng=jax.random.key(0), batch_size=1)
             eos_id = greedy[0][0].tokens[min(3, args.new_tokens - 1)]
-        decoding = gen.Decoding(max_new_tokens=args.new_tokens, sampling=Sampling(temperature=0.0), num_beams=k,
+        sampling = Sampling(temperature=0.0, repetition_penalty=case.get("repetition_penalty", 1.0))
+        decoding = gen.Decoding(max_new_tokens=args.new_tokens, num_beams=k, sampling=sampling,
                                 length_penalty=case.get("length_penalty", 1.0),
                                 early_stopping=case.get("early_stopping", False))
         ids, real = gen.pad_prompts([p for p in prompts for _ in range(k)], args.prompt_len, left=True)
@@ -199,6 +203,7 @@ def torch_side(args) -> None:
         options = dict(max_new_tokens=args.new_tokens, do_sample=False, num_beams=case["num_beams"],
                        attention_mask=torch.ones_like(input_ids), pad_token_id=0,
                        length_penalty=case.get("length_penalty", 1.0),
+                       repetition_penalty=case.get("repetition_penalty", 1.0),
                        early_stopping=case.get("early_stopping", False))
         if case["eos_id"] is not None:
             options["eos_token_id"] = case["eos_id"]

@@ -29,6 +29,7 @@ import numpy as np
 
 from llm_jax.config import ModelConfig
 from llm_jax.infer import generate as gen
+from llm_jax.infer import sampling
 from llm_jax.models.decoder import SCANNED_LAYERS
 
 NEG = -1.0e9  # Hugging Face's score of what may not be chosen
@@ -99,7 +100,7 @@ def search_rows(config: ModelConfig, params, prompt_RP: jax.Array, real_RP: jax.
         parent_R = (run_parent_BK + jnp.arange(batch)[:, None] * k).reshape(rows)
         token_R = run_seq_BKN[:, :, step].reshape(rows)
         cache = gather_rows(cache, parent_R)
-        present_RV = gen.sampling_lib.mark_present(present_RV[parent_R], token_R)
+        present_RV = sampling.mark_present(present_RV[parent_R], token_R)
         cache, logits_RV = fn(cache, token_R[:, None], step)
 
         # Can a running beam still beat the worst finished one?
