@@ -74,3 +74,13 @@ def test_records_are_jsonl(tmp_path):
     records = [{"prompt": "p", "text": "t", "tokens": [3], "finish_reason": "eos", "logprob": -1.5}]
     command.write_records(records, str(out), encoder_decoder=False)
     assert [json.loads(line) for line in out.read_text().splitlines()] == records
+
+
+def test_learned_positions_cap_the_new_tokens_aloud(bare, caplog):
+    setup_, params = bare  # max_len 16: bos + 9 prompt ids leave 6 (the program of the test above)
+    with caplog.at_level("WARNING"):
+        [record] = command.generate_texts(setup_, params, ["xyzxyzxyz"], Decoding(max_new_tokens=50, sampling=Sampling(
+            temperature=0.0)), stops=[], seed=0, batch_size=1)
+    assert len(record["tokens"]) == 6 and "generating 6 new tokens, not the 50 asked" in caplog.text
+    with pytest.raises(ConfigError, match="no room"):
+        command.generate_texts(setup_, params, ["x" * 15], Decoding(max_new_tokens=5), stops=[], seed=0, batch_size=1)

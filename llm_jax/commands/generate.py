@@ -12,7 +12,9 @@ max_new_tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -21,6 +23,8 @@ import jax
 
 from llm_jax.config import ConfigError
 from llm_jax.infer.generate import Decoding, Generation, generate_batch
+
+log = logging.getLogger(__name__)
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -129,6 +133,23 @@ class _Streamer:
         self.out.flush()
 
 
+def _fit_learned_positions(model_config, decoding: Decoding, longest_prompt: int) -> Decoding:
+    """A decoder with learned positions can write no more than its table holds: fewer new tokens than
+    asked, said aloud (a silently short answer looks like a bug); none left is an error."""
+    if model_config.family.encoder_decoder or model_config.resolved_position != "learned":
+        return decoding
+    room = model_config.max_len - longest_prompt
+    if room < 1:
+        raise ConfigError(f"a prompt of {longest_prompt} tokens fills the model's {model_config.max_len} "
+                          "positions (model.max_len): no room to generate")
+    if decoding.max_new_tokens <= room:
+        return decoding
+    log.warning("generating %d new tokens, not the %d asked: the model's %d positions less the longest "
+                "prompt's %d leave no room for more", room, decoding.max_new_tokens, model_config.max_len,
+                longest_prompt)
+    return dataclasses.replace(decoding, max_new_tokens=room, min_new_tokens=min(decoding.min_new_tokens, room))
+
+
 def generate_texts(setup, params, prompts: list[str], decoding: Decoding, *, stops: list[str], seed: int,
                    batch_size: int, stream: TextIO | None = None) -> list[dict[str, Any]]:
     """The JSONL records of every prompt's generations, in order (num_return_sequences per prompt).
@@ -141,6 +162,7 @@ def generate_texts(setup, params, prompts: list[str], decoding: Decoding, *, sto
         raise ConfigError("generate --stream shows one sequence per prompt as it grows: not with --num-beams or "
                           "--num-return-sequences above 1 (beam search knows its best beam only at the end)")
     ids = [prompt_ids(tok, p, encoder_decoder) for p in prompts]
+    decoding = _fit_learned_positions(setup.config.model, decoding, max(map(len, ids)))
     rng = jax.random.key(seed)
     try:
         with setup.context(split_batch=False):
