@@ -65,7 +65,8 @@ def run(name: str) -> dict:
             state, metrics = steps.train(state, steps.put_batch(batch))
             losses.append(float(metrics["loss"]))
     state = steps.to_global(state)
-    greedy = _greedy(setup, state.params) if layout in GENERATE_LAYOUTS else None
+    generates = layout in GENERATE_LAYOUTS and not config.model.family.encoder  # bert does not generate
+    greedy = _greedy(setup, state.params) if generates else None
     return {"losses": losses, "greedy": greedy, "param_bytes": mesh_lib.bytes_per_device(state.params),
             "opt_bytes": mesh_lib.bytes_per_device(state.opt_state), "finite": bool(np.isfinite(losses).all())}
 
