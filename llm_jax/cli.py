@@ -65,27 +65,62 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    from llm_jax.infer import scoring
     from llm_jax.train import loop
 
     setup, params, step = loop.restore_for_inference(args.workdir, args.overrides)
+    if args.input is not None:  # whole texts, rolling windows: bits per byte of exactly that text
+        if setup.config.objective == "mlm":
+            raise ConfigError("eval --input scores text with a decoder or an encoder-decoder; "
+                              f"{args.workdir} is a masked-LM run")
+        texts = scoring.read_texts(args.input, args.text_key)
+        with setup.context(split_batch=False):
+            report = scoring.text_report(setup.model, params, setup.tokenizer, texts, batch_size=args.batch_size)
+        print(json.dumps({"step": step, "input": args.input, **report}))
+        return 0
     steps = loop.compile_steps(setup)
-    result = {"step": step, **loop.evaluate(setup, steps.eval, params, loop.held_out_batches(setup))}
+    batches = loop.held_out_batches(setup)
+    result = {"step": step, **loop.evaluate(setup, steps.eval, params, batches)}
+    if setup.config.objective == "clm":  # the targets are text: their bytes are known
+        result["bits_per_byte"] = scoring.bits_per_byte(result["eval_loss"], batches, setup.tokenizer)
     print(json.dumps(result))
     return 0
 
 
-def _check_generate_options(args) -> None:
-    """Refuses options that would otherwise sample nonsense or nothing without a word."""
-    if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise ConfigError(f"generate --temperature must be >= 0 (0: greedy), got {args.temperature}")
-    if args.max_new_tokens < 1:
-        raise ConfigError(f"generate --max-new-tokens must be positive, got {args.max_new_tokens}")
-    if args.top_k is not None and args.top_k < 0:
-        raise ConfigError(f"generate --top-k must be >= 0 (0: the whole vocabulary), got {args.top_k}")
+def _decoding(args):
+    """The generate options as a Decoding, checked before the checkpoint is read: seconds, not a minute.
+    Unset sampling options take the run's train.temperature / train.top_k (filled in later)."""
+    from llm_jax.infer.generate import Decoding
+    from llm_jax.infer.sampling import Sampling
+
+    early = {"true": True, "false": False, "never": "never"}[args.early_stopping]
+    decoding = Decoding(
+        max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+        sampling=Sampling(temperature=1.0 if args.temperature is None else args.temperature,
+                          top_k=args.top_k or 0, top_p=args.top_p, min_p=args.min_p,
+                          repetition_penalty=args.repetition_penalty),
+        num_beams=args.num_beams, length_penalty=args.length_penalty, early_stopping=early,
+        num_return_sequences=args.num_return_sequences)
+    try:
+        decoding.check()
+        if not (args.temperature is None or math.isfinite(args.temperature)):
+            raise ValueError(f"generate --temperature must be >= 0 (0: greedy), got {args.temperature}")
+        if args.batch_size < 1:
+            raise ValueError(f"generate --batch-size must be positive, got {args.batch_size}")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if bool(args.prompt) == bool(args.input):
+        raise ConfigError("generate needs --prompt TEXT (one or more) or --input FILE, not both")
+    return decoding
 
 
 def _cmd_generate(args) -> int:
-    _check_generate_options(args)  # before the checkpoint is read: seconds, not a minute
+    import dataclasses
+
+    decoding = _decoding(args)
+    from llm_jax.commands import generate as generate_cmd
+
+    prompts = args.prompt or generate_cmd.read_prompts(args.input)
     from llm_jax.train import loop
 
     setup, params, _ = loop.restore_for_inference(args.workdir, with_data=False)
@@ -93,10 +128,15 @@ def _cmd_generate(args) -> int:
     if c.model.family.encoder:
         raise ConfigError(f"generate needs a decoder (or an encoder-decoder); {args.workdir} holds an encoder "
                           f"(model.arch={c.model.arch}): use `llm-jax fill-mask {args.workdir} --text ...`")
-    text = loop.sample_text(setup, params, args.prompt, max_new_tokens=args.max_new_tokens,
-                            temperature=c.train.temperature if args.temperature is None else args.temperature,
-                            top_k=c.train.top_k if args.top_k is None else args.top_k, seed=args.seed)
-    print(text)
+    sampling = dataclasses.replace(
+        decoding.sampling, temperature=c.train.temperature if args.temperature is None else args.temperature,
+        top_k=c.train.top_k if args.top_k is None else args.top_k)
+    decoding = dataclasses.replace(decoding, sampling=sampling)
+    records = generate_cmd.generate_texts(setup, params, prompts, decoding, stops=args.stop or [], seed=args.seed,
+                                          batch_size=args.batch_size, stream=sys.stdout if args.stream else None)
+    if args.stream and args.output is None:
+        return 0  # the texts are printed
+    generate_cmd.write_records(records, args.output, encoder_decoder=c.model.family.encoder_decoder)
     return 0
 
 
@@ -139,6 +179,13 @@ def _cmd_bench(args) -> int:
 
     config_path, overrides = _split_config_args(args.rest)
     config = load_config(config_path, overrides)
+    if args.decode:
+        from llm_jax.commands import decode_bench
+
+        print(json.dumps(decode_bench.run_decode_bench(config, batch=args.batch, num_beams=args.num_beams,
+                                                       prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                                                       rounds=args.steps)))
+        return 0
     from llm_jax.commands import bench
 
     print(json.dumps(bench.run_bench(config, steps=args.steps, warmup=args.warmup)))
@@ -269,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate the newest checkpoint of a run directory")
     p.add_argument("workdir")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.eval_batches=32")
+    p.add_argument("--input", default=None, help="score this text file (one text) or JSONL file (a text per "
+                   "line, in --text-key) instead of the held-out batches")
+    p.add_argument("--text-key", default="text", help="the JSONL field of the text")
+    p.add_argument("--batch-size", type=int, default=8, help="--input: windows scored together")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("predict", help="a fine-tuned run's label (and probability) per example, or tags per word: "
@@ -281,10 +332,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="continue a prompt (decoders) or generate its target (encoder-decoders) "
                        "with the newest checkpoint of a run directory")
     p.add_argument("workdir")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", action="append", help="a prompt; repeat for several (one compiled batch)")
+    p.add_argument("--input", default=None, help="prompts: a line each, or JSONL with a \"prompt\" field")
+    p.add_argument("--output", default=None, help="JSONL: prompt, text, tokens, finish_reason, logprob")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
     p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--min-new-tokens", type=int, default=0, help="eos is masked before this many")
+    p.add_argument("--temperature", type=float, default=None, help="0: greedy (default: train.temperature)")
+    p.add_argument("--top-k", type=int, default=None, help="0: off (default: train.top_k)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1: off")
+    p.add_argument("--min-p", type=float, default=0.0, help="0: off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="Hugging Face's; 1: off")
+    p.add_argument("--stop", action="append", help="cut the text where this string appears; repeatable")
+    p.add_argument("--num-return-sequences", type=int, default=1)
+    p.add_argument("--num-beams", type=int, default=1, help="beam search (Hugging Face's semantics) above 1")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam score: sum logprob / length**this")
+    p.add_argument("--early-stopping", choices=["true", "false", "never"], nargs="?", const="true",
+                   default="false", help="beam search: Hugging Face's early_stopping")
+    p.add_argument("--stream", action="store_true", help="print the text as it is generated")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_generate)
 
@@ -315,10 +380,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scope", default="layer", help="layer (a threshold per kernel) | global (one for all)")
     p.set_defaults(func=_cmd_prune)
 
-    p = sub.add_parser("bench", help="time the train step; prints one JSON object")
+    p = sub.add_parser("bench", help="time the train step (or with --decode, generation); prints one JSON object")
     p.add_argument("rest", nargs="*", metavar="[CONFIG] key=value")
     p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    p.add_argument("--decode", action="store_true", help="time generation instead (decode_tokens_per_sec); "
+                   "--steps timed calls")
+    p.add_argument("--batch", type=int, default=1, help="--decode: prompts decoded together")
+    p.add_argument("--num-beams", type=int, default=1, help="--decode: beam search above 1")
+    p.add_argument("--prompt-len", type=int, default=32, help="--decode: ids per prompt")
+    p.add_argument("--new-tokens", type=int, default=64, help="--decode: generated per prompt")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools: llm-jax tokenizer train [CONFIG] [key=value ...]")

@@ -26,7 +26,22 @@ MODES = {
     "pmap8": dict(data=8, fsdp=1, tensor=1),
 }
 PMAP_MODES = {"pmap8"}
+GENERATE_LAYOUTS = {"single", "tensor8"}  # generation under the training mesh (test_sharding.py)
 STEPS = 12
+
+
+def _greedy(setup, params) -> list[list[int]]:
+    """Greedy continuations of two prompts of different lengths, generated under the mode's mesh with
+    its sharded trained parameters (equal in every mode to ~1e-6): tensor parallelism must not
+    change a token."""
+    from llm_jax.infer.generate import Decoding, generate_batch
+    from llm_jax.infer.sampling import Sampling
+
+    decoding = Decoding(max_new_tokens=6, sampling=Sampling(temperature=0.0))
+    with setup.context(split_batch=False):
+        results = generate_batch(setup.model, params, [[5, 17, 3, 42, 9], [7, 8]], decoding, rng=jax.random.key(0),
+                                 batch_size=2)
+    return [gens[0].tokens for gens in results]
 
 
 def run(name: str) -> dict:
@@ -50,7 +65,9 @@ def run(name: str) -> dict:
             state, metrics = steps.train(state, steps.put_batch(batch))
             losses.append(float(metrics["loss"]))
     state = steps.to_global(state)
-    return {"losses": losses, "param_bytes": mesh_lib.bytes_per_device(state.params),
+    generates = layout in GENERATE_LAYOUTS and not config.model.family.encoder  # bert does not generate
+    greedy = _greedy(setup, state.params) if generates else None
+    return {"losses": losses, "greedy": greedy, "param_bytes": mesh_lib.bytes_per_device(state.params),
             "opt_bytes": mesh_lib.bytes_per_device(state.opt_state), "finite": bool(np.isfinite(losses).all())}
 
 

@@ -1,5 +1,7 @@
 """FLOPs accounting and MFU (flops.py) and the bench report's extra fields. `bench` itself runs in test_cli."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -81,3 +83,13 @@ def test_bench_reports_parameters_memory_and_cpu_time(tmp_path, arch):
     assert report["step_cpu_time_s"] > 0
     assert report["mfu"] == pytest.approx(report["tokens_per_sec"] * report["flops_per_token"] / report["peak_flops"])
     assert report["cpu_kernels"] == cpu_kernels.available()  # tiny.yaml is float32 on one CPU device
+
+
+def test_bench_decode_prints_new_tokens_per_second(capsys, tmp_path):
+    from llm_jax import cli
+
+    assert cli.main(["bench", "configs/tiny.yaml", f"workdir={tmp_path}", "model.n_layers=1", "--decode", "--batch",
+                     "2", "--prompt-len", "5", "--new-tokens", "4", "--steps", "1"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["decode_tokens_per_sec"] == pytest.approx(2 * 4 / report["seconds_per_call"])
+    assert report["param_bytes"] == 4 * report["params"]  # float32

@@ -84,6 +84,10 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path):
     (["--temperature", "nan"], "--temperature must be >= 0"),
     (["--max-new-tokens", "-5"], "--max-new-tokens must be positive"),
     (["--top-k", "-2"], "--top-k must be >= 0"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--num-beams", "2", "--num-return-sequences", "3"], "at most --num-beams"),
+    (["--temperature", "0", "--num-return-sequences", "2"], "needs sampling"),
+    (["--min-new-tokens", "9", "--max-new-tokens", "4"], "--min-new-tokens must be in"),
 ])
 def test_generate_refuses_impossible_options_before_reading_the_run(option, fragment, capsys):
     # The run directory does not exist: the options are checked first, so their error is the one named.

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from llm_jax.config import ModelConfig
-from llm_jax.infer.generate import DECODER_START_ID, generate, sample_logits
+from llm_jax.infer.generate import DECODER_START_ID, generate
+from llm_jax.infer.sampling import Sampling, choose
 from llm_jax.models.build import init_inputs, make_model
 
 PROMPT = [5, 17, 3, 42]
@@ -84,14 +85,15 @@ def test_greedy_generation_matches_full_forward_argmax(arch):
 
 def test_top_k_1_equals_greedy():
     logits = jnp.asarray(np.random.default_rng(0).standard_normal((16, 64)), jnp.float32)
-    sample = jax.jit(sample_logits, static_argnums=3)
-    greedy = sample(logits, jax.random.key(0), jnp.float32(0.0), 0)
+    sample = jax.jit(choose, static_argnums=2)
+    greedy = sample(logits, jax.random.key(0), Sampling(temperature=0.0))
     np.testing.assert_array_equal(np.asarray(greedy), np.argmax(np.asarray(logits), axis=-1))
     for seed in range(3):
-        top1 = sample(logits, jax.random.key(seed), jnp.float32(1.0), 1)
+        top1 = sample(logits, jax.random.key(seed), Sampling(temperature=1.0, top_k=1))
         np.testing.assert_array_equal(np.asarray(top1), np.asarray(greedy))
     # Without top_k, temperature 1 draws other ids too.
-    assert not np.array_equal(np.asarray(sample(logits, jax.random.key(0), jnp.float32(1.0), 0)), np.asarray(greedy))
+    assert not np.array_equal(np.asarray(sample(logits, jax.random.key(0), Sampling(temperature=1.0))),
+                              np.asarray(greedy))
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "t5"])
@@ -118,10 +120,10 @@ def test_top_k_sampling_stays_in_the_top_k_and_depends_on_the_rng():
             assert ids[t] in top3
 
 
-def test_sample_logits_modes():
+def test_choose_modes():
     logits = jnp.asarray([[0.0, 3.0, 1.0, 2.0]])
-    assert int(sample_logits(logits, jax.random.key(0), jnp.float32(0.0), 0)[0]) == 1
-    draws = {int(sample_logits(logits, jax.random.key(s), jnp.float32(5.0), 2)[0]) for s in range(20)}
+    assert int(choose(logits, jax.random.key(0), Sampling(temperature=0.0))[0]) == 1
+    draws = {int(choose(logits, jax.random.key(s), Sampling(temperature=5.0, top_k=2))[0]) for s in range(20)}
     assert draws == {1, 3}
 
 
@@ -161,3 +163,29 @@ def test_sample_text_says_when_it_generates_fewer_tokens_than_asked(caplog):
     # bos + 4 prompt tokens leave 11 of the model's 16 positions.
     assert len(text.split()) - 4 <= 11
     assert "generating 11 new tokens, not the 100 asked" in caplog.text
+
+
+PROMPTS = [[5, 17, 3, 42], [7], [9, 8, 7, 6, 5, 4, 11]]  # lengths 4, 1, 7: left padding differs per row
+
+
+@pytest.mark.parametrize("arch", ["llama"])
+def test_batched_greedy_equals_each_prompt_alone(arch):
+    """Left padding leaves each row's continuation, and its log-probability, as they are alone: by
+    full forward passes of the prompt alone, no padding (unmasked, the padding moves the
+    log-probabilities by far more than the tolerance). t5's encoder padding is the training's own
+    encoder_segment_ids; test_t5.py generates a batch of two lengths."""
+    from llm_jax.infer.generate import Decoding, generate_batch
+
+    model, params, _ = setup(arch)
+    decoding = Decoding(max_new_tokens=5, sampling=Sampling(temperature=0.0))
+    batched = [gens[0] for gens in generate_batch(model, params, PROMPTS, decoding, rng=jax.random.key(0),
+                                                  batch_size=4)]
+    for prompt, generation in zip(PROMPTS, batched):
+        ids, logprob = list(prompt), 0.0
+        for _ in range(5):
+            logits = reference_logits(arch, ids).astype(np.float64)
+            ids.append(int(np.argmax(logits)))
+            logprob += logits[ids[-1]] - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+        assert generation.tokens == ids[len(prompt):]
+        assert generation.logprob == pytest.approx(logprob, rel=1e-5)
+    assert len({tuple(g.tokens) for g in batched}) == len(PROMPTS)  # different prompts, different continuations

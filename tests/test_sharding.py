@@ -57,3 +57,10 @@ def test_fsdp_holds_an_eighth_of_the_state(trajectories, arch):
         assert fsdp[key] <= single[key] / 8 * 1.1, key
     assert trajectories[f"{arch}data8"]["param_bytes"] == single["param_bytes"]  # replicated
     assert trajectories[f"{arch}pmap8"]["param_bytes"] == single["param_bytes"]
+
+
+@pytest.mark.parametrize("arch", ["", "t5-"])
+def test_generation_under_a_tensor_parallel_mesh_matches_one_device(trajectories, arch):
+    single, tensor = trajectories[f"{arch}single"]["greedy"], trajectories[f"{arch}tensor8"]["greedy"]
+    assert [len(tokens) for tokens in single] == [6, 6]
+    assert tensor == single

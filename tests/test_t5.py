@@ -64,6 +64,29 @@ def test_generate_writes_the_target_of_a_prompt_with_sentinels(t5_run, capsys):
     assert len(tok.encode(text)) <= 5  # at most max-new-tokens (eos, if generated, shows no text)
 
 
+def test_generate_a_file_of_prompts_with_beams_and_score_a_text(t5_run, tmp_path, capsys):
+    """The encoder-decoder through the batched commands: JSONL prompts of two lengths, beam search,
+    records; eval --input's bits per byte of a text."""
+    workdir, _ = t5_run
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "the cat <extra_id_0> on the mat"}\n{"prompt": "a <extra_id_0>"}\n')
+    out = tmp_path / "out.jsonl"
+    assert cli.main(["generate", str(workdir), "--input", str(prompts), "--output", str(out), "--num-beams", "2",
+                     "--num-return-sequences", "2", "--max-new-tokens", "4", "--early-stopping"]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in records] == ["the cat <extra_id_0> on the mat"] * 2 + ["a <extra_id_0>"] * 2
+    for first, second in (records[:2], records[2:]):
+        assert first["score"] >= second["score"] and first["tokens"] != second["tokens"]
+    assert all(r["finish_reason"] in ("eos", "length") and len(r["tokens"]) <= 4 for r in records)
+    text = tmp_path / "text.txt"
+    text.write_text("the cat sat on the mat. " * 3)
+    assert cli.main(["eval", str(workdir), "--input", str(text)]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["bytes"] == len(text.read_text().encode()) and report["tokens"] > 0
+    nats = report["eval_loss"] * report["tokens"]
+    assert report["bits_per_byte"] == pytest.approx(nats / np.log(2) / report["bytes"])
+
+
 def test_t5_export_then_init_from(t5_run, tmp_path, corpus):  # noqa: F811
     workdir, _ = t5_run
     out = tmp_path / "exported"

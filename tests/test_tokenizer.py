@@ -323,3 +323,14 @@ def test_the_sample_of_a_seq2seq_corpus_holds_both_sides():
     pairs = [(f"question {i}", f"answer {i}") for i in range(50)]
     sample = tok_lib.sample_documents(pairs, sample_bytes=10_000)
     assert len(sample) == 50 and "question 7\nanswer 7" in sample
+
+
+def test_piece_bytes_count_the_text_the_ids_stand_for(trained):
+    """Bits per byte's denominator (scoring.bits_per_byte): the pieces' UTF-8 bytes, a word's leading
+    space included, byte pieces one byte each (the é), control ids none."""
+    tok, _ = trained
+    sizes = tok.piece_bytes()
+    text = "total = count(items) + 2 é"
+    ids = tok.encode(text)
+    assert int(sizes[ids].sum()) == len(text.encode("utf-8"))
+    assert sizes[tok.bos_id] == sizes[tok.eos_id] == sizes[tok.pad_id] == 0

@@ -104,6 +104,20 @@ class Tokenizer:
         """Text of `ids`; control ids (pad, bos, eos) decode to nothing."""
         return self._sp.decode([int(i) for i in np.asarray(ids).reshape(-1)])
 
+    def piece_bytes(self) -> np.ndarray:
+        """int64 [vocab_size]: the UTF-8 bytes of text each id stands for (a word's leading space, the
+        piece's "\u2581", counted; a byte-fallback piece is one byte; ids that are not text, 0). Summed
+        over scored targets it gives the bytes behind a loss, for bits per byte."""
+        sizes = np.zeros(self.vocab_size, np.int64)
+        special = set(self.special_ids)
+        for i in range(self.vocab_size):
+            if i in special:
+                continue
+            piece = self._sp.id_to_piece(i)
+            is_byte = self._sp.is_byte(i)
+            sizes[i] = 1 if is_byte else len(piece.replace("\u2581", " ").encode("utf-8"))
+        return sizes
+
     def encode_many(self, texts: list[str]) -> list[list[int]]:
         """`encode` of each text, on all CPU cores (SentencePiece's own threads)."""
         return self._sp.encode(texts, num_threads=max(1, os.cpu_count() or 1))

@@ -94,7 +94,8 @@ class Transformer(nn.Module):
         segment id (0 = padding) and positions restarting at 0; documents never attend to each other.
         decode=True: autoregressive use with a KV cache in the "cache" collection (Flax convention:
         init with decode=True and the full max length to create the cache; then apply with
-        mutable=["cache"]). Segment ids are ignored in decode mode.
+        mutable=["cache"]). In decode mode segment ids only mark padding (0): the left padding of a
+        batch of prompts, which later tokens never attend to (layers.Attention).
         """
         cfg = self.config
         dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)

@@ -395,8 +395,10 @@ class Attention(nn.Module):
     Decoding follows the Flax convention: `init(..., decode=True)` with the full length creates
     zeroed "cache" variables; each later `apply(..., decode=True, mutable=["cache"])` writes its
     keys/values at the cache index and attends to everything written so far. A decode call may
-    carry several tokens (a prompt prefill) or one. In decode mode segment ids are ignored (the
-    cache holds a single document per row) and the einsum attention is used whatever
+    carry several tokens (a prompt prefill) or one. In decode mode a row holds a single document and
+    segment ids only mark padding: slots written with segment id 0 (the left padding of a batch of
+    prompts of different lengths, infer/generate.py) are never attended to; None marks every slot
+    real. The einsum attention is used whatever
     `config.attention` says: a cached step is bound by reading the cache, not by the kernel.
 
     Dropout is applied to the block's residual branches, not to attention probabilities, so
@@ -431,7 +433,7 @@ class Attention(nn.Module):
         v_BLKD = constrain(v_BLKD, ("batch", "length", "kv_heads", "head_dim"))
 
         if decode and self.has_variable("cache", "cached_key"):
-            out_BLHD = self._cached_attention(q_BLHD, k_BLKD, v_BLKD)
+            out_BLHD = self._cached_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL)
         else:
             if decode:  # the init call: create the cache, sized by this full-length input
                 self._cache_variables(k_BLKD.shape, k_BLKD.dtype)
@@ -454,27 +456,36 @@ class Attention(nn.Module):
                      param_dtype=param_dtype, name="out")(out_BLHD)
 
     def _cache_variables(self, shape_BSKD: tuple[int, ...], dtype: jnp.dtype):
-        """The cache: keys and values [B, S, K, D] and the next slot to write (zeros at creation)."""
+        """The cache: keys and values [B, S, K, D], which slots hold a real token (not padding) [B, S]
+        and the next slot to write (zeros at creation)."""
         cached_key = self.variable("cache", "cached_key", jnp.zeros, shape_BSKD, dtype)
         cached_value = self.variable("cache", "cached_value", jnp.zeros, shape_BSKD, dtype)
+        cached_real = self.variable("cache", "cached_real", jnp.zeros, shape_BSKD[:2], jnp.bool_)
         cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
-        return cached_key, cached_value, cache_index
+        return cached_key, cached_value, cached_real, cache_index
 
-    def _cached_attention(self, q_BLHD: jax.Array, k_BLKD: jax.Array, v_BLKD: jax.Array) -> jax.Array:
-        """Writes this call's keys/values at the cache index, advances it, and attends to every
-        slot written so far (unwritten slots lie in the causal future, so the mask hides them)."""
-        cached_key, cached_value, cache_index = self._cache_variables(k_BLKD.shape, k_BLKD.dtype)
+    def _cached_attention(self, q_BLHD: jax.Array, k_BLKD: jax.Array, v_BLKD: jax.Array,
+                          segment_ids_BL: jax.Array | None) -> jax.Array:
+        """Writes this call's keys/values at the cache index, advances it, and attends to every real
+        slot written so far (unwritten slots lie in the causal future, so the mask hides them).
+
+        A query that sees no real slot (a padding query of the prefill) attends uniformly: its
+        output is finite and never read, as no later query attends to its slot."""
+        cached_key, cached_value, cached_real, cache_index = self._cache_variables(k_BLKD.shape, k_BLKD.dtype)
         index = cache_index.value
         k_BSKD = jax.lax.dynamic_update_slice(cached_key.value, k_BLKD.astype(cached_key.value.dtype),
                                               (0, index, 0, 0))
         v_BSKD = jax.lax.dynamic_update_slice(cached_value.value, v_BLKD.astype(cached_value.value.dtype),
                                               (0, index, 0, 0))
-        length, max_length = k_BLKD.shape[1], k_BSKD.shape[1]
-        cached_key.value, cached_value.value = k_BSKD, v_BSKD
+        batch, length, max_length = k_BLKD.shape[0], k_BLKD.shape[1], k_BSKD.shape[1]
+        real_BL = jnp.ones((batch, length), bool) if segment_ids_BL is None else segment_ids_BL != 0
+        real_BS = jax.lax.dynamic_update_slice(cached_real.value, real_BL, (0, index))
+        cached_key.value, cached_value.value, cached_real.value = k_BSKD, v_BSKD, real_BS
         cache_index.value = index + length
         query_index_L = index + jnp.arange(length)
-        mask_11LS = (jnp.arange(max_length)[None, :] <= query_index_L[:, None])[None, None, :, :]
-        return xla_attention(q_BLHD, k_BSKD, v_BSKD, mask_11LS)
+        causal_11LS = (jnp.arange(max_length)[None, :] <= query_index_L[:, None])[None, None, :, :]
+        mask_B1LS = jnp.logical_and(causal_11LS, real_BS[:, None, None, :])
+        return xla_attention(q_BLHD, k_BSKD, v_BSKD, mask_B1LS)
 
 
 # ----------------------------------------------------------------------------- MLP and block
