@@ -179,7 +179,7 @@ def test_an_eval_set_without_a_masked_token_is_refused_before_the_first_step(tmp
 def test_an_empty_eval_split_skips_evaluation_for_masked_lm_too(monkeypatch):
     """Only a held-out set that exists but holds no masked token is refused; none at all is allowed."""
     setup = SimpleNamespace(config=_config(Path("unused"), Path("unused"), *BERT), tokenizer=None, sources=None,
-                            mesh=None)
+                            mesh=None, labels=None)
     monkeypatch.setattr(loop.mesh_lib, "batch_rows", lambda mesh, rows: None)
     monkeypatch.setattr(loop.data_lib, "make_eval_batches", lambda *args: [])
     assert loop.held_out_batches(setup) == []

@@ -109,7 +109,11 @@ def _check_same_objective(config: Config, saved: dict | None, checkpoint: Path) 
     """A run learns one objective. A t5 run's two (span, seq2seq) build the same tree, so a resume on
     the other one would restore and go on with the first task's optimizer moments, schedule and data
     position without a word: refused. Moving to another task is a new run from the exported weights."""
-    saved_model, saved_train = (saved or {}).get("model") or {}, (saved or {}).get("train") or {}
+    def section(name: str) -> dict:  # a damaged saved config is damage's to report, not this check's
+        value = saved.get(name) if isinstance(saved, dict) else None
+        return value if isinstance(value, dict) else {}
+
+    saved_model, saved_train = section("model"), section("train")
     family = FAMILIES.get(saved_model.get("arch"))
     old = saved_train.get("objective") or (family.objective if family else None)
     if old is not None and old != config.objective:
