@@ -88,8 +88,9 @@ def test_bert_export_then_init_from(bert_run, tmp_path, corpus):  # noqa: F811
     assert first < np.log(300) - 1.0  # a random init starts near ln(vocab_size)
 
 
-def _start(tmp_path, corpus, *extra):  # noqa: F811
-    return subprocess.Popen([sys.executable, "-m", "llm_jax.cli", *_cli_args(tmp_path, corpus, *BERT, *extra)],
+def _start(tmp_path, corpus, *extra, family=BERT):  # noqa: F811
+    """`llm-jax train` of the tiny `family` run (BERT by default; test_t5.py starts t5 runs)."""
+    return subprocess.Popen([sys.executable, "-m", "llm_jax.cli", *_cli_args(tmp_path, corpus, *family, *extra)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
