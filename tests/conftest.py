@@ -24,3 +24,15 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a file of long tests (processes, fake-device meshes, full runs): "
+                                       "collected first, so parallel workers do not end on it")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Test files marked slow go first. Workers take whole files (`--dist loadfile`) in collection order;
+    alphabetically the longest files (test_multiprocess, test_sharding) came last, and one worker ran
+    them alone at the end while the other was idle."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: files keep their order

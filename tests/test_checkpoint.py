@@ -24,6 +24,8 @@ from llm_jax.train import loop
 from llm_jax.train.loop import train
 from llm_jax.train.metrics import read_metrics
 
+pytestmark = pytest.mark.slow  # collected first (conftest.py)
+
 DAMAGED = "damaged_checkpoints"  # the public name, beside checkpoints/
 
 

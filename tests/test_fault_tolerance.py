@@ -30,6 +30,8 @@ from llm_jax.train.loop import train
 from llm_jax.train.metrics import read_metrics
 from llm_jax.train.steps import train_step
 
+pytestmark = pytest.mark.slow  # collected first (conftest.py)
+
 ROOT = Path(__file__).parent.parent
 
 

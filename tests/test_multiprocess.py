@@ -12,6 +12,8 @@ from test_trainer import corpus  # noqa: F401 - the corpus fixture
 
 from llm_jax.train.metrics import read_metrics
 
+pytestmark = pytest.mark.slow  # collected first (conftest.py)
+
 STEPS = 6  # the first run's length; a resumed run goes on to STEPS + 2
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # collected first (conftest.py)
+
 ROOT = Path(__file__).parent.parent
 
 

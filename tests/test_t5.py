@@ -17,6 +17,8 @@ from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.train.loop import check_workdir_matches, train
 from llm_jax.train.metrics import read_metrics
 
+pytestmark = pytest.mark.slow  # collected first (conftest.py)
+
 # 10 sentinels: the tiny vocabulary (300) holds them beside the byte pieces; pieces of train.seq_len
 # 32 need 2.
 T5 = ("model.arch=t5", "tokenizer.extra_ids=10", "optimizer.decay_steps=12", "train.sample_tokens=6",
