@@ -284,7 +284,7 @@ def test_a_signal_while_xla_compiles_exits_0_not_in_a_segfault(tmp_path, corpus,
     for line in proc.stderr:  # JAX logs this before XLA compiles the initial state (a second or more)
         seen.append(line)
         if "Compiling jit(fresh_state)" in line:
-            time.sleep(0.2)  # past the Python that still runs before JAX waits on XLA's compilation
+            time.sleep(0.1)  # past the Python that still runs before JAX waits on XLA's compilation
             proc.send_signal(sig)
             break
     _, err = proc.communicate(timeout=60)
