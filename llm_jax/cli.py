@@ -458,11 +458,30 @@ def main(argv: list[str] | None = None) -> int:
             return args.func(args)
     except StartupInterrupted as e:  # preemption is normal: nothing was started, nothing is lost
         print(f"llm-jax {args.command}: {e}", file=sys.stderr)
+        if argv is None:  # the command itself, not a call from Python: the process is the run's own
+            _end_process(0)
         return 0
     except Exception as e:
         code, line = _failure(e)  # re-raises what is neither the user's nor the machine's fault: a bug
         print(f"llm-jax {args.command}: error: {line}", file=sys.stderr)
         return code
+
+
+def _end_process(code: int) -> None:
+    """Ends the process now, skipping the interpreter's finalization, after a stop during start-up.
+
+    A signal that lands while XLA compiles (the initial state, a first jit) interrupts JAX's wait
+    for the compilation, which goes on in XLA's thread pool. At the interpreter's exit the garbage
+    collector then destroys JAX's client under that compilation, and the process dies of a
+    segmentation fault (exit code 139) after its line. Nothing is left to lose here: no step ran,
+    so nothing was saved; the start-up's own clean-up (the workdir lock, the data and metrics
+    writers) ran as the signal's exception passed; only the output needs flushing.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def _failure(e: Exception) -> tuple[int, str]:

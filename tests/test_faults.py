@@ -273,6 +273,29 @@ def test_a_signal_during_start_up_exits_0_with_one_line(tmp_path, corpus, sig): 
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_xla_compiles_exits_0_not_in_a_segfault(tmp_path, corpus, sig):  # noqa: F811
+    # The signal interrupts JAX's wait for the compilation of the initial state, which goes on in
+    # XLA's threads; the interpreter's exit then destroyed JAX's client under it: exit code 139
+    # (a segmentation fault) after the line that says nothing was lost.
+    proc = subprocess.Popen([sys.executable, "-m", "llm_jax.cli", *_cli_args(tmp_path, corpus, "train.steps=50")],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "JAX_LOG_COMPILES": "1"})
+    seen = []
+    for line in proc.stderr:  # JAX logs this before XLA compiles the initial state (a second or more)
+        seen.append(line)
+        if "Compiling jit(fresh_state)" in line:
+            time.sleep(0.1)  # past the Python that still runs before JAX waits on XLA's compilation
+            proc.send_signal(sig)
+            break
+    _, err = proc.communicate(timeout=60)
+    err = "".join(seen) + err
+    assert "Compiling jit(fresh_state)" in err, err[-3000:]
+    assert proc.returncode == 0, err[-3000:]
+    assert _error_lines(err) == [f"llm-jax train: stopped by {sig.name} during start-up, before the first step: "
+                                 "nothing to save, nothing lost; run the same command to start again"], err[-3000:]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_while_the_command_line_imports_jax_is_one_line_too(monkeypatch, capsys, sig):
     # main imports JAX (to tune malloc for the CPU) before the train command runs: a second or so in
     # which a Ctrl-C ended in a KeyboardInterrupt traceback, and a SIGTERM killed the run silently.

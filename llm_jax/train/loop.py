@@ -160,8 +160,12 @@ def create_state(setup: Setup) -> TrainState:
     """A fresh state, initialised directly in its sharded layout (never whole on one device)."""
     init_fn = functools.partial(init_state, model=setup.model, tx=setup.tx, seq_len=setup.config.train.seq_len)
     rng = jax.random.key_data(jax.random.key(setup.config.seed))
+
+    def fresh_state(r):  # named: JAX's compile log (JAX_LOG_COMPILES) says `jit(fresh_state)`
+        return nn.unbox(init_fn(r))
+
     with setup.context():
-        return jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=setup.state_shardings)(rng)
+        return jax.jit(fresh_state, out_shardings=setup.state_shardings)(rng)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -382,6 +386,9 @@ def _train(config: Config, stop: StopSignal, on_exit: contextlib.ExitStack) -> d
     rows = mesh_lib.batch_rows(setup.mesh, config.train.batch_size)
     make_iterator = tasks.make_train_iterator if setup.labels is not None else shards.make_train_iterator
     train_iter = make_iterator(config, setup.tokenizer, setup.sources, rows)
+    # On a stop during the start-up too: its worker processes must end before the command does (it
+    # may end the process at once, see cli._end_process). Closing twice is harmless (_finish closes it).
+    on_exit.callback(train_iter.close)
     iter_ckpt = ckpt.IteratorCheckpoint(lambda: shards.iterator_state(train_iter))
     eval_batches = held_out_batches(setup)
     stopper = EarlyStopping.from_config(config.train.early_stopping)  # None: off
