@@ -37,7 +37,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from llm_jax.config import CheckpointConfig, Config, ConfigError, ModelConfig, dump_config, load_config
+from llm_jax.config import CheckpointConfig, Config, ConfigError, ModelConfig, dump_config, load_config, to_dict
 from llm_jax.data.position import DamagedDataState
 from llm_jax.runtime import faults
 from llm_jax.train import checkpoint_tree
@@ -546,6 +546,18 @@ def _export_dir(path: str | Path) -> Path:
         raise ConfigError(f"init_from: {path} is not an `llm-jax export` directory (no {EXPORT_PARAMS}/ "
                           f"and {EXPORT_CONFIG})")
     return path
+
+
+def read_latest(workdir: str | Path, config: Config, abstract_state: Any) -> tuple[Any, dict] | None:
+    """(state, metadata) of a run directory's newest checkpoint, or None when it has none. Read-only, so
+    safe while a training run still writes to the directory; the tree is compared first, as in
+    training (a mismatch is a ConfigError)."""
+    reader = Checkpointer(Path(workdir) / "checkpoints", config.checkpoint, read_only=True,
+                          run_config=to_dict(config))
+    try:
+        return reader.restore_latest(abstract_state)
+    finally:
+        reader.close()
 
 
 def export_info(path: str | Path) -> dict:

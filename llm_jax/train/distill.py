@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from llm_jax.config import Config, ConfigError, load_config, to_dict
+from llm_jax.config import Config, ConfigError, load_config
 from llm_jax.models.decoder import count_params
 from llm_jax.train import checkpoint as ckpt
 from llm_jax.train import task_steps
@@ -185,12 +184,7 @@ def load_teacher(config: Config, mesh: jax.sharding.Mesh, build: Callable, label
             params = ckpt.load_exported_params(path, teacher_config.model, abstract)
             step = _export_step(path)
         else:
-            reader = ckpt.Checkpointer(path / "checkpoints", teacher_config.checkpoint, read_only=True,
-                                       run_config=to_dict(teacher_config))
-            try:
-                restored = reader.restore_latest(setup.abstract_state)
-            finally:
-                reader.close()
+            restored = ckpt.read_latest(path, teacher_config, setup.abstract_state)
             if restored is None:
                 raise ConfigError(f"distill.teacher: {path} has no checkpoint yet")
             state, metadata = restored
@@ -204,6 +198,6 @@ def load_teacher(config: Config, mesh: jax.sharding.Mesh, build: Callable, label
 
 def _export_step(path: Path) -> int:
     try:
-        return int(json.loads((path / "export.json").read_text()).get("step", 0))
+        return int(ckpt.export_info(path).get("step", 0))
     except (OSError, ValueError, AttributeError):
         return 0

@@ -640,13 +640,7 @@ def restore_for_inference(workdir: str | Path, overrides=(), with_data: bool = T
         setup = build(config)
     else:
         setup = dataclasses.replace(build(config, with_data=False), tokenizer=tokenizer)
-    # Read-only: safe while a training run still writes to this directory.
-    checkpointer = ckpt.Checkpointer(workdir / "checkpoints", config.checkpoint, read_only=True,
-                                     run_config=to_dict(config))
-    try:  # the tree is compared first, as in training: a mismatch is a ConfigError
-        restored = checkpointer.restore_latest(setup.abstract_state)
-    finally:
-        checkpointer.close()
+    restored = ckpt.read_latest(workdir, config, setup.abstract_state)
     if restored is None:
         raise ConfigError(f"{workdir} has no checkpoint yet (checkpoints/ is empty)")
     state, metadata = restored
