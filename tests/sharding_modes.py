@@ -38,6 +38,19 @@ SOURCES = {"classify": "jsonl", "tag": "conll"}  # named for the config's checks
 TASKS = {"classify": ("neg", "neutral", "pos"), "tag": ("B-LOC", "B-PER", "I-LOC", "I-PER", "O")}
 
 
+def _train(setup, batch_of_step):
+    """STEPS steps from a fresh state: (the compiled steps, the final state in its global layout, the losses)."""
+    state = loop.create_state(setup)
+    steps = loop.compile_steps(setup)
+    state = steps.to_loop(state)
+    losses = []
+    with setup.context():
+        for step in range(STEPS):
+            state, metrics = steps.train(state, steps.put_batch(batch_of_step(step)))
+            losses.append(float(metrics["loss"]))
+    return steps, steps.to_global(state), losses
+
+
 def _greedy(setup, params) -> list[list[int]]:
     """Greedy continuations of two prompts of different lengths, generated under the mode's mesh with
     its sharded trained parameters (equal in every mode to ~1e-6): tensor parallelism must not
@@ -98,15 +111,7 @@ def run_task(kind: str, layout: str) -> dict:
     train_batches = [task_batches.device_part(_task_batch(kind, seed, 8, **shape)) for seed in (0, 1)]
     held_out = [task_batches.device_part(_task_batch(kind, seed, examples, **shape))
                 for seed, examples in ((0, 8), (2, 8), (3, 5))]
-    state = loop.create_state(setup)
-    steps = loop.compile_steps(setup)
-    state = steps.to_loop(state)
-    losses = []
-    with setup.context():
-        for step in range(STEPS):
-            state, metrics = steps.train(state, steps.put_batch(train_batches[step % 2]))
-            losses.append(float(metrics["loss"]))
-    state = steps.to_global(state)
+    steps, state, losses = _train(setup, lambda step: train_batches[step % 2])
     scores = tasks.evaluate_task(setup, steps.eval, state.params, held_out)
     counted = {"weight": 0.0, "labelled": 0.0}  # what the eval step counts: each labelled row or word once
     with setup.context():
@@ -138,16 +143,8 @@ def run(name: str) -> dict:
         "optimizer.warmup_steps=2", f"train.steps={STEPS}", *[f"mesh.{k}={v}" for k, v in mode.items()]])
     devices = jax.devices()[:1] if mode == MODES["single"] else jax.devices()
     setup = loop.build(config, mesh=mesh_lib.make_mesh(config, devices), with_data=False)
-    state = loop.create_state(setup)
-    steps = loop.compile_steps(setup)
-    state = steps.to_loop(state)
-    losses = []
-    with setup.context():
-        for step in range(STEPS):
-            batch = bench.synthetic_batch(config, seed=step % 2)  # two batches, learnable in 12 steps
-            state, metrics = steps.train(state, steps.put_batch(batch))
-            losses.append(float(metrics["loss"]))
-    state = steps.to_global(state)
+    # Two batches, learnable in 12 steps.
+    steps, state, losses = _train(setup, lambda step: bench.synthetic_batch(config, seed=step % 2))
     generates = layout in GENERATE_LAYOUTS and not config.model.family.encoder  # bert does not generate
     greedy = _greedy(setup, state.params) if generates else None
     return {"losses": losses, "greedy": greedy, "param_bytes": mesh_lib.bytes_per_device(state.params),

@@ -3,16 +3,15 @@
 import functools
 import itertools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from test_generate import model_with_drawn_params
 
 from llm_jax.config import ModelConfig
 from llm_jax.infer import beam_search
 from llm_jax.infer.generate import Decoding, bucket_length, generate_batch, pad_prompts
 from llm_jax.infer.sampling import Sampling
-from llm_jax.models.build import init_inputs, make_model
 
 PROMPT = [1, 3]
 NEW = 3
@@ -22,13 +21,7 @@ NEW = 3
 def five_token_model():
     """A 5-token gpt2 with weights large enough for peaked, distinct distributions."""
     config = ModelConfig(arch="gpt2", vocab_size=5, n_layers=1, d_model=16, n_heads=2, d_ff=32, max_len=16)
-    model = make_model(config)
-    tokens, extra = init_inputs(config, 8)
-    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, **extra))
-    rng = np.random.default_rng(2)
-    params = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape) * 0.5, s.dtype),
-                          nn.unbox(abstract["params"]))
-    return model, params
+    return model_with_drawn_params(config, seed=2, std=0.5)
 
 
 def all_continuations_logprob(model, params) -> dict[tuple[int, ...], float]:

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from test_transformer import draw_params
 
 from llm_jax.config import DEFAULT_AXIS_RULES, Config, ModelConfig, OptimizerConfig, TrainConfig
 from llm_jax.models.decoder import count_params
@@ -39,15 +40,7 @@ def abstract_variables(config: ModelConfig):
 
 def random_params(config: ModelConfig, seed: int = 0, std: float = 0.2):
     """Unboxed params drawn with numpy (compiling `init` costs seconds); norm scales around 1."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        values = rng.standard_normal(leaf.shape) * std
-        if jax.tree_util.keystr(path).endswith("['scale']"):
-            values = values + 1.0
-        return jnp.asarray(values, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, nn.unbox(abstract_variables(config)["params"]))
+    return draw_params(abstract_variables(config)["params"], seed, std)
 
 
 @functools.cache

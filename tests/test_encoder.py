@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_transformer import LOGICAL_NAMES, restack
+from test_transformer import LOGICAL_NAMES, draw_params, restack
 from test_transformer import random_params as decoder_params
 
 from llm_jax.config import Config, ModelConfig, OptimizerConfig, TrainConfig
@@ -42,15 +42,7 @@ def abstract_params(config: ModelConfig):
 
 def random_params(config: ModelConfig, seed: int = 0, std: float = 0.1):
     """Unboxed numpy-drawn params (compiling init costs seconds); scales near 1, biases nonzero."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        values = rng.standard_normal(leaf.shape) * std
-        if jax.tree_util.keystr(path).endswith("['scale']"):
-            values = values + 1.0
-        return jnp.asarray(values, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, nn.unbox(abstract_params(config)))
+    return draw_params(abstract_params(config), seed, std)
 
 
 @functools.cache

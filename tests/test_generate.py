@@ -27,18 +27,25 @@ def tiny(arch: str, **overrides) -> ModelConfig:
     return ModelConfig(**values)
 
 
+def model_with_drawn_params(config: ModelConfig, seed: int, std: float):
+    """The family's model and params drawn with numpy (normal * std): compiling `init` is slow on CPU.
+    test_beam_search.py draws its model with it too."""
+    model = make_model(config)
+    tokens, extra = init_inputs(config, 8)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, **extra))
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape) * std, s.dtype),
+                          nn.unbox(abstract["params"]))
+    return model, params
+
+
 @functools.cache
 def setup(arch: str):
     """Model, numpy-drawn params (compiling `init` is slow on CPU) and a jitted full forward pass: of
     the whole text for a decoder; for an encoder-decoder, of its decoder's inputs with PROMPT as the
     encoder's (teacher forcing)."""
     config = tiny(arch)
-    model = make_model(config)
-    tokens, extra = init_inputs(config, 8)
-    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, **extra))
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape) * 0.1, s.dtype),
-                          nn.unbox(abstract["params"]))
+    model, params = model_with_drawn_params(config, seed=0, std=0.1)
     if config.family.encoder_decoder:
         full = jax.jit(lambda tokens: model.apply({"params": params}, tokens, encoder_tokens=jnp.asarray([PROMPT])))
     else:

@@ -3,11 +3,11 @@ directory, export and init_from. That a stopped run resumes exactly (the corrupt
 of seed and data position) is checked with the process counts, in test_multiprocess.py."""
 
 import json
-import signal
 
 import numpy as np
 import pytest
-from test_bert import _start, _wait_for_step
+from test_bert import check_sigterm_sigkill_resume, twelve_step_run
+from test_fault_tolerance import _train_rows
 from test_trainer import _config, corpus  # noqa: F401 - the corpus fixture
 
 from llm_jax import cli
@@ -25,17 +25,9 @@ T5 = ("model.arch=t5", "tokenizer.extra_ids=10", "optimizer.decay_steps=12", "tr
       "train.sample_prompt=the cat <extra_id_0> on the <extra_id_1>")
 
 
-def _train_rows(workdir) -> list[dict]:
-    return [r for r in read_metrics(workdir / "metrics.jsonl") if "loss" in r]
-
-
 @pytest.fixture(scope="module")
 def t5_run(tmp_path_factory, corpus):  # noqa: F811
-    """One finished 12-step t5 run, a row per step, evaluated at 6 and 12, checkpoints at 6 and 12."""
-    root = tmp_path_factory.mktemp("t5")
-    summary = train(_config(root, corpus, *T5, "train.steps=12", "train.log_every=1", "train.eval_every=6",
-                            "checkpoint.every=6"))
-    return root / "run", summary
+    return twelve_step_run(tmp_path_factory.mktemp("t5"), corpus, T5)
 
 
 def test_a_t5_run_learns_its_targets_and_evaluates_like_any_run(t5_run, capsys):
@@ -131,25 +123,4 @@ def test_generate_reads_the_run_tokenizer_not_its_data(t5_run, capsys, monkeypat
 
 
 def test_sigterm_and_sigkill_then_resume_match_the_uninterrupted_run(t5_run, tmp_path, corpus):  # noqa: F811
-    """Through the CLI: SIGTERM saves and exits 0, SIGKILL loses only the steps after the last checkpoint;
-    the resumed run's losses are the uninterrupted run's, step for step (the spans are a function of the
-    seed and the data position, so the steps run again see the same batches)."""
-    workdir = tmp_path / "run"
-    args = ("train.steps=12", "train.log_every=1", "train.eval_every=6", "checkpoint.async_save=false")
-    first = _start(tmp_path, corpus, *args, "checkpoint.every=100", family=T5)
-    _wait_for_step(first, workdir, 3)
-    first.send_signal(signal.SIGTERM)  # finishes its step, saves it, exits 0
-    _, err = first.communicate(timeout=120)
-    assert first.returncode == 0, err[-3000:]
-
-    second = _start(tmp_path, corpus, *args, "checkpoint.every=2", family=T5)
-    _wait_for_step(second, workdir, 9)
-    second.send_signal(signal.SIGKILL)
-    second.communicate(timeout=60)
-
-    train(_config(tmp_path, corpus, *T5, *args, "checkpoint.every=2"))
-    resumed = {row["step"]: row["loss"] for row in _train_rows(workdir)}  # a step run twice: its last run
-    whole = {row["step"]: row["loss"] for row in _train_rows(t5_run[0])}
-    assert sorted(resumed) == list(range(1, 13))
-    for step in range(1, 13):
-        assert resumed[step] == pytest.approx(whole[step], rel=1e-5), step
+    check_sigterm_sigkill_resume(tmp_path, corpus, T5, t5_run[0])

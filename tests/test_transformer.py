@@ -44,6 +44,12 @@ def random_params(config: ModelConfig, seed: int = 0, std: float = 0.1):
     """Unboxed params drawn with numpy: compiling `init` costs seconds per model on a CPU (one
     threefry kernel per parameter), and these tests need weights, not the init scheme. Norm scales
     sit around 1 and biases are nonzero, so a bias or scale that is ignored shows up."""
+    return draw_params(abstract_variables(config)["params"], seed, std)
+
+
+def draw_params(abstract_params, seed: int, std: float):
+    """Values for a (boxed or unboxed) abstract parameter tree: normal * std, norm scales around 1. The
+    encoder and encoder-decoder tests draw theirs with it too."""
     rng = np.random.default_rng(seed)
 
     def draw(path, leaf):
@@ -52,7 +58,7 @@ def random_params(config: ModelConfig, seed: int = 0, std: float = 0.1):
             values = values + 1.0
         return jnp.asarray(values, leaf.dtype)
 
-    return jax.tree_util.tree_map_with_path(draw, nn.unbox(abstract_variables(config)["params"]))
+    return jax.tree_util.tree_map_with_path(draw, nn.unbox(abstract_params))
 
 
 def empty_cache(config: ModelConfig, batch: int, length: int):
