@@ -68,7 +68,7 @@ def _layer_slice(tree, i: int):
 
 def hf_state_dict(params: dict, config) -> dict[str, np.ndarray]:
     """Hugging Face T5ForConditionalGeneration's weights from llm_jax's parameters (numpy, unboxed)."""
-    e, hd = config.d_model, config.n_heads * config.head_dim
+    e, hd = config.d_model, config.n_heads * config.resolved_head_dim
 
     def attention(p: dict, prefix: str, out: dict) -> None:
         for ours, theirs in (("query", "q"), ("key", "k"), ("value", "v")):

@@ -275,7 +275,7 @@ def test_train_steps_learn_to_read_the_encoder():
 
 def hugging_face_state_dict(params, config: ModelConfig) -> dict[str, np.ndarray]:
     """The parameters under T5ForConditionalGeneration's names and axes, as encdec.py's docstring maps them."""
-    e, hd = config.d_model, config.n_heads * config.head_dim
+    e, hd = config.d_model, config.n_heads * config.resolved_head_dim
     sd = {"shared.weight": params["embed"]["embedding"]}
     if "lm_head" in params:
         sd["lm_head.weight"] = params["lm_head"]["kernel"].T
@@ -305,7 +305,7 @@ def hugging_face_state_dict(params, config: ModelConfig) -> dict[str, np.ndarray
 def hugging_face_forward(sd, config: ModelConfig, input_ids, attention_mask, decoder_input_ids):
     """numpy transcription of T5ForConditionalGeneration's forward (eval mode, no cache), read from
     Hugging Face's modeling_t5.py: T5LayerNorm, _relative_position_bucket, T5Attention, T5LayerFF."""
-    heads, d_kv, n_buckets, max_distance = config.n_heads, config.head_dim, config.relative_buckets, 128
+    heads, d_kv, n_buckets, max_distance = config.n_heads, config.resolved_head_dim, config.relative_buckets, 128
     neg = np.finfo(np.float32).min
 
     def layer_norm(x, weight):

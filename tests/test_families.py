@@ -58,3 +58,25 @@ def test_the_built_network_follows_the_family(arch):
                          if (path[-1].key == "kernel" and path[0].key != "pooler")
                          or (family.tie_embeddings and path[0].key == "embed"))
     assert matmul_param_count(config) == matmul_weights
+
+
+@pytest.mark.parametrize("arch", sorted(FAMILIES))
+def test_model_head_dim_sets_the_width_of_every_head(arch):
+    # 3 heads of 8 against d_model 16: the shape of Hugging Face checkpoints such as t5-v1_1-small (6 x 64 < 512).
+    model_config = ModelConfig(arch=arch, vocab_size=64, n_layers=1, d_model=16, n_heads=3, head_dim=8, n_kv_heads=1,
+                               d_ff=24, max_len=8)
+    tokens, extra = init_inputs(model_config, 8)
+    model = make_model(model_config)
+    variables = model.init(jax.random.key(0), tokens, **extra)
+    params = nn.unbox(variables["params"])
+    shapes = {jax.tree_util.keystr(path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    queries = [shape for name, shape in shapes.items() if "query" in name and name.endswith("['kernel']")]
+    outputs = [shape for name, shape in shapes.items() if "'out'" in name and name.endswith("['kernel']")]
+    assert queries and all(shape == (16, 3, 8) for shape in queries)
+    assert outputs and all(shape == (3, 8, 16) for shape in outputs)
+    out = model.apply(variables, tokens, **extra)
+    assert all(bool(jax.numpy.isfinite(leaf).all()) for leaf in jax.tree_util.tree_leaves(out))
+    matmul_weights = sum(leaf.size for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+                         if (path[-1].key == "kernel" and path[0].key != "pooler")
+                         or (model_config.resolved_tie_embeddings and path[0].key == "embed"))
+    assert matmul_param_count(Config(model=model_config)) == matmul_weights

@@ -40,12 +40,13 @@ def validate(c: Config) -> None:
     m = c.model
     for key in ("vocab_size", "n_layers", "d_model", "n_heads", "d_ff", "max_len"):
         _require(getattr(m, key) > 0, f"config key 'model.{key}' must be positive, got {getattr(m, key)}")
-    _require(m.d_model % m.n_heads == 0,
-             f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
+    _require(m.head_dim is None or m.head_dim > 0, f"config key 'model.head_dim' must be positive, got {m.head_dim}")
+    _require(m.head_dim is not None or m.d_model % m.n_heads == 0,
+             f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads}), or set model.head_dim")
     _require(m.kv_heads > 0 and m.n_heads % m.kv_heads == 0,
              f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.kv_heads})")
-    _require(m.resolved_position != "rope" or m.head_dim % 2 == 0,
-             f"RoPE needs an even head dimension; model.d_model/model.n_heads = {m.head_dim}")
+    _require(m.resolved_position != "rope" or m.resolved_head_dim % 2 == 0,
+             f"RoPE needs an even head dimension; the head dimension is {m.resolved_head_dim}")
     for key in ("dtype", "param_dtype"):
         # float16 without loss scaling (which this trainer does not do) loses small gradients to
         # underflow without any error; bfloat16 has float32's range and the same memory.

@@ -27,6 +27,9 @@ class ModelConfig:
     d_model: int = 256
     n_heads: int = 4
     n_kv_heads: int | None = None  # None: n_heads (multi-head); fewer: grouped-query attention
+    # Width of one attention head; None: d_model // n_heads. Set it where heads x head_dim differs from
+    # d_model, as in Hugging Face checkpoints such as t5-v1_1-small (6 x 64 against 512) or Gemma.
+    head_dim: int | None = None
     d_ff: int = 1024
     max_len: int = 1024  # longest sequence the learned position table supports
     # learned | sinusoidal | rope | relative (t5's bucketed biases); None: the family's (gpt2 learned, llama rope)
@@ -55,8 +58,8 @@ class ModelConfig:
         return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def resolved_head_dim(self) -> int:
+        return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
 
     @property
     def family(self) -> Family:

@@ -39,7 +39,7 @@ PEAK_FLOPS = {
 
 def _attention_weights(m) -> int:
     """q, k, v and out of one attention: d x (heads x head_dim) each, k and v with the key/value heads."""
-    return m.d_model * (m.n_heads * m.head_dim) * 2 + m.d_model * (m.kv_heads * m.head_dim) * 2
+    return m.d_model * (m.n_heads * m.resolved_head_dim) * 2 + m.d_model * (m.kv_heads * m.resolved_head_dim) * 2
 
 
 def matmul_param_count(config: Config) -> int:
@@ -78,13 +78,14 @@ def _encoder_decoder_row_flops(config: Config) -> float:
     self-attention) and L x S (cross-attention) pairs per layer.
     """
     m = config.model
-    d, kv = m.d_model, m.d_model * m.kv_heads * m.head_dim
+    d, kv = m.d_model, m.d_model * m.kv_heads * m.resolved_head_dim
+    hd = m.n_heads * m.resolved_head_dim  # the width attention scores and values run over
     enc_len, dec_len = config.train.seq_len, config.target_len
     mlp = d * m.d_ff * m.mlp_matrices
-    encoder = m.encoder_layers * (enc_len * (_attention_weights(m) + mlp) + 2 * d * enc_len * enc_len)
+    encoder = m.encoder_layers * (enc_len * (_attention_weights(m) + mlp) + 2 * hd * enc_len * enc_len)
     cross_kv = 2 * kv
     decoder = m.decoder_layers * (dec_len * (2 * _attention_weights(m) - cross_kv + mlp) + enc_len * cross_kv
-                                  + 2 * d * (dec_len * dec_len + dec_len * enc_len))
+                                  + 2 * hd * (dec_len * dec_len + dec_len * enc_len))
     return 6.0 * (encoder + decoder + dec_len * d * m.vocab_size)
 
 
@@ -93,7 +94,8 @@ def flops_per_token(config: Config) -> float:
     m = config.model
     if m.family.encoder_decoder:
         return _encoder_decoder_row_flops(config) / tokens_per_row(config)
-    return 6.0 * matmul_param_count(config) + 12.0 * m.n_layers * m.d_model * config.train.seq_len
+    # Scores and values run over heads x head_dim, which is d_model unless model.head_dim says otherwise.
+    return 6.0 * matmul_param_count(config) + 12.0 * m.n_layers * m.n_heads * m.resolved_head_dim * config.train.seq_len
 
 
 @functools.cache

@@ -418,7 +418,7 @@ class Attention(nn.Module):
             raise ValueError(f"model.arch={cfg.arch} is an encoder: it has no decode mode (KV cache)")
 
         def proj(name, n_heads, heads_axis):
-            return Dense(features=(n_heads, cfg.head_dim), kernel_axes=("embed", heads_axis, "head_dim"),
+            return Dense(features=(n_heads, cfg.resolved_head_dim), kernel_axes=("embed", heads_axis, "head_dim"),
                          use_bias=use_bias, init_std=cfg.init_std, dtype=dtype, param_dtype=param_dtype,
                          name=name)
 

@@ -120,21 +120,21 @@ def biased_attention(q_BLHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, bi
 
 
 def _projection(cfg: ModelConfig, name: str, n_heads: int, heads_axis: str, init_std: float) -> Dense:
-    return Dense(features=(n_heads, cfg.head_dim), kernel_axes=("embed", heads_axis, "head_dim"),
+    return Dense(features=(n_heads, cfg.resolved_head_dim), kernel_axes=("embed", heads_axis, "head_dim"),
                  init_std=init_std, dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype), name=name)
 
 
 def _out_projection(cfg: ModelConfig, out_BLHD: jax.Array) -> jax.Array:
     out_BLHD = constrain(out_BLHD, ("batch", "length", "heads", "head_dim"))
     return Dense(features=(cfg.d_model,), kernel_axes=("heads", "head_dim", "embed"), n_in=2,
-                 init_std=(cfg.n_heads * cfg.head_dim) ** -0.5, dtype=to_dtype(cfg.dtype),
+                 init_std=(cfg.n_heads * cfg.resolved_head_dim) ** -0.5, dtype=to_dtype(cfg.dtype),
                  param_dtype=to_dtype(cfg.param_dtype), name="out")(out_BLHD)
 
 
 def _query(cfg: ModelConfig, x_BLE: jax.Array) -> jax.Array:
     # T5's init (Hugging Face's _init_weights, factor 1): the query carries the 1/sqrt(head_dim) that
     # the scores leave out; keys and values are plain fan-in.
-    q_BLHD = _projection(cfg, "query", cfg.n_heads, "heads", (cfg.d_model * cfg.head_dim) ** -0.5)(x_BLE)
+    q_BLHD = _projection(cfg, "query", cfg.n_heads, "heads", (cfg.d_model * cfg.resolved_head_dim) ** -0.5)(x_BLE)
     return constrain(q_BLHD, ("batch", "length", "heads", "head_dim"))
 
 
