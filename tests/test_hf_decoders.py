@@ -257,3 +257,17 @@ def test_models_transformers_cannot_express_are_refused_at_export(converted, wor
         llama.hf_config_from_model(dataclasses.replace(model, arch="llama", position="learned"))
     with pytest.raises(ConfigError, match="not empty"):
         convert.export_hf(ours, ours)
+
+
+def test_commands_print_one_json_line_or_fail_in_one_line(converted, work, capsys):
+    from llm_jax import cli
+
+    _, hf_dir, *_ = converted["gpt2"]
+    assert cli.main(["hf", "import", str(hf_dir), str(work / "cli_import"), "--dtype", "float32"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip())
+    assert summary["model_type"] == "gpt2" and summary["out"] == str(work / "cli_import")
+    assert cli.main(["hf", "export", str(work / "cli_import"), str(work / "cli_export")]) == 0
+    assert json.loads(capsys.readouterr().out.strip())["architecture"] == "GPT2LMHeadModel"
+    assert cli.main(["hf", "import", str(work), str(work / "cli_nothing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llm-jax hf: error:") and "no config.json" in err and "\n" not in err
