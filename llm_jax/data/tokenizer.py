@@ -186,7 +186,7 @@ def _hf_added_tokens(folder: Path) -> dict[int, str]:
     if added_file.is_file():
         return {int(i): t for t, i in json.loads(added_file.read_text(encoding="utf-8")).items()}
     extra = int(config.get("extra_ids", 100 if str(config.get("tokenizer_class", "")).startswith("T5") else 0))
-    return {-1 - k: f"<extra_id_{extra - 1 - k}>" for k in range(extra)}  # negative: after the model's pieces
+    return {-1 - k: f"<extra_id_{k}>" for k in range(extra)}  # -1: the last id after the model's pieces
 
 
 def hf_spm_model(model_file: Path) -> bytes:
