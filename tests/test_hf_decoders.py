@@ -2,7 +2,8 @@
 
 Tiny transformers models are built from their configs with a fixed seed (weights drawn with a large
 initializer_range, so the next-token distributions are peaked and greedy and beam choices are never
-near ties), saved with save_pretrained, imported, run, exported back and loaded by transformers.
+near ties), saved with save_pretrained beside a small byte-level BPE tokenizer (GPT-2's kind, trained
+here with `tokenizers`), imported, run, exported back and loaded by transformers.
 """
 
 from __future__ import annotations
@@ -19,27 +20,46 @@ import torch  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
+    AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    PreTrainedTokenizerFast,
 )
 
-from llm_jax.config import ConfigError, load_config  # noqa: E402
+from llm_jax.config import ConfigError  # noqa: E402
 from llm_jax.hf import convert, gpt2, llama  # noqa: E402
 from llm_jax.hf.errors import HFConversionError  # noqa: E402
 from llm_jax.infer import generate as gen  # noqa: E402
 from llm_jax.infer.sampling import Sampling  # noqa: E402
 from llm_jax.train import checkpoint as ckpt  # noqa: E402
-from llm_jax.train import exported, loop  # noqa: E402
+from llm_jax.train import exported  # noqa: E402
 
 torch.set_num_threads(1)
 
 VOCAB = 320  # >= the 260 ids the config asks of a vocabulary (pad, unk, bos, eos and 256 bytes)
 NEW_TOKENS = 32
 SIZES = dict(vocab_size=VOCAB, bos_token_id=None, eos_token_id=None, pad_token_id=None, initializer_range=0.3)
+
+
+TEXT = "def add(a, b):\n    return a + b  # the sum of two numbers\n" * 20 + "class Point:\n    x: int = 0\n" * 20
+SAMPLE = "def point(x, y):\n    return Point(x + y)  # ünïcode ✓\n"
+
+
+def hf_tokenizer() -> PreTrainedTokenizerFast:
+    """A GPT-2-style byte-level BPE of 300 ids (256 bytes, merges, <|endoftext|> as bos = eos = unk)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>")
 
 
 def hf_model(family: str):
@@ -62,22 +82,22 @@ def work(tmp_path_factory):
 
 
 def load_ours(path, overrides=()):
-    """(setup, params) of an export, without its tokenizer (these exports have none)."""
-    config = load_config(path / ckpt.EXPORT_CONFIG, [f"workdir={path}", "init_from=", *exported.LOCAL_MESH,
-                                                     *overrides])
-    setup = loop.build(config, with_data=False)
-    return setup, ckpt.load_exported_params(path, config.model, setup.abstract_state.params)
+    """(setup, params) of an export, as generate reads it."""
+    setup, params, _ = exported.restore_export(path, overrides, with_data=False)
+    return setup, params
 
 
 @pytest.fixture(scope="module")
 def converted(work):
     """family -> (HF model, its folder, our export, (setup, params), the folder exported back)."""
     out = {}
+    tokenizer = hf_tokenizer()
     for family in FAMILIES:
         model = hf_model(family).eval()
         hf_dir = work / family
         # llama: sharded, to read the index and several files
         model.save_pretrained(hf_dir, max_shard_size="20KB" if family == "llama" else "5GB")
+        tokenizer.save_pretrained(hf_dir)
         ours = work / f"{family}_ours"
         convert.import_hf(hf_dir, ours)
         back = work / f"{family}_back"
@@ -123,6 +143,9 @@ def test_round_trip_is_bit_identical_and_loads_in_transformers(converted, family
     assert sorted(written) == sorted(original)
     for name, tensor in original.items():
         assert written[name].dtype == tensor.dtype and np.array_equal(written[name], tensor), name
+    text_ids = AutoTokenizer.from_pretrained(back)(SAMPLE).input_ids
+    assert text_ids == AutoTokenizer.from_pretrained(converted[family][1])(SAMPLE).input_ids
+    assert text_ids == load_ours(converted[family][2])[0].tokenizer.encode(SAMPLE)
     reloaded = AutoModelForCausalLM.from_pretrained(back).eval()
     assert type(reloaded).__name__ == {"gpt2": "GPT2LMHeadModel"}.get(family, "LlamaForCausalLM")
     tokens = ids(seed=1)
@@ -230,6 +253,10 @@ def test_weights_problems_are_refused_in_one_line(converted, work):
     (torch_only / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(HFConversionError, match="pytorch_model.bin.*safe_serialization=True"):
         convert.import_hf(torch_only, work / "torch_only_out")
+
+    no_tokenizer = edited_copy(converted, work, "no_tokenizer", family="gpt2", drop="tokenizer.json")
+    with pytest.raises(HFConversionError, match="holds no tokenizer"):
+        convert.import_hf(no_tokenizer, work / "no_tokenizer_out")
 
     corrupt = edited_copy(converted, work, "corrupt", family="gpt2")
     (corrupt / "model.safetensors").write_bytes(b"\x00" * 64)

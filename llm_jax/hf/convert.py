@@ -34,7 +34,7 @@ import ml_dtypes
 import numpy as np
 
 from llm_jax.config import Config, ConfigError, ModelConfig, TrainConfig, validate
-from llm_jax.hf import safetensors_io
+from llm_jax.hf import safetensors_io, tokenizer_files
 from llm_jax.hf.errors import HFConversionError
 
 FAMILY_MODULES = ("gpt2", "llama", "bert", "t5")  # llm_jax.hf.<name>, each mapping one family
@@ -91,16 +91,13 @@ def read_hf_config(hf_dir: Path) -> dict[str, Any]:
     return hf
 
 
-def _tokenizer_files() -> ModuleType | None:
-    return _module("tokenizer_files")
-
-
 # ----------------------------------------------------------------------------- import
 
 
 def import_hf(hf_dir: str | Path, out: str | Path, dtype: str | None = None) -> dict[str, Any]:
     """Writes the Hugging Face model folder `hf_dir` as an llm_jax export at `out` (a new directory);
     returns a summary. `dtype`: the stored dtype of the parameters (float32, the default, or bfloat16)."""
+    from llm_jax.data.tokenizer import load_run_tokenizer
     from llm_jax.models.decoder import count_params
     from llm_jax.train import checkpoint as ckpt
 
@@ -113,23 +110,23 @@ def import_hf(hf_dir: str | Path, out: str | Path, dtype: str | None = None) -> 
     module = module_for_model_type(hf.get("model_type"))
     model = ModelConfig(**module.model_keys_from_hf(hf), param_dtype=dtype)
     config = imported_config(model, out, getattr(module, "run_keys_from_hf", lambda hf: {})(hf))
-    with safetensors_io.WeightReader(hf_dir) as weights:
-        try:
-            params = module.params_from_hf(model, weights.read, weights.names)
-        except ValueError as e:  # a tensor whose size does not fit config.json (reshape)
-            raise HFConversionError(f"{hf_dir}: the weights do not fit {HF_CONFIG}: {e}") from e
-        _check_all_used(hf_dir, weights, model, getattr(module, "IGNORED_SUFFIXES", ()))
-        params = jax.tree.map(lambda a: np.asarray(a, STORED_DTYPES[dtype]), params)
-    check_tree(model, params, hf_dir)
-    info = {"source": "huggingface", "model_type": hf.get("model_type"),
-            "architectures": hf.get("architectures"), "hf_dir": str(hf_dir.absolute()), "dtype": dtype,
-            "params": count_params(params), "step": 0}
-    with tempfile.TemporaryDirectory() as tokenizer_dir:
-        tokenizer = _tokenizer_files()
-        if tokenizer is not None:
-            tokenizer.import_tokenizer(hf_dir, Path(tokenizer_dir))
-        info["tokenizer"] = any(Path(tokenizer_dir).iterdir())
-        path = ckpt.export_params(out, jax.device_put(params), config, Path(tokenizer_dir), info)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer_dir = Path(tmp) / "tokenizer"
+        tokenizer_files.import_tokenizer(hf_dir, tokenizer_dir)  # refuses a folder with none
+        load_run_tokenizer(config, tmp)  # refuses one this model cannot use (vocabulary, bos/eos), as generate would
+        with safetensors_io.WeightReader(hf_dir) as weights:
+            try:
+                params = module.params_from_hf(model, weights.read, weights.names)
+            except ValueError as e:  # a tensor whose size does not fit config.json (reshape)
+                raise HFConversionError(f"{hf_dir}: the weights do not fit {HF_CONFIG}: {e}") from e
+            _check_all_used(hf_dir, weights, model, getattr(module, "IGNORED_SUFFIXES", ()))
+            params = jax.tree.map(lambda a: np.asarray(a, STORED_DTYPES[dtype]), params)
+        check_tree(model, params, hf_dir)
+        info = {"source": "huggingface", "model_type": hf.get("model_type"),
+                "architectures": hf.get("architectures"), "hf_dir": str(hf_dir.absolute()), "dtype": dtype,
+                "params": count_params(params), "step": 0,
+                "tokenizer": sorted(p.name for p in tokenizer_dir.iterdir())}
+        path = ckpt.export_params(out, jax.device_put(params), config, tokenizer_dir, info)
     return {**info, "out": str(path)}
 
 
@@ -226,10 +223,7 @@ def write_hf(out: Path, module: ModuleType, config: Config, params: dict[str, An
         count = safetensors_io.write_weights(tmp / safetensors_io.WEIGHTS, module.params_to_hf(config.model, params))
         if any(v is not None for v in special.values()):
             (tmp / GENERATION_CONFIG).write_text(json.dumps(special, indent=2) + "\n")
-        tokenizer = _tokenizer_files()
-        has_tokenizer = tokenizer is not None and tokenizer_dir.is_dir() and any(tokenizer_dir.iterdir())
-        if has_tokenizer:
-            tokenizer.export_tokenizer(tokenizer_dir, tmp, config.model)
+        tokenizer_files.export_tokenizer(tokenizer_dir, tmp, config.model)
         if out.exists():
             out.rmdir()  # empty, checked before
         tmp.rename(out)
@@ -237,7 +231,7 @@ def write_hf(out: Path, module: ModuleType, config: Config, params: dict[str, An
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"out": str(out), "architecture": hf_config["architectures"][0], "model_type": hf_config["model_type"],
-            "tensors": count, "dtype": config.model.param_dtype, "step": step, "tokenizer": has_tokenizer}
+            "tensors": count, "dtype": config.model.param_dtype, "step": step}
 
 
 def _special_ids(config: Config, src: Path) -> dict[str, int | None]:
