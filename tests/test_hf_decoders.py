@@ -323,3 +323,33 @@ def test_mapping_round_trips_variants_the_models_above_do_not_cover(module, keys
     convert.check_tree(model, back, "test")
     assert jax.tree.structure(back) == jax.tree.structure(params)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)))
+
+
+def test_imported_llama_fine_tunes_with_init_from_and_exports_back(converted, work):
+    """Import -> a few training steps with init_from= (from the import's own config.yaml) -> hf export ->
+    transformers loads the fine-tuned model and its tokenizer, and computes the run's logits."""
+    from llm_jax.config import load_config
+    from llm_jax.train import loop
+
+    model, hf_dir, ours, _, _ = converted["llama"]
+    corpus = work / "corpus"
+    corpus.mkdir()
+    for i in range(8):
+        (corpus / f"doc{i}.txt").write_text(TEXT[i * 40:] + "\n")
+    config = load_config(ours / ckpt.EXPORT_CONFIG, [
+        f"workdir={work / 'tuned'}", f"init_from={ours}", "data.source=text", f"data.path={corpus}/*.txt",
+        f"data.prepared_dir={work / 'prepared'}", "train.steps=2", "train.batch_size=2", "train.seq_len=16",
+        "train.eval_every=2", "train.eval_batches=1", "train.log_every=1", "checkpoint.every=2",
+        "train.progress=false", "train.sample_tokens=2", "optimizer.warmup_steps=1", "optimizer.lr=1e-2"])
+    loop.train(config)
+    convert.export_hf(work / "tuned", work / "tuned_hf")
+    tuned = AutoModelForCausalLM.from_pretrained(work / "tuned_hf").eval()
+    tokenizer = AutoTokenizer.from_pretrained(work / "tuned_hf")
+    assert tokenizer(SAMPLE).input_ids == AutoTokenizer.from_pretrained(hf_dir)(SAMPLE).input_ids
+    before = model.state_dict()["model.layers.0.mlp.up_proj.weight"]
+    assert not torch.equal(tuned.state_dict()["model.layers.0.mlp.up_proj.weight"], before)  # it trained
+    setup, params, step = loop.restore_for_inference(work / "tuned", with_data=False)
+    assert step == 2
+    tokens = ids(seed=3)
+    logits = np.asarray(setup.model.apply({"params": params}, tokens))
+    assert np.abs(logits - hf_logits(tuned, tokens)).max() <= 1e-4
