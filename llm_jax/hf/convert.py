@@ -208,7 +208,8 @@ def export_hf(src: str | Path, out: str | Path) -> dict[str, Any]:
     hf_config = module.hf_config_from_model(config.model)
     params = unstacked(_plain(jax.device_get(params)))
     special = _special_ids(config, src)
-    hf_config = {**hf_config, **special, "dtype": config.model.param_dtype}
+    # "dtype" for transformers 5, "torch_dtype" for the versions before it (5 reads it without a warning)
+    hf_config = {**hf_config, **special, "dtype": config.model.param_dtype, "torch_dtype": config.model.param_dtype}
     return write_hf(out, module, config, params, hf_config, special, src / "tokenizer", step)
 
 
