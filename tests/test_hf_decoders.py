@@ -346,6 +346,8 @@ def test_imported_llama_fine_tunes_with_init_from_and_exports_back(converted, wo
     tuned = AutoModelForCausalLM.from_pretrained(work / "tuned_hf").eval()
     tokenizer = AutoTokenizer.from_pretrained(work / "tuned_hf")
     assert tokenizer(SAMPLE).input_ids == AutoTokenizer.from_pretrained(hf_dir)(SAMPLE).input_ids
+    # generate stops where llm-jax generate does: the tokenizer's eos, in generation_config.json
+    assert tuned.generation_config.eos_token_id == tokenizer.eos_token_id == tokenizer.bos_token_id is not None
     before = model.state_dict()["model.layers.0.mlp.up_proj.weight"]
     assert not torch.equal(tuned.state_dict()["model.layers.0.mlp.up_proj.weight"], before)  # it trained
     setup, params, step = loop.restore_for_inference(work / "tuned", with_data=False)

@@ -42,6 +42,7 @@ STORED_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 SCANNED = "layers"  # the stacked subtree of model.scan_layers (models/decoder.py SCANNED_LAYERS)
 HF_CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
+GENERATION_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 
 
 # ----------------------------------------------------------------------------- family modules
@@ -207,23 +208,26 @@ def export_hf(src: str | Path, out: str | Path) -> dict[str, Any]:
     module = module_for_arch(config.model.arch)
     hf_config = module.hf_config_from_model(config.model)
     params = unstacked(_plain(jax.device_get(params)))
-    special = _special_ids(config, src)
+    # The tokenizer's ids win over a family's defaults; an id the tokenizer lacks is left to the family.
+    special = {key: value for key, value in _special_ids(config, src).items() if value is not None}
     # "dtype" for transformers 5, "torch_dtype" for the versions before it (5 reads it without a warning)
     hf_config = {**hf_config, **special, "dtype": config.model.param_dtype, "torch_dtype": config.model.param_dtype}
-    return write_hf(out, module, config, params, hf_config, special, src / "tokenizer", step)
+    return write_hf(out, module, config, params, hf_config, src / "tokenizer", step)
 
 
 def write_hf(out: Path, module: ModuleType, config: Config, params: dict[str, Any], hf_config: dict[str, Any],
-             special: dict[str, Any], tokenizer_dir: Path, step: int) -> dict[str, Any]:
+             tokenizer_dir: Path, step: int) -> dict[str, Any]:
     """Writes config.json, model.safetensors, generation_config.json and the tokenizer beside `out`, then
-    renames the folder into place."""
+    renames the folder into place. generation_config.json holds the special ids of config.json (transformers
+    reads generate's defaults from it alone when it exists, so it repeats an encoder-decoder's start id)."""
+    generation = {key: hf_config[key] for key in GENERATION_KEYS if hf_config.get(key) is not None}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         (tmp / HF_CONFIG).write_text(json.dumps(hf_config, indent=2) + "\n")
         count = safetensors_io.write_weights(tmp / safetensors_io.WEIGHTS, module.params_to_hf(config.model, params))
-        if any(v is not None for v in special.values()):
-            (tmp / GENERATION_CONFIG).write_text(json.dumps(special, indent=2) + "\n")
+        if generation:
+            (tmp / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
         tokenizer_files.export_tokenizer(tokenizer_dir, tmp, config.model)
         if out.exists():
             out.rmdir()  # empty, checked before
