@@ -355,3 +355,16 @@ def test_imported_llama_fine_tunes_with_init_from_and_exports_back(converted, wo
     tokens = ids(seed=3)
     logits = np.asarray(setup.model.apply({"params": params}, tokens))
     assert np.abs(logits - hf_logits(tuned, tokens)).max() <= 1e-4
+
+
+def test_int8_export_is_refused_in_one_line(converted, work):
+    import shutil
+
+    _, _, ours, _, _ = converted["gpt2"]
+    int8 = work / "int8"
+    shutil.copytree(ours, int8)
+    info = json.loads((int8 / ckpt.EXPORT_INFO).read_text())
+    (int8 / ckpt.EXPORT_INFO).write_text(json.dumps({**info, "quantization": {"format": "int8"}}))
+    with pytest.raises(HFConversionError, match="holds int8 weights") as error:
+        convert.export_hf(int8, work / "int8_hf")
+    assert "\n" not in str(error.value) and not (work / "int8_hf").exists()
