@@ -263,6 +263,12 @@ def test_weights_problems_are_refused_in_one_line(converted, work):
     with pytest.raises(HFConversionError, match="not a readable safetensors file"):
         convert.import_hf(corrupt, work / "corrupt_out")
 
+    sharded = edited_copy(converted, work, "missing_shard", family="llama")
+    shard = sorted(sharded.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(HFConversionError, match=f"{shard.name} is missing"):
+        convert.import_hf(sharded, work / "missing_shard_out")
+
     # More layers in config.json than in the weights: the first missing tensor is named.
     short = edited_copy(converted, work, "fewer_layers", family="gpt2", config_edit={"n_layer": 3})
     with pytest.raises(HFConversionError, match="no tensor 'transformer.h.2"):
