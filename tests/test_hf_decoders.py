@@ -178,8 +178,8 @@ def test_scanned_layers_export_as_unrolled(converted, work):
     _, _, ours, (_, params), _ = converted["llama"]
     _, scanned = load_ours(ours, ["model.scan_layers=true"])
     assert "layers" in scanned and "layer_0" not in scanned
-    flat = convert.unstacked(convert._plain(jax.device_get(scanned)))
-    want = convert._plain(jax.device_get(params))
+    flat = convert.unstacked(convert.host_tree(jax.device_get(scanned)))
+    want = convert.host_tree(jax.device_get(params))
     assert jax.tree.structure(flat) == jax.tree.structure(want)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(flat), jax.tree.leaves(want)))
 
@@ -322,7 +322,7 @@ def test_mapping_round_trips_variants_the_models_above_do_not_cover(module, keys
     draws = np.random.default_rng(0)
     params = jax.tree.map(lambda a: draws.standard_normal(a.shape).astype(np.float32),
                           nn.unbox(abstract)["params"])
-    params = convert._plain(params)
+    params = convert.host_tree(params)
     tensors = dict(module.params_to_hf(model, params))
     assert ("lm_head.weight" in tensors) != model.resolved_tie_embeddings
     back = module.params_from_hf(model, tensors.__getitem__, set(tensors))

@@ -33,7 +33,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from llm_jax.config import Config, ConfigError, ModelConfig, TrainConfig, validate
+from llm_jax.config import Config, ConfigError, ModelConfig, TrainConfig, load_config, validate
 from llm_jax.hf import safetensors_io, tokenizer_files
 from llm_jax.hf.errors import HFConversionError
 
@@ -201,13 +201,14 @@ def export_hf(src: str | Path, out: str | Path) -> dict[str, Any]:
                                 "it came from")
     if not (src / "config.yaml").is_file():
         raise ConfigError(f"{src} is neither a run directory nor an llm-jax export (no config.yaml)")
-    config, params, step = restore_run(src)
-    if config.task.kind != "lm":
-        raise HFConversionError(f"{src} is a task.kind={config.task.kind} run (a task head); hf export writes "
+    saved = load_config(src / "config.yaml", [f"workdir={src}", "init_from="])  # refusals before any weight is read
+    if saved.task.kind != "lm":
+        raise HFConversionError(f"{src} is a task.kind={saved.task.kind} run (a task head); hf export writes "
                                 "language models")
-    module = module_for_arch(config.model.arch)
-    hf_config = module.hf_config_from_model(config.model)
-    params = unstacked(_plain(jax.device_get(params)))
+    module = module_for_arch(saved.model.arch)
+    hf_config = module.hf_config_from_model(saved.model)
+    config, params, step = restore_run(src)
+    params = unstacked(host_tree(jax.device_get(params)))
     # The tokenizer's ids win over a family's defaults; an id the tokenizer lacks is left to the family.
     special = {key: value for key, value in _special_ids(config, src).items() if value is not None}
     # "dtype" for transformers 5, "torch_dtype" for the versions before it (5 reads it without a warning)
@@ -251,10 +252,10 @@ def _special_ids(config: Config, src: Path) -> dict[str, int | None]:
     return ids
 
 
-def _plain(tree: Any) -> Any:
+def host_tree(tree: Any) -> Any:
     """Nested mappings (FrozenDicts included) as dicts of numpy arrays."""
     if isinstance(tree, Mapping):
-        return {str(k): _plain(v) for k, v in tree.items()}
+        return {str(k): host_tree(v) for k, v in tree.items()}
     return np.asarray(tree)
 
 
