@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import json  # noqa: E402
 import pickle  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import sentencepiece as spm  # noqa: E402
 import tokenizers  # noqa: E402
@@ -20,6 +21,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers  # noqa: E402
 from llm_jax.config import ConfigError, ModelConfig, load_config  # noqa: E402
 from llm_jax.data.corpus import default_corpus_root, list_default_files  # noqa: E402
 from llm_jax.data.hf_tokenizer import HFTokenizer  # noqa: E402
+from llm_jax.data.pipeline import MaskedDocumentCutter, SpanDocumentCutter  # noqa: E402
 from llm_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer, open_tokenizer, train_tokenizer  # noqa: E402
 from llm_jax.hf.errors import HFConversionError  # noqa: E402
 from llm_jax.hf.tokenizer_files import export_tokenizer, import_tokenizer  # noqa: E402
@@ -89,6 +91,11 @@ def test_bert_wordpiece_imports_with_its_special_ids(texts, tmp_path):
     # WordPiece drops spaces: the sizes count a word's leading space, not punctuation's, so about the length.
     plain = ours.encode(PLAIN)
     assert abs(int(ours.piece_bytes()[plain].sum()) - len(PLAIN)) <= 2
+    # The masked-LM pipeline frames pieces with [CLS] ... [SEP] and never masks or scores them.
+    pieces = MaskedDocumentCutter(ours, 16, (0,))(0, PLAIN * 4)
+    inputs, weights = np.concatenate([p["inputs"] for p in pieces]), np.concatenate([p["weights"] for p in pieces])
+    assert all(p["inputs"][0] == ours.cls_id and p["inputs"][-1] == ours.sep_id for p in pieces)
+    assert ours.mask_id in inputs and not weights[np.isin(inputs, [ours.cls_id, ours.sep_id])].any()
 
 
 def _sentencepiece_folder(texts, folder, kind):
@@ -130,6 +137,10 @@ def test_sentencepiece_folders_import_with_transformers_ids(texts, tmp_path, kin
             # transformers numbers T5's sentinels down from the end of the vocabulary.
             assert ours.sentinel_ids == tuple(ref.convert_tokens_to_ids(f"<extra_id_{i}>") for i in range(10))
             assert ours.sentinel_ids == tuple(range(len(ref) - 1, len(ref) - 11, -1))
+            # Span corruption marks the first dropped span with <extra_id_0> and ends targets with eos.
+            [piece, *_] = SpanDocumentCutter(ours, 32, 8, 10, (0,))(0, PLAIN * 2)
+            assert piece["targets"][0] == ours.sentinel_ids[0] == ref.convert_tokens_to_ids("<extra_id_0>")
+            assert ours.sentinel_ids[0] in piece["encoder_inputs"] and piece["targets"][-1] == ours.eos_id
     # Exported back from spm.model: transformers reads our tokenizer.json with the same ids, and its default
     # encode frames text as our generate does (a decoder: bos first; an encoder-decoder: eos last).
     export_tokenizer(tmp_path / "spm_only_in", tmp_path / "out", ModelConfig(arch=kind))
