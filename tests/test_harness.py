@@ -1,4 +1,4 @@
-"""The lm-evaluation-harness adapter (infer/harness.py, `llm-jax harness`): a local multiple-choice task
+"""The lm-evaluation-harness adapter (commands/lm_eval_model.py, `llm-jax harness`): a local multiple-choice task
 scored through lm-eval against our scoring API, rolling log-likelihoods against plain forward passes,
 generate_until against `generate`. Offline: the task's data is a local JSON file."""
 
@@ -20,9 +20,10 @@ import lm_eval.api.registry  # noqa: E402
 
 from llm_jax import cli  # noqa: E402
 from llm_jax.commands import generate as generate_cmd  # noqa: E402
+from llm_jax.commands import lm_eval_model  # noqa: E402
 from llm_jax.config import load_config  # noqa: E402
 from llm_jax.data.tokenizer import train_tokenizer  # noqa: E402
-from llm_jax.infer import harness, scoring  # noqa: E402
+from llm_jax.infer import scoring  # noqa: E402
 from llm_jax.infer.generate import Decoding  # noqa: E402
 from llm_jax.infer.sampling import Sampling  # noqa: E402
 from llm_jax.train import checkpoint as ckpt  # noqa: E402
@@ -76,7 +77,7 @@ def export(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lm(export):
-    return harness.LLMJaxLM(workdir=str(export[0]), batch_size=4)
+    return lm_eval_model.LLMJaxLM(workdir=str(export[0]), batch_size=4)
 
 
 def requests(*args):
@@ -122,8 +123,8 @@ def test_harness_command_and_registered_name(export, tmp_path, capsys, direct):
     assert code == 0 and "local_mc" in capsys.readouterr().out
     acc = json.loads(out.read_text())["results"]["local_mc"]["acc,none"]
     assert acc == pytest.approx(accuracy(direct[:4], DOCS[:4]))
-    # lm-eval's name for it, once infer/harness.py is imported: simple_evaluate(model="llm_jax", ...)
-    assert lm_eval.api.registry.get_model("llm_jax") is harness.LLMJaxLM
+    # lm-eval's name for it, once commands/lm_eval_model.py is imported: simple_evaluate(model="llm_jax", ...)
+    assert lm_eval.api.registry.get_model("llm_jax") is lm_eval_model.LLMJaxLM
     assert cli.main(["harness", str(export[0]), "--tasks", "local_mc", "--include-path",
                      str(tmp_path / "missing")]) == 2
 
@@ -195,7 +196,7 @@ def test_generate_until_equals_generate_with_a_stop_string(lm):
                                      (prompts[1], stopped)))  # two groups of gen_kwargs, answers in place
     assert got == [expected[0]["text"], plain[0]["text"], plain[1]["text"], expected[1]["text"]]
     assert len(got[0]) < len(plain[0]["text"])
-    with pytest.raises(harness.HarnessError, match="'typical_p' is not supported"):
+    with pytest.raises(lm_eval_model.HarnessError, match="'typical_p' is not supported"):
         lm.generate_until(requests((prompts[0], {"typical_p": 0.9})))
 
 
@@ -212,10 +213,10 @@ def test_encoder_decoder_scores_given_the_encoded_context_and_an_encoder_is_refu
                           sources=None)
 
     shape = dict(vocab_size=160, n_layers=2, d_model=32, n_heads=4, d_ff=64, max_len=32)
-    with pytest.raises(harness.HarnessError, match="encoder"):
-        harness.LLMJaxLM(setup=bare(ModelConfig(arch="bert", **shape), None), params=None)
+    with pytest.raises(lm_eval_model.HarnessError, match="encoder"):
+        lm_eval_model.LLMJaxLM(setup=bare(ModelConfig(arch="bert", **shape), None), params=None)
     t5_model, t5_params = model_with_drawn_params(ModelConfig(arch="t5", **shape), seed=1, std=0.2)
-    t5 = harness.LLMJaxLM(setup=bare(t5_model.config, t5_params), params=t5_params)
+    t5 = lm_eval_model.LLMJaxLM(setup=bare(t5_model.config, t5_params), params=t5_params)
     tok = lm.tokenizer
     got = t5.loglikelihood(requests(("Water is", " wet")))[0][0]
     with jax.set_mesh(t5._setup.mesh):

@@ -1,6 +1,6 @@
 """`llm-jax harness WORKDIR --tasks T[,T]`: lm-evaluation-harness tasks scored on a run or an export.
 
-The adapter is infer/harness.py (the lm-eval model `llm_jax`); this command is lm-eval's
+The adapter is commands/lm_eval_model.py (the lm-eval model `llm_jax`); this command is lm-eval's
 `simple_evaluate` with it, for the flags most runs need. Every lm-eval flag is in
 `python -m llm_jax.commands.harness --model llm_jax --model_args workdir=WORKDIR ...`: lm-eval's own
 command line (`lm_eval_main`) in a process that knows the model.
@@ -57,14 +57,14 @@ def run_harness(workdir: str, tasks: list[str], *, include_path: list[str] | Non
         import lm_eval
     except ImportError:
         raise ConfigError("llm-jax harness needs EleutherAI's lm-evaluation-harness: pip install lm-eval") from None
-    from llm_jax.infer import harness
+    from llm_jax.commands import lm_eval_model
 
     if not tasks:
         raise ConfigError("harness --tasks: name at least one task")
     manager, tasks = task_manager(tasks, include_path)  # before the model is read: a wrong name costs seconds
     extra = {} if max_gen_toks is None else {"max_gen_toks": max_gen_toks}
-    lm = harness.LLMJaxLM(workdir=workdir, batch_size=batch_size, max_length=max_length, dtype=dtype, seed=seed,
-                          **extra)
+    lm = lm_eval_model.LLMJaxLM(workdir=workdir, batch_size=batch_size, max_length=max_length, dtype=dtype,
+                                seed=seed, **extra)
     return lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
                                    task_manager=manager, log_samples=log_samples, random_seed=seed,
                                    numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
@@ -89,7 +89,7 @@ def lm_eval_main(argv: list[str] | None = None) -> None:
 
     from lm_eval.__main__ import cli_evaluate
 
-    import llm_jax.infer.harness  # noqa: F401  registers the model `llm_jax`
+    import llm_jax.commands.lm_eval_model  # noqa: F401  registers the model `llm_jax`
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]

@@ -1,4 +1,4 @@
-"""EleutherAI's lm-evaluation-harness scoring an llm_jax run or export: the model `llm_jax`.
+"""EleutherAI's lm-evaluation-harness scoring an llm_jax run or export: the lm-eval model `llm_jax`.
 
 lm-eval finds models in its own registry only (lm_eval.api.registry; version 0.4 reads no entry
 points), so `lm_eval --model llm_jax` knows this model once this module is imported in its process.
@@ -6,8 +6,11 @@ Three ways in, the same adapter behind each:
 - `llm-jax harness WORKDIR --tasks T[,T]` (commands/harness.py),
 - `python -m llm_jax.commands.harness --model llm_jax --model_args workdir=WORKDIR --tasks T`: lm_eval's
   own command line, every flag of it, with this module imported first,
-- Python: `import llm_jax.infer.harness`, then `lm_eval.simple_evaluate(model="llm_jax",
+- Python: `import llm_jax.commands.lm_eval_model`, then `lm_eval.simple_evaluate(model="llm_jax",
   model_args="workdir=WORKDIR", tasks=[...])`, or `model=LLMJaxLM(...)`.
+
+A command-level module: it reads a run (train/loop.py) and words its texts as `llm-jax generate`
+does (commands/generate.py); the numbers come from infer/scoring.py and infer/generate.py.
 
 Token boundaries are those of lm-eval's Hugging Face adapter (TemplateLM, which this class extends):
 a context's trailing spaces move to the continuation, context + continuation are encoded whole and
@@ -45,10 +48,12 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 
+from llm_jax.commands.generate import cut_at_stop, new_text
 from llm_jax.config import ConfigError
 from llm_jax.infer import scoring
 from llm_jax.infer.generate import Decoding, generate_batch
 from llm_jax.infer.sampling import Sampling
+from llm_jax.train import loop
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +98,6 @@ class LLMJaxLM(TemplateLM):
         if (workdir is None) == (setup is None):
             raise HarnessError("llm_jax model_args: give workdir=RUN_OR_EXPORT (or, from Python, setup= and params=)")
         if setup is None:
-            from llm_jax.train import loop  # the run's model and newest params, or an export's
-
             overrides = [] if dtype is None else [f"model.dtype={dtype}"]
             setup, params, _ = loop.restore_for_inference(workdir, overrides, with_data=False)
         self._setup, self._params = setup, params
@@ -231,8 +234,6 @@ class LLMJaxLM(TemplateLM):
         return texts
 
     def _generate(self, contexts: list[str], gen_kwargs: dict) -> list[str]:
-        from llm_jax.commands.generate import cut_at_stop, new_text  # the text `generate` prints, and its stops
-
         decoding, stops = self.decoding(gen_kwargs)
         room = self._max_length if self._encoder_decoder else self._max_length - decoding.max_new_tokens
         if room < 1:
@@ -251,7 +252,7 @@ class LLMJaxLM(TemplateLM):
         for i, [generation] in zip(order, generations):
             ids = generation.tokens[:-1] if generation.finish_reason == "eos" else generation.tokens
             head = [] if self._encoder_decoder else prompts[i]
-            text = new_text(self.tokenizer, head, ids)
+            text = new_text(self.tokenizer, head, ids)  # as `llm-jax generate` words it
             cut = cut_at_stop(text, stops)
             texts[i] = text if cut is None else text[:cut]
         return texts
