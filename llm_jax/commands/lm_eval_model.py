@@ -59,11 +59,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's own default for generate_until
-# gen_kwargs read from a request besides `until` and `max_gen_toks` (and its aliases), and the
-# Sampling / Decoding field each sets. Another key is refused: ignoring it would score another decoding.
-SAMPLING_KWARGS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
-                   "repetition_penalty": "repetition_penalty"}
-DECODING_KWARGS = {"num_beams": "num_beams", "length_penalty": "length_penalty"}
+# gen_kwargs read from a request besides `until`, `do_sample` and `max_gen_toks` (and its aliases): the
+# Sampling / Decoding fields of those names. Another key is refused: ignoring it would score another decoding.
+SAMPLING_KWARGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+DECODING_KWARGS = ("num_beams", "length_penalty")
 
 
 class HarnessError(ConfigError):
@@ -174,6 +173,9 @@ class LLMJaxLM(TemplateLM):
         continuation ids), in order; TemplateLM.loglikelihood prepares them from text."""
         del disable_tqdm, kwargs
         pairs = [(list(context), list(cont)) for _, context, cont in requests]
+        if any(None in context for context, _ in pairs):  # TemplateLM's stand-in for an empty context
+            raise HarnessError("llm_jax loglikelihood: an empty context is read as bos (or eos), and this "
+                               "tokenizer has neither")
         results = self._score(pairs)
         for (key, _, _), result in zip(requests, results):
             if key is not None:
@@ -269,9 +271,9 @@ class LLMJaxLM(TemplateLM):
         sampling, search = {}, {}
         for key, value in kwargs.items():
             if key in SAMPLING_KWARGS:
-                sampling[SAMPLING_KWARGS[key]] = type(getattr(Sampling(), SAMPLING_KWARGS[key]))(value)
+                sampling[key] = type(getattr(Sampling(), key))(value)  # int or float, as the field
             elif key in DECODING_KWARGS:
-                search[DECODING_KWARGS[key]] = type(getattr(Decoding(1), DECODING_KWARGS[key]))(value)
+                search[key] = type(getattr(Decoding(1), key))(value)
             else:
                 known = ["until", "max_gen_toks", "do_sample", *SAMPLING_KWARGS, *DECODING_KWARGS]
                 raise HarnessError(f"llm_jax generate_until: gen_kwargs {key!r} is not supported (known: "
