@@ -3,30 +3,25 @@ scored through lm-eval against our scoring API, rolling log-likelihoods against 
 generate_until against `generate`. Offline: the task's data is a local JSON file."""
 
 import json
-import os
 import types
 
 import jax
 import jax.numpy as jnp
+import lm_eval
+import lm_eval.api.registry
 import numpy as np
 import pytest
 from test_generate import model_with_drawn_params
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-import lm_eval  # noqa: E402
-import lm_eval.api.registry  # noqa: E402
-
-from llm_jax import cli  # noqa: E402
-from llm_jax.commands import generate as generate_cmd  # noqa: E402
-from llm_jax.commands import lm_eval_model  # noqa: E402
-from llm_jax.config import load_config  # noqa: E402
-from llm_jax.data.tokenizer import train_tokenizer  # noqa: E402
-from llm_jax.infer import scoring  # noqa: E402
-from llm_jax.infer.generate import Decoding  # noqa: E402
-from llm_jax.infer.sampling import Sampling  # noqa: E402
-from llm_jax.train import checkpoint as ckpt  # noqa: E402
+from llm_jax import cli
+from llm_jax.commands import generate as generate_cmd
+from llm_jax.commands import lm_eval_model
+from llm_jax.config import load_config
+from llm_jax.data.tokenizer import train_tokenizer
+from llm_jax.infer import scoring
+from llm_jax.infer.generate import Decoding
+from llm_jax.infer.sampling import Sampling
+from llm_jax.train import checkpoint as ckpt
 
 TEXTS = ["The capital of France is Paris. The capital of Italy is Rome. Water is wet and fire is hot.\n",
          "Question: what colour is the sky? Answer: blue. Question: what is two plus two? Answer: four.\n",
@@ -55,12 +50,27 @@ metric_list:
 """
 
 
+@pytest.fixture(scope="module", autouse=True)
+def offline_datasets(tmp_path_factory):
+    """datasets offline, its cache in a temporary folder, for this file's tests (datasets reads the
+    variables when first imported, so its config is set too, should another test have imported it)."""
+    import datasets.config
+
+    cache = tmp_path_factory.mktemp("hf_datasets")
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("HF_DATASETS_CACHE", str(cache))):
+            mp.setenv(name, value)
+        mp.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+        mp.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        mp.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+        yield
+
+
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
     """A tiny gpt2 export (random params, float32) with a SentencePiece tokenizer trained on TEXTS,
     and a folder holding the local task."""
     root = tmp_path_factory.mktemp("harness")
-    os.environ.setdefault("HF_DATASETS_CACHE", str(root / "hf_datasets"))
     (root / "tok").mkdir()
     train_tokenizer(TEXTS, root / "tok" / "spm", vocab_size=160, byte_fallback=False)  # words, not bytes
     config = load_config(None, ["model.arch=gpt2", "model.vocab_size=160", "tokenizer.byte_fallback=false",
@@ -105,7 +115,7 @@ def test_multiple_choice_task_scores_our_loglikelihoods(lm, export, direct):
 
     manager = TaskManager(include_path=str(export[1]), include_defaults=False)
     results = lm_eval.simple_evaluate(model=lm, tasks=["local_mc"], task_manager=manager, log_samples=True,
-                                      bootstrap_iters=0)
+                                      bootstrap_iters=0, torch_random_seed=None)  # torch is not ours to import
     samples = sorted(results["samples"]["local_mc"], key=lambda s: s["doc_id"])
     for sample, scores in zip(samples, direct):  # every choice's log-likelihood, in the request's place
         np.testing.assert_allclose([r[0] for r in sample["filtered_resps"]], scores, atol=1e-4)

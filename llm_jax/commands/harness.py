@@ -65,9 +65,10 @@ def run_harness(workdir: str, tasks: list[str], *, include_path: list[str] | Non
     extra = {} if max_gen_toks is None else {"max_gen_toks": max_gen_toks}
     lm = lm_eval_model.LLMJaxLM(workdir=workdir, batch_size=batch_size, max_length=max_length, dtype=dtype,
                                 seed=seed, **extra)
+    # torch_random_seed=None: lm-eval would import torch (seconds) to seed a library the model does not use
     return lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
                                    task_manager=manager, log_samples=log_samples, random_seed=seed,
-                                   numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+                                   numpy_random_seed=seed, torch_random_seed=None, fewshot_random_seed=seed)
 
 
 def write_results(results: dict[str, Any], output: str | None) -> str:
