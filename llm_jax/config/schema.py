@@ -116,7 +116,9 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TokenizerConfig:
-    path: str = ""  # an existing SentencePiece .model; empty: train one on the corpus
+    # An existing tokenizer: a SentencePiece .model, a Hugging Face tokenizer.json, or a folder holding either
+    # (data/tokenizer.py, copy_tokenizer); empty: train one on the corpus.
+    path: str = ""
     model_type: str = "bpe"  # bpe | unigram
     sample_bytes: int = 4_000_000  # training input is a sample of the corpus of about this size
     byte_fallback: bool = True  # characters outside the vocabulary become byte pieces, never <unk>
