@@ -116,18 +116,22 @@ def import_hf(hf_dir: str | Path, out: str | Path, dtype: str | None = None) -> 
         tokenizer_files.import_tokenizer(hf_dir, tokenizer_dir)  # refuses a folder with none
         load_run_tokenizer(config, tmp)  # refuses one this model cannot use (vocabulary, bos/eos), as generate would
         with safetensors_io.WeightReader(hf_dir) as weights:
+
+            def read(name: str) -> np.ndarray:  # cast as read: never the checkpoint's and the stored dtype's copy both
+                return np.asarray(weights.read(name), STORED_DTYPES[dtype])
+
             try:
-                params = module.params_from_hf(model, weights.read, weights.names)
+                params = module.params_from_hf(model, read, weights.names)
             except ValueError as e:  # a tensor whose size does not fit config.json (reshape)
                 raise HFConversionError(f"{hf_dir}: the weights do not fit {HF_CONFIG}: {e}") from e
             _check_all_used(hf_dir, weights, model, getattr(module, "IGNORED_SUFFIXES", ()))
-            params = jax.tree.map(lambda a: np.asarray(a, STORED_DTYPES[dtype]), params)
         check_tree(model, params, hf_dir)
         info = {"source": "huggingface", "model_type": hf.get("model_type"),
                 "architectures": hf.get("architectures"), "hf_dir": str(hf_dir.absolute()), "dtype": dtype,
                 "params": count_params(params), "step": 0,
                 "tokenizer": sorted(p.name for p in tokenizer_dir.iterdir())}
-        path = ckpt.export_params(out, jax.device_put(params), config, tokenizer_dir, info)
+        # numpy arrays, written by orbax as they are: no second copy of the model on a device
+        path = ckpt.export_params(out, params, config, tokenizer_dir, info)
     return {**info, "out": str(path)}
 
 
