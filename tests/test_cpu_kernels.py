@@ -132,8 +132,8 @@ def _attention_hlo(dtype: str, arch: str = "gpt2") -> str:
     config = ModelConfig(arch=arch, vocab_size=64, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=16,
                          dtype=dtype)
     module = layers.Attention(config)
-    x = jnp.ones((2, 16, 32), layers.to_dtype(dtype))
-    positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
+    x = jnp.ones((4, 16, 32), layers.to_dtype(dtype))  # 64 rows: layers.CPU_KERNEL_MIN_ROWS
+    positions = jnp.broadcast_to(jnp.arange(16), (4, 16))
     params = module.init(jax.random.key(0), x, positions, None, False)
     return jax.jit(lambda p: module.apply(p, x, positions, None, False)).lower(params).as_text()
 
@@ -223,6 +223,7 @@ def test_matmul_matches_xla_and_its_gradients(m, k, n, transpose_b):
 @needs_kernel
 def test_dense_layer_with_the_kernel_equals_xla(monkeypatch):
     """A 2-in-dim projection (heads x head_dim -> embed) and its gradients, kernel on and off."""
+    monkeypatch.setattr(layers, "CPU_KERNEL_MIN_ROWS", 1)  # 10 rows: a decode step's size keeps XLA's dot
     dense = layers.Dense(features=(6,), kernel_axes=("heads", "head_dim", "embed"), n_in=2, use_bias=True)
     x = _normal(4, (2, 5, 3, 4))
     params = dense.init(jax.random.key(0), x)
@@ -232,7 +233,7 @@ def test_dense_layer_with_the_kernel_equals_xla(monkeypatch):
 
     with_kernel = value_and_grads()
     assert "llm_jax_cpu_matmul" in jax.jit(dense.apply).lower(params, x).as_text()
-    monkeypatch.setattr(layers, "use_cpu_matmul", lambda dtype, out_dtype=None: False)
+    monkeypatch.setattr(layers, "use_cpu_matmul", lambda dtype, out_dtype=None, rows=None: False)
     without = value_and_grads()
     for got, expected in zip(jax.tree.leaves(with_kernel), jax.tree.leaves(without)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
@@ -242,6 +243,7 @@ def test_dense_layer_with_the_kernel_equals_xla(monkeypatch):
 @pytest.mark.parametrize("rms", [False, True])
 @pytest.mark.parametrize("shape", [(2, 70, 37), (3, 384), (1, 1, 16)])  # ragged rows and tasks; one row
 def test_norm_kernel_matches_xla_and_its_gradients(monkeypatch, rms, shape):
+    monkeypatch.setattr(layers, "CPU_KERNEL_MIN_ROWS", 1)
     norm = layers.Norm(rms=rms, eps=1e-5)
     x = _normal(1, shape) * 3.0 + 1.0
     params = jax.tree.map(lambda p: p + _normal(2, p.shape), norm.init(jax.random.key(0), x))

@@ -66,9 +66,19 @@ def use_cpu_kernels(dtype: jnp.dtype) -> bool:
     return traced_platform() == "cpu" and one_device and dtype == jnp.float32 and cpu_kernels.available()
 
 
-def use_cpu_matmul(dtype: jnp.dtype, out_dtype: jnp.dtype | None = None) -> bool:
-    """Whether a projection should be the CPU matmul kernel: as `use_cpu_kernels`, float32 in and out."""
-    return (out_dtype or dtype) == jnp.float32 and use_cpu_kernels(dtype)
+# Below this many rows (tokens) a projection or norm keeps XLA's own op even where the CPU kernels
+# are used: a decode step's matrix-vector products. OpenBLAS's sgemm packs the weights before it
+# multiplies, so at a few rows it reads each weight about twice, and every kernel call is a separate
+# step of XLA's loop that it cannot fuse with its neighbours; XLA:CPU's dot streams the weights once.
+# Measured on the baby GPT (docs/benchmarks.md, "Decode speed"): batch-1 greedy 2.6 -> 1.5 ms a token.
+CPU_KERNEL_MIN_ROWS = 64
+
+
+def use_cpu_matmul(dtype: jnp.dtype, out_dtype: jnp.dtype | None = None, rows: int | None = None) -> bool:
+    """Whether a projection of `rows` tokens should be the CPU matmul kernel: as `use_cpu_kernels`,
+    float32 in and out, at least CPU_KERNEL_MIN_ROWS rows (None: assume many)."""
+    return (out_dtype or dtype) == jnp.float32 and (rows is None or rows >= CPU_KERNEL_MIN_ROWS) \
+        and use_cpu_kernels(dtype)
 
 
 def dequantized(weight: jax.Array | qwix.QArray) -> jax.Array:
@@ -109,7 +119,7 @@ class Dense(nn.Module):
         # Leading (batch, length) dims are merged into one before the matmul: XLA:CPU runs the 2-D
         # matmul and its gradients about 6% faster per baby-GPT step than the 3-D one (docs/benchmarks.md).
         lead_shape = x.shape[:x.ndim - self.n_in]
-        if use_cpu_matmul(self.dtype, self.out_dtype):
+        if use_cpu_matmul(self.dtype, self.out_dtype, math.prod(lead_shape)):
             # OpenBLAS through XLA FFI (cpu_kernels.py): XLA:CPU's own matmuls are slower here.
             y = cpu_kernels.matmul(x.reshape(math.prod(lead_shape), math.prod(in_shape)),
                                    kernel.reshape(math.prod(in_shape), math.prod(self.features)))
@@ -166,7 +176,7 @@ class Embed(nn.Module):
         """Logits against the table, accumulated and returned in float32 (tokens flattened, as in Dense)."""
         batch, length, features = x_BLE.shape
         table_VE = dequantized(self.embedding)
-        if use_cpu_matmul(self.dtype):
+        if use_cpu_matmul(self.dtype, rows=batch * length):
             logits_TV = cpu_kernels.matmul(x_BLE.reshape(batch * length, features), table_VE, transpose_b=True)
             return checkpoint_name(logits_TV, cpu_kernels.MATMUL_NAME).reshape(batch, length, self.num_embeddings)
         logits_TV = jnp.einsum(
@@ -200,7 +210,7 @@ class Norm(nn.Module):
 
         scale = vector("scale", nn.initializers.ones)
         bias = None if self.rms else vector("bias", nn.initializers.zeros)
-        if use_cpu_kernels(self.dtype):
+        if use_cpu_kernels(self.dtype) and math.prod(x.shape[:-1]) >= CPU_KERNEL_MIN_ROWS:
             # One pass per row (cpu_kernels.py): inside a whole step XLA:CPU splits a norm into many.
             return cpu_kernels.layer_norm(x, scale, bias, self.eps).astype(self.dtype)
         broadcast = (1,) * (x.ndim - 1) + (features,)
