@@ -1,4 +1,5 @@
-"""The CPU kernels (fused attention, BLAS matmul, norms) against XLA's ops; when the model uses them; the fallback."""
+"""The CPU kernels (fused attention, BLAS and int8 matmuls, norms) against XLA's ops; when the model uses them;
+the fallback."""
 
 import os
 import shutil
@@ -10,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import qwix
 
 from llm_jax.config import ModelConfig
 from llm_jax.kernels import cpu_kernels
@@ -218,6 +220,48 @@ def test_matmul_matches_xla_and_its_gradients(m, k, n, transpose_b):
     np.testing.assert_allclose(value, expected_value, rtol=1e-4)
     for got, expected in zip(grads, expected_grads):
         np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape, n_in, group_size, rows", [
+    ((48, 3, 16), 1, None, 1),  # a query projection: embed -> heads x head_dim, per output channel
+    ((3, 16, 48), 2, 8, 5),     # the attention output: two contracted axes, groups along head_dim
+    ((20, 70), 1, 5, 17),       # ragged: columns not a whole vector, rows not a whole tile
+])
+def test_int8_matmul_matches_the_dequantized_matmul(shape, n_in, group_size, rows):
+    from llm_jax.infer import quantize
+
+    assert cpu_kernels.available()
+    weight = quantize.quantize_weight(_normal(1, shape), tuple(range(n_in)), group_size)
+    x = _normal(2, (rows, *shape[:n_in]))
+    qvalue_KN, scale_GN = layers.int8_operands(weight, n_in)
+    got = cpu_kernels.int8_matmul(x.reshape(rows, -1), qvalue_KN, scale_GN)
+    dequantized = np.asarray(qwix.dequantize(weight), np.float64).reshape(qvalue_KN.shape)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(x, np.float64).reshape(rows, -1) @ dequantized,
+                               rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("group_size, rows", [(None, 1), (8, 3)])
+def test_int8_matmul_against_an_embedding_table(group_size, rows):
+    """The tied output projection: logits = x @ table.T, one scale per row of the table (a token)."""
+    from llm_jax.infer import quantize
+
+    assert cpu_kernels.available()
+    table = quantize.quantize_weight(_normal(1, (300, 40)), (1,), group_size)
+    x = _normal(2, (rows, 40))
+    qvalue_VE, scale_VG = layers.int8_operands(table, 1, contracted_last=True)
+    got = cpu_kernels.int8_matmul(x, qvalue_VE, scale_VG, transpose_b=True)
+    expected = np.asarray(x, np.float64) @ np.asarray(qwix.dequantize(table), np.float64).T
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+def test_int8_matmul_rejects_shapes_that_do_not_fit():
+    assert cpu_kernels.available()
+    with pytest.raises(Exception, match="cpu int8 matmul"):
+        jax.block_until_ready(cpu_kernels.int8_matmul(jnp.ones((1, 8)), jnp.ones((7, 4), jnp.int8),
+                                                      jnp.ones((1, 4))))
 
 
 @needs_kernel

@@ -90,6 +90,53 @@ def dequantized(weight: jax.Array | qwix.QArray) -> jax.Array:
     return weight
 
 
+# Up to this many rows (tokens) a projection by an int8 weight is the CPU int8 kernel, which reads
+# the int8 values as stored (a decode step); more rows dequantize the weight and multiply in float32,
+# where the weight is read once for many rows and the kernel's widening would cost more than it saves.
+CPU_INT8_MAX_ROWS = 64
+
+
+def _int8_scale_shape(weight: qwix.QArray, n_in: int, contracted_last: bool) -> tuple[int, ...] | None:
+    """The scales' shape broadcast so that each is shared by a run of consecutive inputs of the
+    flattened contracted axes (a group), or None when qwix's layout is not one the kernel takes
+    (a zero point, a tile along another contracted axis, a dtype other than int8)."""
+    if weight.qtype != jnp.int8 or getattr(weight, "zero_point", None) is not None or weight.qvalue.dtype != jnp.int8:
+        return None
+    q_shape, s_shape = weight.qvalue.shape, weight.scale.shape
+    if len(s_shape) != len(q_shape):
+        return None
+    contracted = range(len(q_shape) - n_in, len(q_shape)) if contracted_last else range(n_in)
+    last = contracted[-1]
+    target = list(q_shape)
+    target[last] = s_shape[last]
+    if q_shape[last] % s_shape[last] or any(s not in (1, t) for s, t in zip(s_shape, target)):
+        return None
+    return tuple(target)
+
+
+def use_cpu_int8_matmul(weight, n_in: int, rows: int, dtype: jnp.dtype, out_dtype: jnp.dtype | None = None, *,
+                        contracted_last: bool = False) -> bool:
+    """Whether a projection of `rows` tokens by `weight` should be the CPU int8 kernel: an int8 QArray
+    in a layout it takes, at most CPU_INT8_MAX_ROWS rows, and as `use_cpu_kernels`, float32 out."""
+    return isinstance(weight, qwix.QArray) and rows <= CPU_INT8_MAX_ROWS and (out_dtype or dtype) == jnp.float32 \
+        and _int8_scale_shape(weight, n_in, contracted_last) is not None and use_cpu_kernels(dtype)
+
+
+def int8_operands(weight: qwix.QArray, n_in: int, *, contracted_last: bool = False) -> tuple[jax.Array, jax.Array]:
+    """The 2-D operands of `cpu_kernels.int8_matmul`: (int8 values, float32 scales), [K, N] and
+    [K / G, N] for a kernel whose first `n_in` axes are contracted, or [N, K] and [N, K / G] with
+    `contracted_last` (an embedding table used as the output projection). A scale shared along a
+    contracted axis other than the last (qwix keeps one there) is repeated, so that every group is G
+    consecutive inputs of the flattened axis; the repeat is loop-invariant and small."""
+    scale = jnp.broadcast_to(weight.scale, _int8_scale_shape(weight, n_in, contracted_last))
+    q_shape = weight.qvalue.shape
+    split = len(q_shape) - n_in if contracted_last else n_in
+    lead, tail = math.prod(q_shape[:split]), math.prod(q_shape[split:])
+    if contracted_last:
+        return weight.qvalue.reshape(lead, tail), scale.reshape(lead, -1)
+    return weight.qvalue.reshape(lead, tail), scale.reshape(-1, tail)
+
+
 class Dense(nn.Module):
     """x[..., in dims] @ kernel[in dims, out dims] (+ bias[out dims]), with logical axes.
 
@@ -115,20 +162,24 @@ class Dense(nn.Module):
             (*in_shape, *self.features),
             self.param_dtype,
         )
-        kernel = dequantized(kernel)
         # Leading (batch, length) dims are merged into one before the matmul: XLA:CPU runs the 2-D
         # matmul and its gradients about 6% faster per baby-GPT step than the 3-D one (docs/benchmarks.md).
         lead_shape = x.shape[:x.ndim - self.n_in]
-        if use_cpu_matmul(self.dtype, self.out_dtype, math.prod(lead_shape)):
+        rows, inputs, outputs = math.prod(lead_shape), math.prod(in_shape), math.prod(self.features)
+        if use_cpu_int8_matmul(kernel, self.n_in, rows, self.dtype, self.out_dtype):
+            # The int8 values as stored, widened in the kernel (cpu_kernels.py): a quarter of the bytes.
+            qvalue_KN, scale_GN = int8_operands(kernel, self.n_in)
+            y = cpu_kernels.int8_matmul(x.reshape(rows, inputs), qvalue_KN, scale_GN)
+            y = y.reshape(*lead_shape, *self.features)
+        elif use_cpu_matmul(self.dtype, self.out_dtype, rows):
             # OpenBLAS through XLA FFI (cpu_kernels.py): XLA:CPU's own matmuls are slower here.
-            y = cpu_kernels.matmul(x.reshape(math.prod(lead_shape), math.prod(in_shape)),
-                                   kernel.reshape(math.prod(in_shape), math.prod(self.features)))
+            y = cpu_kernels.matmul(x.reshape(rows, inputs), dequantized(kernel).reshape(inputs, outputs))
             y = checkpoint_name(y, cpu_kernels.MATMUL_NAME).reshape(*lead_shape, *self.features)
         else:
-            x_flat = x.reshape(math.prod(lead_shape), *in_shape)
+            x_flat = x.reshape(rows, *in_shape)
             y = jax.lax.dot_general(
                 x_flat.astype(self.dtype),
-                kernel.astype(self.dtype),
+                dequantized(kernel).astype(self.dtype),
                 ((tuple(range(1, 1 + self.n_in)), tuple(range(self.n_in))), ((), ())),
                 preferred_element_type=self.out_dtype or self.dtype,
             ).reshape(*lead_shape, *self.features)
@@ -175,6 +226,11 @@ class Embed(nn.Module):
     def attend(self, x_BLE: jax.Array) -> jax.Array:
         """Logits against the table, accumulated and returned in float32 (tokens flattened, as in Dense)."""
         batch, length, features = x_BLE.shape
+        if use_cpu_int8_matmul(self.embedding, 1, batch * length, self.dtype, contracted_last=True):
+            qvalue_VE, scale_VG = int8_operands(self.embedding, 1, contracted_last=True)
+            logits_TV = cpu_kernels.int8_matmul(x_BLE.reshape(batch * length, features), qvalue_VE, scale_VG,
+                                                transpose_b=True)
+            return logits_TV.reshape(batch, length, self.num_embeddings)
         table_VE = dequantized(self.embedding)
         if use_cpu_matmul(self.dtype, rows=batch * length):
             logits_TV = cpu_kernels.matmul(x_BLE.reshape(batch * length, features), table_VE, transpose_b=True)
