@@ -93,7 +93,7 @@ def dequantized(weight: jax.Array | qwix.QArray) -> jax.Array:
 # Up to this many rows (tokens) a projection by an int8 weight is the CPU int8 kernel, which reads
 # the int8 values as stored (a decode step); more rows dequantize the weight and multiply in float32,
 # where the weight is read once for many rows and the kernel's widening would cost more than it saves.
-CPU_INT8_MAX_ROWS = 64
+CPU_INT8_MAX_ROWS = 4
 
 
 def _int8_scale_shape(weight: qwix.QArray, n_in: int, contracted_last: bool) -> tuple[int, ...] | None:

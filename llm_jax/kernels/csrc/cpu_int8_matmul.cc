@@ -33,12 +33,32 @@ namespace {
 
 constexpr int64_t kColumns = 256;  // columns of C accumulated at once (Q [K, N]): an L1-sized strip
 constexpr int64_t kMinBand = 64;    // the narrowest band of columns worth a task
+constexpr int kBlock = 8;           // rows of Q per pass over the accumulators: 8 FMAs per load and store
+
+// acc[r, 0:W] += sum_j a[r, j] * Q[j, 0:W] for R rows of A (row stride lda) and kBlock rows of Q
+// (row stride N), widened in registers; each widened value serves R rows. The accumulators' rows
+// are W apart.
+template <int R>
+inline void Block(const float* a, int64_t lda, const int8_t* __restrict__ q, int64_t N, int64_t W,
+                  float* __restrict__ acc) {
+  float ar[R][kBlock];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < kBlock; ++j) ar[r][j] = a[r * lda + j];
+  for (int64_t n = 0; n < W; ++n) {
+    float total[R];
+    for (int r = 0; r < R; ++r) total[r] = acc[r * W + n];
+    for (int j = 0; j < kBlock; ++j) {
+      const float qj = static_cast<float>(q[j * N + n]);
+      for (int r = 0; r < R; ++r) total[r] += ar[r][j] * qj;
+    }
+    for (int r = 0; r < R; ++r) acc[r * W + n] = total[r];
+  }
+}
 
 // C[:, n0:n1] for Q [K, N] with scales [K / G, N].
 void BandKN(const float* a, const int8_t* q, const float* s, float* c, int64_t M, int64_t K, int64_t N,
             int64_t G, int64_t n0, int64_t n1) {
-  std::vector<float> widened_buf(4 * kColumns), group_buf(M * kColumns);
-  float* __restrict__ w = widened_buf.data();
+  std::vector<float> group_buf(M * kColumns);
   float* __restrict__ acc = group_buf.data();
   for (int64_t c0 = n0; c0 < n1; c0 += kColumns) {
     const int64_t W = std::min(kColumns, n1 - c0);
@@ -46,26 +66,19 @@ void BandKN(const float* a, const int8_t* q, const float* s, float* c, int64_t M
     for (int64_t g0 = 0; g0 < K; g0 += G) {
       std::fill(acc, acc + M * W, 0.0f);
       int64_t k = g0;
-      for (; k + 4 <= g0 + G; k += 4) {  // four rows of Q widened, then one pass per row of A
-        for (int j = 0; j < 4; ++j) {
-          const int8_t* __restrict__ qk = q + (k + j) * N + c0;
-          for (int64_t n = 0; n < W; ++n) w[j * kColumns + n] = static_cast<float>(qk[n]);
-        }
-        for (int64_t m = 0; m < M; ++m) {
-          const float* ak = a + m * K + k;
-          const float a0 = ak[0], a1 = ak[1], a2 = ak[2], a3 = ak[3];
-          float* __restrict__ am = acc + m * W;
-          for (int64_t n = 0; n < W; ++n)
-            am[n] += a0 * w[n] + a1 * w[kColumns + n] + a2 * w[2 * kColumns + n] + a3 * w[3 * kColumns + n];
-        }
+      for (; k + kBlock <= g0 + G; k += kBlock) {
+        const int8_t* qk = q + k * N + c0;
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4) Block<4>(a + m * K + k, K, qk, N, W, acc + m * W);
+        for (; m + 2 <= M; m += 2) Block<2>(a + m * K + k, K, qk, N, W, acc + m * W);
+        for (; m < M; ++m) Block<1>(a + m * K + k, K, qk, N, W, acc + m * W);
       }
-      for (; k < g0 + G; ++k) {
+      for (; k < g0 + G; ++k) {  // the rows of a group left over by the blocks
         const int8_t* __restrict__ qk = q + k * N + c0;
-        for (int64_t n = 0; n < W; ++n) w[n] = static_cast<float>(qk[n]);
         for (int64_t m = 0; m < M; ++m) {
           const float ak = a[m * K + k];
           float* __restrict__ am = acc + m * W;
-          for (int64_t n = 0; n < W; ++n) am[n] += ak * w[n];
+          for (int64_t n = 0; n < W; ++n) am[n] += ak * static_cast<float>(qk[n]);
         }
       }
       const float* __restrict__ sg = s + (g0 / G) * N + c0;
@@ -86,8 +99,18 @@ void BandNK(const float* a, const int8_t* q, const float* s, float* c, int64_t M
   const int64_t groups = K / G;
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* __restrict__ qn = q + n * K;
-    for (int64_t k = 0; k < K; ++k) row[k] = static_cast<float>(qn[k]);
     const float* sn = s + n * groups;
+    if (M == 1) {  // one dot product per group, Q widened in registers
+      float total = 0.0f;
+      for (int64_t g = 0; g < groups; ++g) {
+        const float* ag = a + g * G;
+        const int8_t* qg = qn + g * G;
+        total += sn[g] * RowSum(G, [&](int64_t k) { return ag[k] * static_cast<float>(qg[k]); });
+      }
+      c[n] = total;
+      continue;
+    }
+    for (int64_t k = 0; k < K; ++k) row[k] = static_cast<float>(qn[k]);
     for (int64_t m = 0; m < M; ++m) {
       const float* __restrict__ am = a + m * K;
       float total = 0.0f;
