@@ -234,7 +234,7 @@ def test_int8_matmul_matches_the_dequantized_matmul(shape, n_in, group_size, row
     assert cpu_kernels.available()
     weight = quantize.quantize_weight(_normal(1, shape), tuple(range(n_in)), group_size)
     x = _normal(2, (rows, *shape[:n_in]))
-    qvalue_KN, scale_GN = layers.int8_operands(weight, n_in)
+    qvalue_KN, scale_GN = cpu_kernels.int8_operands(weight, n_in)
     got = cpu_kernels.int8_matmul(x.reshape(rows, -1), qvalue_KN, scale_GN)
     dequantized = np.asarray(qwix.dequantize(weight), np.float64).reshape(qvalue_KN.shape)
     np.testing.assert_allclose(np.asarray(got), np.asarray(x, np.float64).reshape(rows, -1) @ dequantized,
@@ -250,7 +250,7 @@ def test_int8_matmul_against_an_embedding_table(group_size, rows):
     assert cpu_kernels.available()
     table = quantize.quantize_weight(_normal(1, (300, 40)), (1,), group_size)
     x = _normal(2, (rows, 40))
-    qvalue_VE, scale_VG = layers.int8_operands(table, 1, contracted_last=True)
+    qvalue_VE, scale_VG = cpu_kernels.int8_operands(table, 1, contracted_last=True)
     got = cpu_kernels.int8_matmul(x, qvalue_VE, scale_VG, transpose_b=True)
     expected = np.asarray(x, np.float64) @ np.asarray(qwix.dequantize(table), np.float64).T
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-4)

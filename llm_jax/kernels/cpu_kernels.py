@@ -37,6 +37,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -294,6 +295,41 @@ def int8_matmul(a_MK: jax.Array, qvalue: jax.Array, scale: jax.Array, transpose_
     out_type = jax.ShapeDtypeStruct((a_MK.shape[0], n), jnp.float32)
     return jax.ffi.ffi_call(_INT8_MATMUL, out_type)(a_MK.astype(jnp.float32), qvalue.astype(jnp.int8),
                                                     scale.astype(jnp.float32), transpose_b=transpose_b)
+
+
+def int8_layout(weight, n_in: int, contracted_last: bool = False) -> tuple[int, ...] | None:
+    """For a qwix QArray whose first `n_in` axes (or last, `contracted_last`) are contracted: its
+    scales' shape broadcast so that each is shared by a run of consecutive inputs of the flattened
+    contracted axes (a group), or None when the layout is not one `int8_matmul` takes (a zero point,
+    a tile along another contracted axis, a dtype other than int8)."""
+    if weight.qtype != jnp.int8 or getattr(weight, "zero_point", None) is not None or weight.qvalue.dtype != jnp.int8:
+        return None
+    q_shape, s_shape = weight.qvalue.shape, weight.scale.shape
+    if len(s_shape) != len(q_shape):
+        return None
+    contracted = range(len(q_shape) - n_in, len(q_shape)) if contracted_last else range(n_in)
+    last = contracted[-1]
+    target = list(q_shape)
+    target[last] = s_shape[last]
+    if q_shape[last] % s_shape[last] or any(s not in (1, t) for s, t in zip(s_shape, target)):
+        return None
+    return tuple(target)
+
+
+def int8_operands(weight, n_in: int, *, contracted_last: bool = False) -> tuple[jax.Array, jax.Array]:
+    """The 2-D operands of `int8_matmul` from a qwix QArray (`int8_layout` not None): (int8 values,
+    float32 scales), [K, N] and [K / G, N] for a kernel whose first `n_in` axes are contracted, or
+    [N, K] and [N, K / G] with `contracted_last` (an embedding table used as the output projection).
+    A scale shared along a contracted axis other than the last (qwix keeps one there) is repeated, so
+    that every group is G consecutive inputs of the flattened axis; the repeat is small and
+    loop-invariant."""
+    scale = jnp.broadcast_to(weight.scale, int8_layout(weight, n_in, contracted_last))
+    q_shape = weight.qvalue.shape
+    split = len(q_shape) - n_in if contracted_last else n_in
+    lead, tail = math.prod(q_shape[:split]), math.prod(q_shape[split:])
+    if contracted_last:
+        return weight.qvalue.reshape(lead, tail), scale.reshape(lead, -1)
+    return weight.qvalue.reshape(lead, tail), scale.reshape(-1, tail)
 
 
 # ----------------------------------------------------------------------------- norms

@@ -96,45 +96,12 @@ def dequantized(weight: jax.Array | qwix.QArray) -> jax.Array:
 CPU_INT8_MAX_ROWS = 4
 
 
-def _int8_scale_shape(weight: qwix.QArray, n_in: int, contracted_last: bool) -> tuple[int, ...] | None:
-    """The scales' shape broadcast so that each is shared by a run of consecutive inputs of the
-    flattened contracted axes (a group), or None when qwix's layout is not one the kernel takes
-    (a zero point, a tile along another contracted axis, a dtype other than int8)."""
-    if weight.qtype != jnp.int8 or getattr(weight, "zero_point", None) is not None or weight.qvalue.dtype != jnp.int8:
-        return None
-    q_shape, s_shape = weight.qvalue.shape, weight.scale.shape
-    if len(s_shape) != len(q_shape):
-        return None
-    contracted = range(len(q_shape) - n_in, len(q_shape)) if contracted_last else range(n_in)
-    last = contracted[-1]
-    target = list(q_shape)
-    target[last] = s_shape[last]
-    if q_shape[last] % s_shape[last] or any(s not in (1, t) for s, t in zip(s_shape, target)):
-        return None
-    return tuple(target)
-
-
 def use_cpu_int8_matmul(weight, n_in: int, rows: int, dtype: jnp.dtype, out_dtype: jnp.dtype | None = None, *,
                         contracted_last: bool = False) -> bool:
     """Whether a projection of `rows` tokens by `weight` should be the CPU int8 kernel: an int8 QArray
     in a layout it takes, at most CPU_INT8_MAX_ROWS rows, and as `use_cpu_kernels`, float32 out."""
     return isinstance(weight, qwix.QArray) and rows <= CPU_INT8_MAX_ROWS and (out_dtype or dtype) == jnp.float32 \
-        and _int8_scale_shape(weight, n_in, contracted_last) is not None and use_cpu_kernels(dtype)
-
-
-def int8_operands(weight: qwix.QArray, n_in: int, *, contracted_last: bool = False) -> tuple[jax.Array, jax.Array]:
-    """The 2-D operands of `cpu_kernels.int8_matmul`: (int8 values, float32 scales), [K, N] and
-    [K / G, N] for a kernel whose first `n_in` axes are contracted, or [N, K] and [N, K / G] with
-    `contracted_last` (an embedding table used as the output projection). A scale shared along a
-    contracted axis other than the last (qwix keeps one there) is repeated, so that every group is G
-    consecutive inputs of the flattened axis; the repeat is loop-invariant and small."""
-    scale = jnp.broadcast_to(weight.scale, _int8_scale_shape(weight, n_in, contracted_last))
-    q_shape = weight.qvalue.shape
-    split = len(q_shape) - n_in if contracted_last else n_in
-    lead, tail = math.prod(q_shape[:split]), math.prod(q_shape[split:])
-    if contracted_last:
-        return weight.qvalue.reshape(lead, tail), scale.reshape(lead, -1)
-    return weight.qvalue.reshape(lead, tail), scale.reshape(-1, tail)
+        and cpu_kernels.int8_layout(weight, n_in, contracted_last) is not None and use_cpu_kernels(dtype)
 
 
 class Dense(nn.Module):
@@ -168,7 +135,7 @@ class Dense(nn.Module):
         rows, inputs, outputs = math.prod(lead_shape), math.prod(in_shape), math.prod(self.features)
         if use_cpu_int8_matmul(kernel, self.n_in, rows, self.dtype, self.out_dtype):
             # The int8 values as stored, widened in the kernel (cpu_kernels.py): a quarter of the bytes.
-            qvalue_KN, scale_GN = int8_operands(kernel, self.n_in)
+            qvalue_KN, scale_GN = cpu_kernels.int8_operands(kernel, self.n_in)
             y = cpu_kernels.int8_matmul(x.reshape(rows, inputs), qvalue_KN, scale_GN)
             y = y.reshape(*lead_shape, *self.features)
         elif use_cpu_matmul(self.dtype, self.out_dtype, rows):
@@ -227,7 +194,7 @@ class Embed(nn.Module):
         """Logits against the table, accumulated and returned in float32 (tokens flattened, as in Dense)."""
         batch, length, features = x_BLE.shape
         if use_cpu_int8_matmul(self.embedding, 1, batch * length, self.dtype, contracted_last=True):
-            qvalue_VE, scale_VG = int8_operands(self.embedding, 1, contracted_last=True)
+            qvalue_VE, scale_VG = cpu_kernels.int8_operands(self.embedding, 1, contracted_last=True)
             logits_TV = cpu_kernels.int8_matmul(x_BLE.reshape(batch * length, features), qvalue_VE, scale_VG,
                                                 transpose_b=True)
             return logits_TV.reshape(batch, length, self.num_embeddings)
