@@ -93,7 +93,7 @@ def dequantized(weight: jax.Array | qwix.QArray) -> jax.Array:
 # Up to this many rows (tokens) a projection by an int8 weight is the CPU int8 kernel, which reads
 # the int8 values as stored (a decode step); more rows dequantize the weight and multiply in float32,
 # where the weight is read once for many rows and the kernel's widening would cost more than it saves.
-CPU_INT8_MAX_ROWS = 4
+CPU_INT8_MAX_ROWS = 8
 
 
 def use_cpu_int8_matmul(weight, n_in: int, rows: int, dtype: jnp.dtype, out_dtype: jnp.dtype | None = None, *,
