@@ -70,7 +70,7 @@ def use_cpu_kernels(dtype: jnp.dtype) -> bool:
 # are used: a decode step's matrix-vector products. OpenBLAS's sgemm packs the weights before it
 # multiplies, so at a few rows it reads each weight about twice, and every kernel call is a separate
 # step of XLA's loop that it cannot fuse with its neighbours; XLA:CPU's dot streams the weights once.
-# Measured on the baby GPT (docs/benchmarks.md, "Decode speed"): batch-1 greedy 2.6 -> 1.5 ms a token.
+# Measured on the baby GPT (docs/benchmarks.md, "Decode speed"): batch-1 greedy 2.7-2.9 -> 1.5 ms a token.
 CPU_KERNEL_MIN_ROWS = 64
 
 
