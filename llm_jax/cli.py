@@ -205,7 +205,8 @@ def _cmd_bench(args) -> int:
 
         print(json.dumps(decode_bench.run_decode_bench(config, batch=args.batch, num_beams=args.num_beams,
                                                        prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                                                       rounds=args.steps)))
+                                                       rounds=args.steps, int8=args.int8,
+                                                       group_size=args.group_size)))
         return 0
     from llm_jax.commands import bench
 
@@ -441,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-beams", type=int, default=1, help="--decode: beam search above 1")
     p.add_argument("--prompt-len", type=int, default=32, help="--decode: ids per prompt")
     p.add_argument("--new-tokens", type=int, default=64, help="--decode: generated per prompt")
+    p.add_argument("--int8", action="store_true", help="--decode: the weights quantized as llm-jax quantize does")
+    p.add_argument("--group-size", type=int, default=None, help="--decode --int8: one scale per this many inputs")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools: llm-jax tokenizer train [CONFIG] [key=value ...]")

@@ -93,3 +93,8 @@ def test_bench_decode_prints_new_tokens_per_second(capsys, tmp_path):
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["decode_tokens_per_sec"] == pytest.approx(2 * 4 / report["seconds_per_call"])
     assert report["param_bytes"] == 4 * report["params"]  # float32
+    assert cli.main(["bench", "configs/tiny.yaml", f"workdir={tmp_path}", "model.n_layers=1", "--decode", "--batch",
+                     "1", "--prompt-len", "5", "--new-tokens", "4", "--steps", "1", "--int8"]) == 0
+    int8 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert int8["weights"].startswith("int8") and int8["params"] == report["params"]
+    assert int8["param_bytes"] < 0.4 * report["param_bytes"]  # int8 values and float32 scales

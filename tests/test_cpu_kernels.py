@@ -1,4 +1,5 @@
-"""The CPU kernels (fused attention, BLAS matmul, norms) against XLA's ops; when the model uses them; the fallback."""
+"""The CPU kernels (fused attention, BLAS and int8 matmuls, norms) against XLA's ops; when the model uses them;
+the fallback."""
 
 import os
 import shutil
@@ -10,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import qwix
 
 from llm_jax.config import ModelConfig
 from llm_jax.kernels import cpu_kernels
@@ -132,8 +134,8 @@ def _attention_hlo(dtype: str, arch: str = "gpt2") -> str:
     config = ModelConfig(arch=arch, vocab_size=64, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=16,
                          dtype=dtype)
     module = layers.Attention(config)
-    x = jnp.ones((2, 16, 32), layers.to_dtype(dtype))
-    positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
+    x = jnp.ones((4, 16, 32), layers.to_dtype(dtype))  # 64 rows: layers.CPU_KERNEL_MIN_ROWS
+    positions = jnp.broadcast_to(jnp.arange(16), (4, 16))
     params = module.init(jax.random.key(0), x, positions, None, False)
     return jax.jit(lambda p: module.apply(p, x, positions, None, False)).lower(params).as_text()
 
@@ -221,8 +223,51 @@ def test_matmul_matches_xla_and_its_gradients(m, k, n, transpose_b):
 
 
 @needs_kernel
+@pytest.mark.parametrize("shape, n_in, group_size, rows", [
+    ((48, 3, 16), 1, None, 1),  # a query projection: embed -> heads x head_dim, per output channel
+    ((3, 16, 48), 2, 8, 5),     # the attention output: two contracted axes, groups along head_dim
+    ((20, 70), 1, 5, 17),       # ragged: columns not a whole vector, rows not a whole tile
+])
+def test_int8_matmul_matches_the_dequantized_matmul(shape, n_in, group_size, rows):
+    from llm_jax.infer import quantize
+
+    assert cpu_kernels.available()
+    weight = quantize.quantize_weight(_normal(1, shape), tuple(range(n_in)), group_size)
+    x = _normal(2, (rows, *shape[:n_in]))
+    qvalue_KN, scale_GN = cpu_kernels.int8_operands(weight, n_in)
+    got = cpu_kernels.int8_matmul(x.reshape(rows, -1), qvalue_KN, scale_GN)
+    dequantized = np.asarray(qwix.dequantize(weight), np.float64).reshape(qvalue_KN.shape)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(x, np.float64).reshape(rows, -1) @ dequantized,
+                               rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("group_size, rows", [(None, 1), (8, 3)])
+def test_int8_matmul_against_an_embedding_table(group_size, rows):
+    """The tied output projection: logits = x @ table.T, one scale per row of the table (a token)."""
+    from llm_jax.infer import quantize
+
+    assert cpu_kernels.available()
+    table = quantize.quantize_weight(_normal(1, (300, 40)), (1,), group_size)
+    x = _normal(2, (rows, 40))
+    qvalue_VE, scale_VG = cpu_kernels.int8_operands(table, 1, contracted_last=True)
+    got = cpu_kernels.int8_matmul(x, qvalue_VE, scale_VG, transpose_b=True)
+    expected = np.asarray(x, np.float64) @ np.asarray(qwix.dequantize(table), np.float64).T
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+def test_int8_matmul_rejects_shapes_that_do_not_fit():
+    assert cpu_kernels.available()
+    with pytest.raises(Exception, match="cpu int8 matmul"):
+        jax.block_until_ready(cpu_kernels.int8_matmul(jnp.ones((1, 8)), jnp.ones((7, 4), jnp.int8),
+                                                      jnp.ones((1, 4))))
+
+
+@needs_kernel
 def test_dense_layer_with_the_kernel_equals_xla(monkeypatch):
     """A 2-in-dim projection (heads x head_dim -> embed) and its gradients, kernel on and off."""
+    monkeypatch.setattr(layers, "CPU_KERNEL_MIN_ROWS", 1)  # 10 rows: a decode step's size keeps XLA's dot
     dense = layers.Dense(features=(6,), kernel_axes=("heads", "head_dim", "embed"), n_in=2, use_bias=True)
     x = _normal(4, (2, 5, 3, 4))
     params = dense.init(jax.random.key(0), x)
@@ -232,7 +277,7 @@ def test_dense_layer_with_the_kernel_equals_xla(monkeypatch):
 
     with_kernel = value_and_grads()
     assert "llm_jax_cpu_matmul" in jax.jit(dense.apply).lower(params, x).as_text()
-    monkeypatch.setattr(layers, "use_cpu_matmul", lambda dtype, out_dtype=None: False)
+    monkeypatch.setattr(layers, "use_cpu_matmul", lambda dtype, out_dtype=None, rows=None: False)
     without = value_and_grads()
     for got, expected in zip(jax.tree.leaves(with_kernel), jax.tree.leaves(without)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
@@ -242,6 +287,7 @@ def test_dense_layer_with_the_kernel_equals_xla(monkeypatch):
 @pytest.mark.parametrize("rms", [False, True])
 @pytest.mark.parametrize("shape", [(2, 70, 37), (3, 384), (1, 1, 16)])  # ragged rows and tasks; one row
 def test_norm_kernel_matches_xla_and_its_gradients(monkeypatch, rms, shape):
+    monkeypatch.setattr(layers, "CPU_KERNEL_MIN_ROWS", 1)
     norm = layers.Norm(rms=rms, eps=1e-5)
     x = _normal(1, shape) * 3.0 + 1.0
     params = jax.tree.map(lambda p: p + _normal(2, p.shape), norm.init(jax.random.key(0), x))

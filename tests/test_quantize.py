@@ -67,6 +67,35 @@ def test_int8_model_logits_are_close_to_float():
     assert quantize.param_bytes(params) > 3 * quantize.param_bytes(qparams)  # d_model 32: scales weigh 1/8 of int8
 
 
+def test_int8_decoding_reads_the_int8_weights_and_equals_the_dequantized_model():
+    """A decode step (a few rows) multiplies by the int8 values as stored (layers.use_cpu_int8_matmul):
+    the compiled loop carries int8 kernels and no float32 copy hoisted out of it, and the logits are
+    the dequantized model's to float32 rounding. gpt2: tied output projection; 2-axis output kernel."""
+    from llm_jax.infer import generate as gen
+    from llm_jax.infer.sampling import Sampling
+    from llm_jax.kernels import cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip("the CPU kernels are not built on this machine")
+    config = ModelConfig(arch="gpt2", vocab_size=96, n_layers=1, d_model=32, n_heads=4, d_ff=64, max_len=32)
+    model, params = _random_params(config)
+    qparams = quantize.quantize_params(params, config, group_size=8)
+    dequantized = jax.jit(quantize.dequantize_params)(qparams)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 96, (2, 2)), jnp.int32)  # 4 rows: a decode step's
+    logits = jax.jit(lambda p: model.apply({"params": p}, tokens))
+    int8, reference = logits(qparams), logits(dequantized)
+    assert "llm_jax_cpu_int8_matmul" in logits.lower(qparams).as_text()
+    np.testing.assert_allclose(np.asarray(int8), np.asarray(reference), rtol=1e-5, atol=1e-5)
+
+    ids, real = gen.pad_prompts([[5, 6, 7]], 4, left=True)
+    decoding = gen.Decoding(max_new_tokens=4, sampling=Sampling(temperature=0.0))
+    hlo = gen.sample_rows.lower(config, qparams, jnp.asarray(ids), jnp.asarray(real), jax.random.key(0),
+                                jnp.asarray(-1, jnp.int32), decoding=decoding).compile().as_text()
+    [loop_state] = [line for line in hlo.splitlines() if " while(" in line]
+    assert "s8[32,64]" in loop_state and "s8[96,32]" in loop_state  # mlp/fc kernel, the embedding table
+    assert "f32[32,64]" not in loop_state and "f32[96,32]" not in loop_state
+
+
 def _assert_kernels_and_embeddings_alone(params, quantized: set[str]) -> None:
     """Every kernel and embedding table is int8, nothing else (norm scales, biases, T5's relative tables)."""
     for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:

@@ -74,6 +74,7 @@ def test_round_trip_keeps_code_whitespace(trained):
     assert tok.decode(ids) == text
     assert tok.decode(np.asarray(ids, np.int32)) == text
     assert tok.decode([tok.bos_id, *ids, tok.eos_id, tok.pad_id]) == text
+    assert tok.decode([*ids, tok.vocab_size, tok.vocab_size + 27]) == text  # a padded vocabulary's rows
 
 
 def test_byte_fallback_for_unseen_characters(trained):

@@ -7,6 +7,10 @@ stops early). One timed call is the whole `generate` of a batch, prefill include
 
 decode_tokens_per_sec = batch x new_tokens / seconds: new tokens of all rows. With beam search a row
 is a prompt and its best beam (the other beams' tokens, computed too, are not counted).
+
+`int8` (`--int8`, `--group-size`): the random weights quantized as `llm-jax quantize` quantizes a run
+(infer/quantize.py), so float and int8 decoding are timed on the same model; `param_bytes` then counts
+int8 values and float32 scales.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ def _random_params(setup):
 
 
 def run_decode_bench(config: Config, *, batch: int = 1, num_beams: int = 1, prompt_len: int = 32,
-                     new_tokens: int = 64, rounds: int = 3) -> dict[str, Any]:
+                     new_tokens: int = 64, rounds: int = 3, int8: bool = False,
+                     group_size: int | None = None) -> dict[str, Any]:
     from llm_jax.train import loop
 
     if config.model.family.encoder:
@@ -57,8 +62,15 @@ def run_decode_bench(config: Config, *, batch: int = 1, num_beams: int = 1, prom
         gen.check_fits(config.model, prompt_len, new_tokens)
     except ValueError as e:
         raise ConfigError(f"bench --decode: {e}") from None
+    if group_size is not None and not int8:
+        raise ConfigError("bench --group-size quantizes the weights: add --int8")
     setup = loop.build(config, with_data=False)
     params = _random_params(setup)
+    n_params = count_params(params)
+    if int8:
+        from llm_jax.infer import quantize
+
+        params = quantize.quantize_params(params, config.model, group_size)
     decoding = gen.Decoding(max_new_tokens=new_tokens, sampling=Sampling(temperature=0.0), num_beams=num_beams)
     rng = np.random.default_rng(config.seed)
     prompts = rng.integers(4, config.model.vocab_size, size=(batch, prompt_len)).tolist()
@@ -87,7 +99,8 @@ def run_decode_bench(config: Config, *, batch: int = 1, num_beams: int = 1, prom
         "seconds_per_call": seconds,
         "compile_and_first_call_s": compile_time,
         "batch": batch, "num_beams": num_beams, "prompt_len": prompt_len, "new_tokens": new_tokens,
-        "params": count_params(params),
+        "weights": f"int8 (group size {group_size or 'per channel'})" if int8 else "float",
+        "params": n_params,
         "param_bytes": _param_bytes(params),  # read once per step: the batch-1 bound's numerator
         "device": f"{jax.device_count()}x {getattr(device, 'device_kind', device.platform)}",
     }

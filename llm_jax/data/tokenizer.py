@@ -110,8 +110,10 @@ class Tokenizer:
         return self._sp.encode(text)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        """Text of `ids`; control ids (pad, bos, eos) decode to nothing."""
-        return self._sp.decode([int(i) for i in np.asarray(ids).reshape(-1)])
+        """Text of `ids`; control ids (pad, bos, eos) decode to nothing, and so do ids beyond the
+        tokenizer's pieces: a model's vocabulary may be padded past them (T5's 32128 rows for 32100
+        pieces), and a model can still emit such an id."""
+        return self._sp.decode([int(i) for i in np.asarray(ids).reshape(-1) if 0 <= int(i) < self.vocab_size])
 
     def piece_bytes(self) -> np.ndarray:
         """int64 [vocab_size]: the UTF-8 bytes of text each id stands for (a word's leading space, the

@@ -24,14 +24,14 @@ be quantized where this project runs most. So the weights are quantized here wit
 one back into a float array inside the compiled call, at its use, and the model code is
 otherwise unchanged.
 
-Memory: between calls (and on disk) the weights are int8. Inside one compiled call the float
-copies are temporaries of the step that uses them; in generation's decode loop XLA hoists the
-dequantization of the kernels out of the loop (loop-invariant code motion: seen in the compiled
-HLO, whose loop carries f32 kernels and the int8 embedding tables, which are gathered by row), so
-while a continuation is generated the kernels are float, and decoding runs at the float speed.
-Keeping them int8 through the loop (an optimization barrier tying the weights to the loop's tokens
-in generate's `tokens_to_logits`) pays only where XLA fuses the int8 -> float conversion into the
-matmul (GPU); XLA:CPU would write and read a float copy every step, more memory traffic, not less.
+Memory and speed: between calls (and on disk) the weights are int8. A decode step on one CPU device
+(at most `layers.CPU_INT8_MAX_ROWS` rows: batch 1, a few beams) multiplies by the int8 values as they
+are stored (`cpu_kernels.int8_matmul`, csrc/cpu_int8_matmul.cc, which widens them in registers), so
+the decode loop carries the int8 kernels and reads a quarter of float32's bytes per token: at batch 1,
+decoding is faster than float (docs/benchmarks.md). Elsewhere (more rows, other devices) a weight is
+dequantized inside the compiled call, at its use; in generation's decode loop XLA then hoists that
+out of the loop (loop-invariant code motion), so the loop carries float32 kernels and decodes at the
+float speed, and the float copies are temporaries of the call.
 
 On disk (`llm-jax quantize`: an export, commands/export.py's layout) each quantized leaf is a
 dict {"qvalue": int8, "scale": float32} in the same place of the tree, and export.json says
@@ -111,7 +111,8 @@ def quantize_params(params: Any, config: ModelConfig, group_size: int | None = N
         contracted = contracted_axes(_path_names(path), axes[_path_names(path)])
         return leaf if contracted is None else quantize_weight(leaf, contracted, group_size)
 
-    return jax.tree_util.tree_map_with_path(one, params)
+    # One compiled program: op by op, qwix's quantization of each leaf takes ~10x longer.
+    return jax.jit(lambda tree: jax.tree_util.tree_map_with_path(one, tree))(params)
 
 
 def quantized_paths(qparams: Any) -> list[str]:

@@ -10,6 +10,9 @@ norm into many separate passes. Here:
   the masked blocks (after the diagonal, outside the block's documents), forward and backward;
 - `matmul` (csrc/cpu_matmul.cc) is op(A) @ op(B) through OpenBLAS (the `scipy-openblas32` wheel),
   single-threaded per band, the bands spread over XLA's own thread pool;
+- `int8_matmul` (csrc/cpu_int8_matmul.cc) multiplies a few rows by int8 weights with float32
+  scales per output channel (or group of inputs) as they are stored, widening them in registers:
+  a decode step reads a quarter of float32's bytes (XLA would dequantize them to float32 first);
 - `layer_norm` (csrc/cpu_layer_norm.cc) is LayerNorm or RMSNorm, each row normalised in one pass,
   forward and backward.
 
@@ -23,8 +26,9 @@ created 0700). Without a compiler, if the build fails or the cache is refused, `
 once and the model keeps XLA's own ops: same functions, slower. `LLM_JAX_CPU_KERNELS=0` switches
 them off.
 
-`layers` uses them for float32 training on CPU when the step runs on one device (see
-`layers.use_cpu_kernels`); GPU/TPU, sharded meshes, bf16 and decoding keep the XLA path.
+`layers` uses them for float32 on CPU when the step runs on one device (see `layers.use_cpu_kernels`):
+attention, matmuls and norms of many rows (training, a prompt's prefill), the int8 matmul for the
+few rows of a decode step; GPU/TPU, sharded meshes and bf16 keep the XLA path.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -47,11 +52,12 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).parent / "csrc"
-SOURCES = ("cpu_attention.cc", "cpu_matmul.cc", "cpu_layer_norm.cc")
+SOURCES = ("cpu_attention.cc", "cpu_matmul.cc", "cpu_layer_norm.cc", "cpu_int8_matmul.cc")
 HEADERS = ("parallel_for.h", "vector_math.h")
 CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 _FORWARD, _BACKWARD = "llm_jax_cpu_attention_fwd", "llm_jax_cpu_attention_bwd"
 _MATMUL = "llm_jax_cpu_matmul"
+_INT8_MATMUL = "llm_jax_cpu_int8_matmul"
 _NORM_FORWARD, _NORM_BACKWARD = "llm_jax_cpu_layer_norm_fwd", "llm_jax_cpu_layer_norm_bwd"
 MATMUL_NAME = "cpu_matmul"  # checkpoint name of the kernel's outputs: `model.remat=dots` keeps them
 _registered = False
@@ -161,6 +167,7 @@ def available() -> bool:
             for name, symbol in ((_FORWARD, library.LlmJaxCpuAttentionForward),
                                  (_BACKWARD, library.LlmJaxCpuAttentionBackward),
                                  (_MATMUL, library.LlmJaxCpuMatmul),
+                                 (_INT8_MATMUL, library.LlmJaxCpuInt8Matmul),
                                  (_NORM_FORWARD, library.LlmJaxCpuLayerNormForward),
                                  (_NORM_BACKWARD, library.LlmJaxCpuLayerNormBackward)):
                 jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
@@ -274,6 +281,55 @@ def matmul(a_MK: jax.Array, b: jax.Array, transpose_b: bool = False) -> jax.Arra
     Call only when `available()`; `layers.use_cpu_kernels` decides.
     """
     return _matmul(a_MK.astype(jnp.float32), b.astype(jnp.float32), transpose_b)
+
+
+def int8_matmul(a_MK: jax.Array, qvalue: jax.Array, scale: jax.Array, transpose_b: bool = False) -> jax.Array:
+    """a [M, K] @ dequantized int8 weights, float32 [M, N]; no gradient (quantized weights are not trained).
+
+    qvalue [K, N] int8 with scale [K / G, N] float32 (one per output column and group of G
+    consecutive inputs; G = K: per column), or with `transpose_b` qvalue [N, K] and scale [N, K / G]:
+    the function `a @ (qvalue * repeat(scale, G))` (or its transpose). Call only when `available()`;
+    `layers.use_cpu_int8_matmul` decides.
+    """
+    n = qvalue.shape[0] if transpose_b else qvalue.shape[1]
+    out_type = jax.ShapeDtypeStruct((a_MK.shape[0], n), jnp.float32)
+    return jax.ffi.ffi_call(_INT8_MATMUL, out_type)(a_MK.astype(jnp.float32), qvalue.astype(jnp.int8),
+                                                    scale.astype(jnp.float32), transpose_b=transpose_b)
+
+
+def int8_layout(weight, n_in: int, contracted_last: bool = False) -> tuple[int, ...] | None:
+    """For a qwix QArray whose first `n_in` axes (or last, `contracted_last`) are contracted: its
+    scales' shape broadcast so that each is shared by a run of consecutive inputs of the flattened
+    contracted axes (a group), or None when the layout is not one `int8_matmul` takes (a zero point,
+    a tile along another contracted axis, a dtype other than int8)."""
+    if weight.qtype != jnp.int8 or getattr(weight, "zero_point", None) is not None or weight.qvalue.dtype != jnp.int8:
+        return None
+    q_shape, s_shape = weight.qvalue.shape, weight.scale.shape
+    if len(s_shape) != len(q_shape):
+        return None
+    contracted = range(len(q_shape) - n_in, len(q_shape)) if contracted_last else range(n_in)
+    last = contracted[-1]
+    target = list(q_shape)
+    target[last] = s_shape[last]
+    if q_shape[last] % s_shape[last] or any(s not in (1, t) for s, t in zip(s_shape, target)):
+        return None
+    return tuple(target)
+
+
+def int8_operands(weight, n_in: int, *, contracted_last: bool = False) -> tuple[jax.Array, jax.Array]:
+    """The 2-D operands of `int8_matmul` from a qwix QArray (`int8_layout` not None): (int8 values,
+    float32 scales), [K, N] and [K / G, N] for a kernel whose first `n_in` axes are contracted, or
+    [N, K] and [N, K / G] with `contracted_last` (an embedding table used as the output projection).
+    A scale shared along a contracted axis other than the last (qwix keeps one there) is repeated, so
+    that every group is G consecutive inputs of the flattened axis; the repeat is small and
+    loop-invariant."""
+    scale = jnp.broadcast_to(weight.scale, int8_layout(weight, n_in, contracted_last))
+    q_shape = weight.qvalue.shape
+    split = len(q_shape) - n_in if contracted_last else n_in
+    lead, tail = math.prod(q_shape[:split]), math.prod(q_shape[split:])
+    if contracted_last:
+        return weight.qvalue.reshape(lead, tail), scale.reshape(lead, -1)
+    return weight.qvalue.reshape(lead, tail), scale.reshape(-1, tail)
 
 
 # ----------------------------------------------------------------------------- norms

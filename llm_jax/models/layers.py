@@ -66,9 +66,19 @@ def use_cpu_kernels(dtype: jnp.dtype) -> bool:
     return traced_platform() == "cpu" and one_device and dtype == jnp.float32 and cpu_kernels.available()
 
 
-def use_cpu_matmul(dtype: jnp.dtype, out_dtype: jnp.dtype | None = None) -> bool:
-    """Whether a projection should be the CPU matmul kernel: as `use_cpu_kernels`, float32 in and out."""
-    return (out_dtype or dtype) == jnp.float32 and use_cpu_kernels(dtype)
+# Below this many rows (tokens) a projection or norm keeps XLA's own op even where the CPU kernels
+# are used: a decode step's matrix-vector products. OpenBLAS's sgemm packs the weights before it
+# multiplies, so at a few rows it reads each weight about twice, and every kernel call is a separate
+# step of XLA's loop that it cannot fuse with its neighbours; XLA:CPU's dot streams the weights once.
+# Measured on the baby GPT (docs/benchmarks.md, "Decode speed"): batch-1 greedy 2.7-2.9 -> 1.5 ms a token.
+CPU_KERNEL_MIN_ROWS = 64
+
+
+def use_cpu_matmul(dtype: jnp.dtype, out_dtype: jnp.dtype | None = None, rows: int | None = None) -> bool:
+    """Whether a projection of `rows` tokens should be the CPU matmul kernel: as `use_cpu_kernels`,
+    float32 in and out, at least CPU_KERNEL_MIN_ROWS rows (None: assume many)."""
+    return (out_dtype or dtype) == jnp.float32 and (rows is None or rows >= CPU_KERNEL_MIN_ROWS) \
+        and use_cpu_kernels(dtype)
 
 
 def dequantized(weight: jax.Array | qwix.QArray) -> jax.Array:
@@ -78,6 +88,20 @@ def dequantized(weight: jax.Array | qwix.QArray) -> jax.Array:
     if isinstance(weight, qwix.QArray):
         return qwix.dequantize(weight)
     return weight
+
+
+# Up to this many rows (tokens) a projection by an int8 weight is the CPU int8 kernel, which reads
+# the int8 values as stored (a decode step); more rows dequantize the weight and multiply in float32,
+# where the weight is read once for many rows and the kernel's widening would cost more than it saves.
+CPU_INT8_MAX_ROWS = 8
+
+
+def use_cpu_int8_matmul(weight, n_in: int, rows: int, dtype: jnp.dtype, out_dtype: jnp.dtype | None = None, *,
+                        contracted_last: bool = False) -> bool:
+    """Whether a projection of `rows` tokens by `weight` should be the CPU int8 kernel: an int8 QArray
+    in a layout it takes, at most CPU_INT8_MAX_ROWS rows, and as `use_cpu_kernels`, float32 out."""
+    return isinstance(weight, qwix.QArray) and rows <= CPU_INT8_MAX_ROWS and (out_dtype or dtype) == jnp.float32 \
+        and cpu_kernels.int8_layout(weight, n_in, contracted_last) is not None and use_cpu_kernels(dtype)
 
 
 class Dense(nn.Module):
@@ -105,20 +129,24 @@ class Dense(nn.Module):
             (*in_shape, *self.features),
             self.param_dtype,
         )
-        kernel = dequantized(kernel)
         # Leading (batch, length) dims are merged into one before the matmul: XLA:CPU runs the 2-D
         # matmul and its gradients about 6% faster per baby-GPT step than the 3-D one (docs/benchmarks.md).
         lead_shape = x.shape[:x.ndim - self.n_in]
-        if use_cpu_matmul(self.dtype, self.out_dtype):
+        rows, inputs, outputs = math.prod(lead_shape), math.prod(in_shape), math.prod(self.features)
+        if use_cpu_int8_matmul(kernel, self.n_in, rows, self.dtype, self.out_dtype):
+            # The int8 values as stored, widened in the kernel (cpu_kernels.py): a quarter of the bytes.
+            qvalue_KN, scale_GN = cpu_kernels.int8_operands(kernel, self.n_in)
+            y = cpu_kernels.int8_matmul(x.reshape(rows, inputs), qvalue_KN, scale_GN)
+            y = y.reshape(*lead_shape, *self.features)
+        elif use_cpu_matmul(self.dtype, self.out_dtype, rows):
             # OpenBLAS through XLA FFI (cpu_kernels.py): XLA:CPU's own matmuls are slower here.
-            y = cpu_kernels.matmul(x.reshape(math.prod(lead_shape), math.prod(in_shape)),
-                                   kernel.reshape(math.prod(in_shape), math.prod(self.features)))
+            y = cpu_kernels.matmul(x.reshape(rows, inputs), dequantized(kernel).reshape(inputs, outputs))
             y = checkpoint_name(y, cpu_kernels.MATMUL_NAME).reshape(*lead_shape, *self.features)
         else:
-            x_flat = x.reshape(math.prod(lead_shape), *in_shape)
+            x_flat = x.reshape(rows, *in_shape)
             y = jax.lax.dot_general(
                 x_flat.astype(self.dtype),
-                kernel.astype(self.dtype),
+                dequantized(kernel).astype(self.dtype),
                 ((tuple(range(1, 1 + self.n_in)), tuple(range(self.n_in))), ((), ())),
                 preferred_element_type=self.out_dtype or self.dtype,
             ).reshape(*lead_shape, *self.features)
@@ -165,8 +193,13 @@ class Embed(nn.Module):
     def attend(self, x_BLE: jax.Array) -> jax.Array:
         """Logits against the table, accumulated and returned in float32 (tokens flattened, as in Dense)."""
         batch, length, features = x_BLE.shape
+        if use_cpu_int8_matmul(self.embedding, 1, batch * length, self.dtype, contracted_last=True):
+            qvalue_VE, scale_VG = cpu_kernels.int8_operands(self.embedding, 1, contracted_last=True)
+            logits_TV = cpu_kernels.int8_matmul(x_BLE.reshape(batch * length, features), qvalue_VE, scale_VG,
+                                                transpose_b=True)
+            return logits_TV.reshape(batch, length, self.num_embeddings)
         table_VE = dequantized(self.embedding)
-        if use_cpu_matmul(self.dtype):
+        if use_cpu_matmul(self.dtype, rows=batch * length):
             logits_TV = cpu_kernels.matmul(x_BLE.reshape(batch * length, features), table_VE, transpose_b=True)
             return checkpoint_name(logits_TV, cpu_kernels.MATMUL_NAME).reshape(batch, length, self.num_embeddings)
         logits_TV = jnp.einsum(
@@ -200,7 +233,7 @@ class Norm(nn.Module):
 
         scale = vector("scale", nn.initializers.ones)
         bias = None if self.rms else vector("bias", nn.initializers.zeros)
-        if use_cpu_kernels(self.dtype):
+        if use_cpu_kernels(self.dtype) and math.prod(x.shape[:-1]) >= CPU_KERNEL_MIN_ROWS:
             # One pass per row (cpu_kernels.py): inside a whole step XLA:CPU splits a norm into many.
             return cpu_kernels.layer_norm(x, scale, bias, self.eps).astype(self.dtype)
         broadcast = (1,) * (x.ndim - 1) + (features,)
