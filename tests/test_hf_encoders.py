@@ -28,12 +28,14 @@ transformers = pytest.importorskip("transformers")
 EOS = 1  # T5's
 BERT_SIZES = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                   max_position_embeddings=32)
-# v1.1: gated GELU, untied lm_head, 4 heads x d_kv 16 = 64 against d_model 32, unequal stack depths;
-# original: relu, tied and scaled output, few buckets with a short max distance (so some distances share one).
+# v1.1: gated GELU, untied lm_head, 4 heads x d_kv 16 = 64 against d_model 32, unequal stack depths (the
+# deeper one the encoder: transformers 5 sizes its generation cache by num_layers); mt5: the same network in
+# its own class (never scaled); original: relu, tied and scaled output, few buckets with a short max distance
+# (so some distances share one).
 T5_VARIANTS = {
-    # (The deeper stack is the encoder: transformers 5 sizes its generation cache by num_layers.)
     "v1.1": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, d_kv=16, num_layers=3,
                  num_decoder_layers=2),
+    "mt5": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, d_kv=16, num_layers=2),
     "original": dict(feed_forward_proj="relu", tie_word_embeddings=True, d_kv=8, num_layers=2,
                      relative_attention_num_buckets=8, relative_attention_max_distance=12),
 }
@@ -159,6 +161,17 @@ def test_bert_model_checkpoint_gets_transformers_mlm_head_init(tmp_path, caplog)
     np.testing.assert_allclose(got, pooled.numpy(), atol=1e-4, rtol=0)
 
 
+def test_bert_reads_the_old_layernorm_names(bert_mlm):
+    """Older BERT files name LayerNorm parameters gamma/beta, which transformers renames on load."""
+    hf, tensors = read_folder(bert_mlm[1])
+    old = {n.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): x
+           for n, x in tensors.items()}
+    assert old.keys() != tensors.keys()
+    config = ModelConfig(**bert.model_keys_from_hf(hf))
+    got = bert.params_from_hf(config, old.__getitem__, old.keys())
+    jax.tree.map(np.testing.assert_array_equal, got, bert.params_from_hf(config, tensors.__getitem__, tensors.keys()))
+
+
 # ----------------------------------------------------------------------------- t5
 
 ENCODER_TOKENS = np.random.default_rng(1).integers(2, 160, (2, 20))
@@ -175,8 +188,10 @@ def t5_folder(tmp_path_factory):
 
     def build(variant: str):
         if variant not in built:
-            config = transformers.T5Config(**T5_SIZES, **T5_VARIANTS[variant])
-            model = transformers.T5ForConditionalGeneration(config)
+            config_class, model_class = ((transformers.MT5Config, transformers.MT5ForConditionalGeneration)
+                                         if variant == "mt5" else
+                                         (transformers.T5Config, transformers.T5ForConditionalGeneration))
+            model = model_class(config_class(**T5_SIZES, **T5_VARIANTS[variant]))
             if not T5_VARIANTS[variant]["tie_word_embeddings"]:  # transformers 5 builds lm_head tied
                 model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.shared.weight) * 32**-0.5)
             model = perturbed(model, seed=3)
@@ -202,11 +217,11 @@ def test_t5_import_matches_transformers(t5_folder, variant):
     model, path = t5_folder(variant)
     config, params = import_folder(t5, path)
     assert config.resolved_tie_embeddings == (variant == "original")
-    assert (config.resolved_head_dim * config.n_heads != config.d_model) == (variant == "v1.1")
+    assert (config.resolved_head_dim * config.n_heads != config.d_model) == (variant != "original")
     np.testing.assert_allclose(our_t5_logits(config, params), t5_logits(model), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("variant", T5_VARIANTS)
+@pytest.mark.parametrize("variant", ["v1.1", "original"])
 def test_t5_export_loads_in_transformers_bit_identical(t5_folder, variant, tmp_path):
     model, path = t5_folder(variant)
     config, params = import_folder(t5, path)
@@ -270,6 +285,15 @@ def test_model_without_hf_equivalent_is_refused_in_one_line(module, keys, field)
     with pytest.raises(HFConversionError, match=field) as error:
         module.hf_config_from_model(ModelConfig(d_model=32, n_heads=4, **keys))
     assert "\n" not in str(error.value)
+
+
+def test_mt5_without_its_own_lm_head_is_refused(t5_folder):
+    """MT5ForConditionalGeneration never scales the decoder output: tied to the embedding, it is not ours."""
+    hf, tensors = read_folder(t5_folder("mt5")[1])
+    del tensors["lm_head.weight"]
+    config = ModelConfig(**t5.model_keys_from_hf(hf))
+    with pytest.raises(HFConversionError, match="lm_head.weight is missing"):
+        t5.params_from_hf(config, tensors.__getitem__, tensors.keys())
 
 
 def test_t5_scaled_output_with_its_own_lm_head_is_refused(t5_folder):

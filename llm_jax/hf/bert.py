@@ -53,6 +53,10 @@ def _refuse(field: str, value, why: str):
     raise HFConversionError(f"config.json: {field}={value!r}: {why}")
 
 
+def _refuse_model(key: str, value, why: str):
+    raise HFConversionError(f"model.{key}={value!r} has no Hugging Face BERT equivalent: {why}")
+
+
 def model_keys_from_hf(hf: dict) -> dict:
     """Our model keys (ModelConfig field names) of a BERT config.json; every field that changes the
     network's function is checked, and one we cannot reproduce is refused by name."""
@@ -80,7 +84,8 @@ def model_keys_from_hf(hf: dict) -> dict:
 def hf_config_from_model(model: ModelConfig) -> dict:
     """BertForMaskedLM's config.json for `model`, every convention written out; a model BERT cannot
     express (other positions, grouped-query heads, a head width other than d_model / n_heads, a gated
-    MLP) is refused by key."""
+    MLP) is refused by key. pad_token_id is our tokenizers' (data/tokenizer.py); an export with another
+    tokenizer writes that one's special ids over it."""
     if model.resolved_position != "learned":
         _refuse_model("position", model.resolved_position, "BERT has learned positions only")
     if model.kv_heads != model.n_heads:
@@ -99,10 +104,6 @@ def hf_config_from_model(model: ModelConfig) -> dict:
             "initializer_range": model.init_std, "layer_norm_eps": model.resolved_norm_eps,
             "tie_word_embeddings": model.resolved_tie_embeddings, "is_decoder": False, "add_cross_attention": False,
             "pad_token_id": PAD_ID}
-
-
-def _refuse_model(key: str, value, why: str):
-    raise HFConversionError(f"model.{key}={value!r} has no Hugging Face BERT equivalent: {why}")
 
 
 class _Tensors:

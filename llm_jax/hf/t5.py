@@ -110,7 +110,9 @@ def model_keys_from_hf(hf: dict) -> dict:
 
 def hf_config_from_model(model: ModelConfig) -> dict:
     """T5ForConditionalGeneration's config.json for `model`, every convention written out (for
-    transformers 5 and the older releases that read tie_word_embeddings as the scale)."""
+    transformers 5 and the older releases that read tie_word_embeddings as the scale). pad and eos ids
+    are our tokenizers' (data/tokenizer.py); an export with another tokenizer writes that one's special
+    ids over them. decoder_start_token_id is what our decoding starts from."""
     if model.kv_heads != model.n_heads:
         raise HFConversionError(f"model.n_kv_heads={model.n_kv_heads} has no Hugging Face T5 equivalent: "
                                 "T5 has no grouped-query attention")
