@@ -160,6 +160,16 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_hf(args) -> int:
+    from llm_jax.commands import hf
+
+    if args.action == "import":
+        print(json.dumps(hf.hf_import(args.hf_dir, args.out, dtype=args.dtype)))
+    else:
+        print(json.dumps(hf.hf_export(args.workdir, args.out)))
+    return 0
+
+
 def _cmd_quantize(args) -> int:
     from llm_jax.commands.quantize import quantize_run
 
@@ -364,6 +374,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="a new directory")
     p.add_argument("--best", action="store_true", help="the checkpoint of the lowest eval loss (checkpoint.keep_best)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("hf", help="Hugging Face interop: llm-jax hf import HF_DIR OUT | hf export WORKDIR OUT")
+    actions = p.add_subparsers(dest="action", required=True)
+    p = actions.add_parser("import", help="a local Hugging Face model folder (config.json, safetensors, tokenizer) "
+                           "-> an llm-jax export (for init_from=, generate, eval, predict, quantize)")
+    p.add_argument("hf_dir")
+    p.add_argument("out", help="a new directory")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="stored dtype of the parameters (default float32)")
+    p.set_defaults(func=_cmd_hf)
+    p = actions.add_parser("export", help="a run (its newest checkpoint) or a float export -> a folder that "
+                           "transformers' Auto classes load (config.json, model.safetensors, tokenizer)")
+    p.add_argument("workdir", help="a run directory or an llm-jax export")
+    p.add_argument("out", help="a new directory")
+    p.set_defaults(func=_cmd_hf)
 
     p = sub.add_parser("quantize", help="write an int8 export of a run (weight-only), for eval and generate")
     p.add_argument("workdir")

@@ -1,9 +1,16 @@
-"""SentencePiece tokenizer: trained on a sample of the corpus on the first run, then reused.
+"""The run's tokenizer: SentencePiece trained on a sample of the corpus on the first run, or one given
+by `tokenizer.path` (a SentencePiece `.model`, a Hugging Face `tokenizer.json`, or a folder holding
+either), then reused.
 
-The model of a run lives in `WORKDIR/tokenizer/spm.model` (+ `spm.vocab` for people to read). A
-resumed run finds it there and loads it, so the ids the checkpoint was trained with never change.
-A model given by `tokenizer.path` is copied there too, so the workdir alone is enough to evaluate
-or generate later.
+The tokenizer of a run lives in `WORKDIR/tokenizer/`: `spm.model` (+ `spm.vocab` for people to read),
+or `tokenizer.json` (+ `tokenizer_config.json` / `special_tokens_map.json` naming its special tokens,
+data/hf_tokenizer.py). A resumed run finds it there and loads it, so the ids the checkpoint was trained
+with never change. A tokenizer given by `tokenizer.path` is copied there too, so the workdir alone is
+enough to evaluate or generate later. `open_tokenizer` picks the implementation from the files present;
+both have one interface (`Tokenizer`'s), so nothing downstream asks which it has. A Hugging Face folder
+with only a SentencePiece model (`tokenizer.model` of Llama-2, `spiece.model` of T5) becomes `spm.model`,
+with the tokens transformers adds after the SentencePiece vocabulary (T5's sentinels, in its descending
+order) appended as user-defined pieces, so the ids are transformers' own.
 
 Training settings are chosen for source code and exact round trips: identity normalization, no
 dummy prefix, no whitespace squeezing (indentation is meaning in Python), whitespace-only pieces
@@ -36,10 +43,12 @@ from typing import Any
 
 import numpy as np
 import sentencepiece as spm
+from google.protobuf.message import DecodeError
 from sentencepiece import sentencepiece_model_pb2 as sp_model
 
 from llm_jax.config import Config, ConfigError
-from llm_jax.config.checks import MLM_SYMBOLS, reserved_symbols, sentinel_symbols
+from llm_jax.config.checks import reserved_symbols, sentinel_symbols
+from llm_jax.data.hf_tokenizer import CONFIG_NAMES, JSON_NAME, HFTokenizer, HFTokenizerError
 from llm_jax.runtime.faults import MachineFault
 
 log = logging.getLogger(__name__)
@@ -133,6 +142,98 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.path}, vocab_size={self.vocab_size})"
+
+
+AnyTokenizer = Tokenizer | HFTokenizer
+# The files of a run's tokenizer folder, in the order they are moved into place: the file that marks a
+# tokenizer as present (spm.model or tokenizer.json, `tokenizer_file`) comes last.
+TOKENIZER_FILES = ("spm.vocab", "summary.json", *CONFIG_NAMES, MODEL_NAME, JSON_NAME)
+# SentencePiece models in Hugging Face folders: Llama-2's and T5's names.
+_HF_SPM_NAMES = ("tokenizer.model", "spiece.model")
+
+
+def tokenizer_file(folder: str | os.PathLike) -> Path | None:
+    """The file that holds the tokenizer of a run's (or an export's) tokenizer folder: spm.model or
+    tokenizer.json; None when there is neither."""
+    for name in (MODEL_NAME, JSON_NAME):
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
+
+
+def open_tokenizer(path: str | os.PathLike) -> AnyTokenizer:
+    """The tokenizer in `path`: a SentencePiece model, a tokenizer.json, or a folder holding either.
+
+    Raises RuntimeError/OSError (SentencePiece) or HFTokenizerError (tokenizer.json) when unreadable.
+    """
+    path = Path(path)
+    if path.is_dir():
+        found = tokenizer_file(path)
+        if found is None:
+            raise FileNotFoundError(f"{path} holds neither {MODEL_NAME} nor {JSON_NAME}")
+        path = found
+    return HFTokenizer(path) if path.suffix == ".json" else Tokenizer(path)
+
+
+def _hf_added_tokens(folder: Path) -> dict[int, str]:
+    """{id: text} of the tokens transformers adds to a SentencePiece model of a Hugging Face folder:
+    tokenizer_config.json's added_tokens_decoder, else added_tokens.json, else T5's `extra_ids`
+    sentinels (<extra_id_0> last, as T5Tokenizer numbers them)."""
+    config_file, added_file = folder / "tokenizer_config.json", folder / "added_tokens.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    if config.get("added_tokens_decoder"):
+        return {int(i): t["content"] for i, t in config["added_tokens_decoder"].items()}
+    if added_file.is_file():
+        return {int(i): t for t, i in json.loads(added_file.read_text(encoding="utf-8")).items()}
+    extra = int(config.get("extra_ids", 100 if str(config.get("tokenizer_class", "")).startswith("T5") else 0))
+    return {-1 - k: f"<extra_id_{k}>" for k in range(extra)}  # -1: the last id after the model's pieces
+
+
+def hf_spm_model(model_file: Path) -> bytes:
+    """The SentencePiece model of a Hugging Face folder with the tokens transformers adds after its
+    pieces appended as user-defined pieces, at the ids transformers gives them."""
+    proto = sp_model.ModelProto.FromString(model_file.read_bytes())
+    n = len(proto.pieces)
+    added = _hf_added_tokens(model_file.parent)
+    if any(i < 0 for i in added):
+        added = {n + len(added) + i: t for i, t in added.items()}
+    extra = {i: t for i, t in added.items() if i >= n}
+    if sorted(extra) != list(range(n, n + len(extra))):
+        raise ConfigError(f"{model_file.parent}: the added tokens' ids {sorted(extra)[:4]}... do not follow the "
+                          f"{n} pieces of {model_file.name}")
+    for i in sorted(extra):
+        piece = proto.pieces.add()
+        piece.piece, piece.score, piece.type = extra[i], 0.0, sp_model.ModelProto.SentencePiece.Type.USER_DEFINED
+    return proto.SerializeToString()
+
+
+def copy_tokenizer(given: Path, dest: Path, key: str = "tokenizer.path") -> None:
+    """Writes into `dest` the files of the tokenizer `given` names (a SentencePiece model, a tokenizer.json
+    with the configs beside it, a run's or an export's tokenizer folder, or a Hugging Face model folder),
+    as a run's tokenizer folder holds them. Raises ConfigError naming `key` when there is none."""
+    if given.is_dir():
+        found = tokenizer_file(given) or next(
+            (given / n for n in _HF_SPM_NAMES if (given / n).is_file()), None)
+        if found is None:
+            raise ConfigError(f"{key}: {given} holds no tokenizer ({MODEL_NAME}, {JSON_NAME}, "
+                              f"{' or '.join(_HF_SPM_NAMES)})")
+        given = found
+    elif not given.is_file():
+        raise ConfigError(f"{key}: no such file {given}")
+    if given.suffix == ".json":
+        shutil.copyfile(given, dest / JSON_NAME)
+        for name in CONFIG_NAMES:
+            if (given.parent / name).is_file():
+                shutil.copyfile(given.parent / name, dest / name)
+    elif given.name in _HF_SPM_NAMES:
+        try:
+            (dest / MODEL_NAME).write_bytes(hf_spm_model(given))
+        except DecodeError as e:
+            raise ConfigError(f"{key}: {given} is not a SentencePiece model ({e})") from None
+    else:
+        shutil.copyfile(given, dest / MODEL_NAME)
+        if given.with_suffix(".vocab").is_file():
+            shutil.copyfile(given.with_suffix(".vocab"), dest / "spm.vocab")
 
 
 def training_symbols(config: Config) -> tuple[str, ...]:
@@ -247,24 +348,38 @@ def train_tokenizer(texts: list[str], model_prefix: Path, vocab_size: int, model
         raise
 
 
-def _check_loaded(tokenizer: Tokenizer, config: Config, shown_path: str | os.PathLike | None = None) -> Tokenizer:
+def _check_loaded(tokenizer: AnyTokenizer, config: Config, shown_path: str | os.PathLike | None = None) -> AnyTokenizer:
     """Refuses a tokenizer this config cannot train with; `shown_path` is the file named in the
-    errors (the user's tokenizer.path, not the temporary copy that was loaded)."""
+    errors (the user's tokenizer.path, not the temporary copy that was loaded).
+
+    The ids each family puts around text must exist: a decoder starts documents and prompts with bos
+    and ends them with eos; an encoder-decoder ends inputs and targets with eos (its decoder starts
+    from pad, id 0, data/pipeline.py); an encoder frames text with [CLS] ... [SEP] and masks with [MASK].
+    Padding needs no id of its own: it is id 0 with weight 0 everywhere.
+    """
     shown = tokenizer.path if shown_path is None else shown_path
     if tokenizer.vocab_size > config.model.vocab_size:
         raise ConfigError(
             f"model.vocab_size ({config.model.vocab_size}) is smaller than the tokenizer's vocabulary "
             f"({tokenizer.vocab_size}) in {shown}; set model.vocab_size >= {tokenizer.vocab_size}"
         )
-    if tokenizer.bos_id < 0 or tokenizer.eos_id < 0:
-        raise ConfigError(f"tokenizer.path: {shown} has no bos/eos pieces; documents need both")
+    family = config.model.family
     where = "tokenizer.path" if config.tokenizer.path else "workdir"
-    missing = [s for s in MLM_SYMBOLS if s not in tokenizer.user_defined]
-    if config.objective == "mlm" and missing:
+    needs = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id}
+    if family.encoder_decoder:
+        needs = {"eos": tokenizer.eos_id}
+    elif family.encoder:
+        needs = {"[CLS]": tokenizer.cls_id, "[SEP]": tokenizer.sep_id}
+        if config.objective == "mlm":
+            needs["[MASK]"] = tokenizer.mask_id
+    missing = [name for name, i in needs.items() if i is None or i < 0]
+    if missing:
+        what = "train.objective=mlm" if config.objective == "mlm" else f"model.arch={config.model.arch}"
         raise ConfigError(
-            f"{where}: the tokenizer {shown} lacks {', '.join(missing)}, which train.objective=mlm needs; "
-            "train one for mlm (a fresh workdir without tokenizer.path, or `llm-jax tokenizer train "
-            "model.arch=bert`) or give one that has them as user-defined symbols")
+            f"{where}: the tokenizer {shown} lacks {', '.join(missing)}, which {what} needs; train one for it "
+            f"(a fresh workdir without tokenizer.path, or `llm-jax tokenizer train model.arch={config.model.arch}`) "
+            "or give one that has them (SentencePiece: as control or user-defined pieces; tokenizer.json: "
+            "named in tokenizer_config.json)")
     needed = len(sentinel_symbols(config.tokenizer.extra_ids)) if config.objective in ("span", "seq2seq") else 0
     if len(tokenizer.sentinel_ids) < needed:
         raise ConfigError(
@@ -296,8 +411,8 @@ def _train_into(config: Config, sources: Any, model_dir: Path) -> dict[str, Any]
 
 
 def _move_into_place(tmp_dir: Path, out_dir: Path) -> None:
-    """spm.vocab first: the .model file is what marks a tokenizer as present."""
-    for name in ("spm.vocab", "summary.json", MODEL_NAME):
+    """spm.model or tokenizer.json last: it is what marks a tokenizer as present."""
+    for name in TOKENIZER_FILES:
         if (tmp_dir / name).is_file():
             os.replace(tmp_dir / name, out_dir / name)
 
@@ -348,16 +463,16 @@ def train_tokenizer_into(config: Config, sources: Any, out_dir: str | os.PathLik
     return summary
 
 
-def _load_own(model_path: Path) -> Tokenizer:
+def _load_own(model_path: Path) -> AnyTokenizer:
     """The run's own tokenizer; a damaged one (a copy or a disk cut it short) is named, with the fix."""
     try:
-        return Tokenizer(model_path)
-    except (RuntimeError, OSError) as e:
+        return open_tokenizer(model_path)
+    except (RuntimeError, OSError, HFTokenizerError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise MachineFault(
             f"the run's tokenizer {model_path} is damaged ({reason}); delete it and run again: the run trains "
             "it anew from the same corpus and settings, or copies tokenizer.path (e.g. an export's "
-            "tokenizer/spm.model)") from None
+            "tokenizer/ folder)") from None
 
 
 def _write_run_tokenizer(config: Config, sources: Any, out_dir: Path) -> None:
@@ -366,24 +481,20 @@ def _write_run_tokenizer(config: Config, sources: Any, out_dir: Path) -> None:
     Writes go to a temporary folder that is renamed into place, so an interrupted run never leaves
     a truncated model for the next run to load.
     """
-    if (out_dir / MODEL_NAME).is_file():
+    if tokenizer_file(out_dir) is not None:
         return
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=".spm-", dir=out_dir))
     try:
-        tmp_model = tmp_dir / MODEL_NAME
         if config.tokenizer.path:
             given = Path(config.tokenizer.path).expanduser()
-            if not given.is_file():
-                raise ConfigError(f"tokenizer.path: no such file {given}")
-            shutil.copyfile(given, tmp_model)
-            vocab = given.with_suffix(".vocab")
-            if vocab.is_file():
-                shutil.copyfile(vocab, tmp_model.with_suffix(".vocab"))
+            copy_tokenizer(given, tmp_dir)
             try:
-                tokenizer = Tokenizer(tmp_model)
-            except (RuntimeError, OSError) as e:
-                raise ConfigError(f"tokenizer.path: {given} is not a SentencePiece model ({e})") from None
+                tokenizer = open_tokenizer(tmp_dir)
+            except (RuntimeError, OSError, HFTokenizerError) as e:
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise ConfigError(f"tokenizer.path: {given} is not a SentencePiece model or a Hugging Face "
+                                  f"tokenizer.json ({reason})") from None
             _check_loaded(tokenizer, config, shown_path=given)
             log.info("using tokenizer %s", given)
         else:
@@ -393,18 +504,18 @@ def _write_run_tokenizer(config: Config, sources: Any, out_dir: Path) -> None:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def load_run_tokenizer(config: Config, workdir: str | os.PathLike) -> Tokenizer | None:
-    """The tokenizer a run has already written (WORKDIR/tokenizer/spm.model), or None: what generation
-    reads, without the data that trained it."""
-    model_path = Path(workdir) / "tokenizer" / MODEL_NAME
-    if not model_path.is_file():
+def load_run_tokenizer(config: Config, workdir: str | os.PathLike) -> AnyTokenizer | None:
+    """The tokenizer a run has already written (WORKDIR/tokenizer/spm.model or tokenizer.json), or None:
+    what generation reads, without the data that trained it."""
+    model_path = tokenizer_file(Path(workdir) / "tokenizer")
+    if model_path is None:
         return None
     log.info("loading tokenizer %s", model_path)
     return _check_loaded(_load_own(model_path), config)
 
 
-def load_or_train_tokenizer(config: Config, workdir: str | os.PathLike, sources: Any) -> Tokenizer:
-    """The run's tokenizer: WORKDIR/tokenizer/spm.model if present, else tokenizer.path, else trained.
+def load_or_train_tokenizer(config: Config, workdir: str | os.PathLike, sources: Any) -> AnyTokenizer:
+    """The run's tokenizer: WORKDIR/tokenizer/ if it holds one, else tokenizer.path, else trained.
 
     `sources` is a `data.DataSources`; only `sources.train` is read (a sample of it). With several
     processes, process 0 alone trains (or copies) it while the others wait at a barrier, then all
@@ -413,7 +524,6 @@ def load_or_train_tokenizer(config: Config, workdir: str | os.PathLike, sources:
     import jax  # here, not at the top: data worker processes unpickle Tokenizers without JAX
 
     out_dir = Path(workdir) / "tokenizer"
-    model_path = out_dir / MODEL_NAME
     if jax.process_count() == 1:
         _write_run_tokenizer(config, sources, out_dir)
     else:
@@ -428,9 +538,10 @@ def load_or_train_tokenizer(config: Config, workdir: str | os.PathLike, sources:
         multihost_utils.sync_global_devices("llm_jax_tokenizer")  # every process, every run: no one waits alone
         if failure is not None:
             raise failure
-        if not model_path.is_file():
-            raise ConfigError(f"workdir: process {jax.process_index()} finds no tokenizer at {model_path} "
+        if tokenizer_file(out_dir) is None:
+            raise ConfigError(f"workdir: process {jax.process_index()} finds no tokenizer in {out_dir} "
                               "after process 0's turn to write it: process 0 failed (see its log) or the workdir "
                               "is not shared")
+    model_path = tokenizer_file(out_dir)
     log.info("loading tokenizer %s", model_path)
     return _check_loaded(_load_own(model_path), config)

@@ -39,6 +39,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from llm_jax.config import CheckpointConfig, Config, ConfigError, ModelConfig, dump_config, load_config, to_dict
 from llm_jax.data.position import DamagedDataState
+from llm_jax.data.tokenizer import TOKENIZER_FILES, tokenizer_file
 from llm_jax.runtime import faults
 from llm_jax.train import checkpoint_tree
 
@@ -528,8 +529,9 @@ def export_params(out: str | Path, params: Any, config: Config, tokenizer_dir: P
             checkpointer.wait_until_finished()
         dump_config(config, tmp / EXPORT_CONFIG)
         (tmp / EXPORT_TOKENIZER).mkdir()
-        for path in tokenizer_dir.glob("spm.*"):
-            shutil.copyfile(path, tmp / EXPORT_TOKENIZER / path.name)
+        for name in TOKENIZER_FILES:  # spm.model or tokenizer.json, with what goes beside it
+            if (tokenizer_dir / name).is_file():
+                shutil.copyfile(tokenizer_dir / name, tmp / EXPORT_TOKENIZER / name)
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=1) + "\n")
         if out.exists():
             out.rmdir()  # empty, checked above
@@ -577,8 +579,8 @@ def check_init_from(config: Config) -> Config:
         raise ConfigError(f"init_from: {path} holds int8 weights (llm-jax quantize), for inference only; start "
                           "from a float export (llm-jax export or llm-jax prune)")
     _check_same_model(path, config.model)
-    model_file = path / EXPORT_TOKENIZER / "spm.model"
-    if config.tokenizer.path or not model_file.is_file():
+    model_file = tokenizer_file(path / EXPORT_TOKENIZER)  # spm.model or tokenizer.json
+    if config.tokenizer.path or model_file is None:
         return config
     return dataclasses.replace(config, tokenizer=dataclasses.replace(config.tokenizer, path=str(model_file)))
 

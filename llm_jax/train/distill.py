@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax.config import Config, ConfigError, load_config
+from llm_jax.data.tokenizer import tokenizer_file
 from llm_jax.models.decoder import count_params
 from llm_jax.train import checkpoint as ckpt
 from llm_jax.train import task_steps
@@ -155,12 +156,14 @@ def check_teacher(config: Config) -> Config:
     if teacher.task.kind != config.task.kind:
         raise ConfigError(f"distill.teacher: {path} was trained for task.kind={teacher.task.kind}, the student for "
                           f"{config.task.kind}")
-    spm = path / ckpt.EXPORT_TOKENIZER / "spm.model"
-    if not spm.is_file():
-        raise ConfigError(f"distill.teacher: {path} has no tokenizer ({spm})")
+    spm = tokenizer_file(path / ckpt.EXPORT_TOKENIZER)  # spm.model or tokenizer.json
+    if spm is None:
+        raise ConfigError(f"distill.teacher: {path} has no tokenizer ({path / ckpt.EXPORT_TOKENIZER})")
     if not config.tokenizer.path:
         return dataclasses.replace(config, tokenizer=dataclasses.replace(config.tokenizer, path=str(spm)))
-    if Path(config.tokenizer.path).expanduser().read_bytes() != spm.read_bytes():
+    given = Path(config.tokenizer.path).expanduser()
+    given = (tokenizer_file(given) or given) if given.is_dir() else given
+    if not given.is_file() or given.read_bytes() != spm.read_bytes():
         raise ConfigError(f"distill.teacher: tokenizer.path={config.tokenizer.path} is not the teacher's tokenizer "
                           f"({spm}): teacher and student must share the vocabulary")
     return config
