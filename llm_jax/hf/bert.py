@@ -12,9 +12,14 @@ transformers initialises them when it loads a checkpoint lacking them, with one 
 Export writes BertForMaskedLM's tensors and the pooler too, so that a classifier fine-tuned from the
 export (BertForSequenceClassification) starts from our pooler; BertForMaskedLM ignores it on load.
 
-Untied output (tie_word_embeddings false): transformers' decoder then has its own bias
-(`cls.predictions.decoder.bias`, the one its forward adds) beside the unused `cls.predictions.bias`;
-ours is the former on import and written as both on export.
+The output bias: transformers' forward adds `cls.predictions.decoder.bias`, which is
+`cls.predictions.bias` when tied and its own tensor when untied (the other then unused); ours is the
+decoder's where the file has it, and is written as both on export (untied). A tied copy of the word
+embeddings in the file (cls.predictions.decoder.weight) must equal them, or transformers would not
+tie them and the model would not be ours. Not weights, so ignored: BertForPreTraining's
+next-sentence head (cls.seq_relationship, which BertForMaskedLM ignores too) and the position_ids
+buffer of old checkpoints. Dropout rates are training settings: the import sets model.dropout=0 and
+the export writes 0.
 """
 
 from __future__ import annotations
@@ -27,24 +32,22 @@ import numpy as np
 from llm_jax.config import ModelConfig
 from llm_jax.data.tokenizer import PAD_ID
 from llm_jax.hf.errors import HFConversionError
+from llm_jax.hf.gpt2 import ACTIVATIONS as ACTIVATIONS_FROM_HF  # transformers' ACT2FN names -> ours
+from llm_jax.hf.gpt2 import HF_ACTIVATIONS as ACTIVATIONS_TO_HF
 from llm_jax.models.encoder import TOKEN_TYPES
 
 log = logging.getLogger(__name__)
 
 MODEL_TYPES = ("bert",)
 ARCHITECTURE = "BertForMaskedLM"
+# Tensors that are not our weights (convert.py checks every other one is used).
+IGNORED_SUFFIXES = ("cls.seq_relationship.weight", "cls.seq_relationship.bias", "embeddings.position_ids")
 
-# transformers' activation names (ACT2FN) with an exact llm_jax equivalent (models/layers.ACTIVATIONS):
-# "gelu" is the exact (erf) GELU, "gelu_new" / "gelu_pytorch_tanh" its tanh approximation.
-ACTIVATIONS_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
-                       "silu": "silu", "swish": "silu"}
-ACTIVATIONS_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
 
 # BertConfig's defaults (transformers 5): what a config.json without the key means.
 _DEFAULTS = {"vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
-             "intermediate_size": 3072, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
-             "max_position_embeddings": 512, "type_vocab_size": 2, "initializer_range": 0.02,
-             "layer_norm_eps": 1e-12, "tie_word_embeddings": True}
+             "intermediate_size": 3072, "hidden_act": "gelu", "max_position_embeddings": 512, "type_vocab_size": 2,
+             "initializer_range": 0.02, "layer_norm_eps": 1e-12, "tie_word_embeddings": True}
 
 Reader = Callable[[str], np.ndarray]
 
@@ -78,7 +81,7 @@ def model_keys_from_hf(hf: dict) -> dict:
             "max_len": c["max_position_embeddings"], "position": "learned",
             "activation": ACTIVATIONS_FROM_HF[c["hidden_act"]], "gated_mlp": False,
             "norm_eps": float(c["layer_norm_eps"]), "tie_embeddings": bool(c["tie_word_embeddings"]),
-            "dropout": float(c["hidden_dropout_prob"]), "init_std": float(c["initializer_range"])}
+            "dropout": 0.0, "init_std": float(c["initializer_range"])}
 
 
 def hf_config_from_model(model: ModelConfig) -> dict:
@@ -97,9 +100,8 @@ def hf_config_from_model(model: ModelConfig) -> dict:
     return {"architectures": [ARCHITECTURE], "model_type": "bert", "vocab_size": model.vocab_size,
             "hidden_size": model.d_model, "num_hidden_layers": model.n_layers,
             "num_attention_heads": model.n_heads, "intermediate_size": model.d_ff,
-            "hidden_act": ACTIVATIONS_TO_HF[model.resolved_activation], "hidden_dropout_prob": model.dropout,
-            # Ours never drops attention probabilities (models/encoder.py).
-            "attention_probs_dropout_prob": 0.0, "max_position_embeddings": model.max_len,
+            "hidden_act": ACTIVATIONS_TO_HF[model.resolved_activation], "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0, "classifier_dropout": None, "max_position_embeddings": model.max_len,
             "position_embedding_type": "absolute", "type_vocab_size": TOKEN_TYPES,
             "initializer_range": model.init_std, "layer_norm_eps": model.resolved_norm_eps,
             "tie_word_embeddings": model.resolved_tie_embeddings, "is_decoder": False, "add_cross_attention": False,
@@ -173,11 +175,17 @@ def params_from_hf(model: ModelConfig, read: Reader, names: Collection[str]) -> 
     if t.has("cls.predictions.transform.dense.weight"):
         head = {"transform": dense("cls.predictions.transform.dense", e, e),
                 "transform_norm": norm("cls.predictions.transform.LayerNorm")}
-        if model.resolved_tie_embeddings:
-            head["bias"] = t.get("cls.predictions.bias", (v,))
-        else:
+        if not model.resolved_tie_embeddings:
             head["decoder"] = {"kernel": t.get("cls.predictions.decoder.weight", (v, e)).T}
-            head["bias"] = t.get("cls.predictions.decoder.bias", (v,))
+        elif t.has("cls.predictions.decoder.weight") and not np.array_equal(
+                t.get("cls.predictions.decoder.weight", (v, e)), params["embed"]["embedding"]):
+            _refuse("tie_word_embeddings", True, "the checkpoint's cls.predictions.decoder.weight is not its word "
+                    "embeddings")
+        biases = [t.get(name, (v,)) for name in ("cls.predictions.bias", "cls.predictions.decoder.bias")
+                  if t.has(name)]
+        if not biases:
+            raise HFConversionError("weights: cls.predictions.bias is missing")
+        head["bias"] = biases[-1]  # the decoder's, which transformers' forward adds
     else:
         log.warning("mlm_head: the checkpoint has no masked-LM head (cls.predictions.*); it starts as "
                     "transformers initialises it (dense normal(%s), LayerNorm ones/zeros, bias zeros)", model.init_std)

@@ -17,6 +17,11 @@ refused. Export writes both keys (tied and scaled, or neither) and lm_head.weigh
 Decoding starts from id 0 in llm_jax (infer/generate.DECODER_START_ID, the pad id, as T5 does), so
 a config whose decoder_start_token_id is another id is refused. umt5 (a relative bias table in every
 layer, not one per stack) is recognised only to be refused with that reason.
+
+The embedding is shared.weight; copies of it in the file (encoder/decoder.embed_tokens, lm_head when
+tied) must equal it, or transformers would not tie them and the model would not be ours. Not a weight,
+so ignored: the cross-attention relative bias of old checkpoints, which transformers ignores too. Dropout
+rates are training settings: the import sets model.dropout=0 and the export writes 0.
 """
 
 from __future__ import annotations
@@ -27,16 +32,19 @@ import numpy as np
 
 from llm_jax.config import ModelConfig
 from llm_jax.data.tokenizer import EOS_ID, PAD_ID
-from llm_jax.hf.bert import ACTIVATIONS_FROM_HF
 from llm_jax.hf.errors import HFConversionError
+from llm_jax.hf.gpt2 import ACTIVATIONS as ACTIVATIONS_FROM_HF  # transformers' ACT2FN names -> ours
 from llm_jax.infer.generate import DECODER_START_ID
 
 MODEL_TYPES = ("t5", "mt5", "umt5")
 ARCHITECTURE = "T5ForConditionalGeneration"
+# Tensors that are not our weights (convert.py checks every other one is used).
+IGNORED_SUFFIXES = ("EncDecAttention.relative_attention_bias.weight",)
+_EMBED_COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 
 # T5Config's and MT5Config's defaults (transformers 5): what a config.json without the key means.
 _T5_DEFAULTS = {"vocab_size": 32128, "d_model": 512, "d_kv": 64, "d_ff": 2048, "num_layers": 6, "num_heads": 8,
-                "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128, "dropout_rate": 0.1,
+                "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
                 "layer_norm_epsilon": 1e-6, "feed_forward_proj": "relu"}
 _DEFAULTS = {"t5": _T5_DEFAULTS,
              "mt5": {**_T5_DEFAULTS, "vocab_size": 250112, "d_ff": 1024, "num_layers": 8, "num_heads": 6,
@@ -100,7 +108,7 @@ def model_keys_from_hf(hf: dict) -> dict:
             "gated_mlp": gated, "tie_embeddings": _tied(c),
             "relative_buckets": c["relative_attention_num_buckets"],
             "relative_max_distance": c["relative_attention_max_distance"],
-            "norm_eps": float(c["layer_norm_epsilon"]), "dropout": float(c["dropout_rate"])}
+            "norm_eps": float(c["layer_norm_epsilon"]), "dropout": 0.0}
     if decoder_layers != num_layers:
         keys["n_decoder_layers"] = decoder_layers
     if c["d_kv"] * c["num_heads"] != c["d_model"]:
@@ -125,7 +133,7 @@ def hf_config_from_model(model: ModelConfig) -> dict:
             "vocab_size": model.vocab_size, "d_model": model.d_model, "d_kv": model.resolved_head_dim,
             "d_ff": model.d_ff, "num_layers": model.encoder_layers, "num_decoder_layers": model.decoder_layers,
             "num_heads": model.n_heads, "relative_attention_num_buckets": model.relative_buckets,
-            "relative_attention_max_distance": model.relative_max_distance, "dropout_rate": model.dropout,
+            "relative_attention_max_distance": model.relative_max_distance, "dropout_rate": 0.0,
             "layer_norm_epsilon": model.resolved_norm_eps, "initializer_factor": 1.0, "feed_forward_proj": proj,
             "dense_act_fn": "gelu_new" if proj == "gated-gelu" else proj.split("-")[-1],
             "is_gated_act": model.resolved_gated_mlp, "tie_word_embeddings": tied, "scale_decoder_outputs": tied,
@@ -162,9 +170,11 @@ def params_from_hf(model: ModelConfig, read: Reader, names: Collection[str]) -> 
     names = set(names)
     e, h, d, f, v = model.d_model, model.n_heads, model.resolved_head_dim, model.d_ff, model.vocab_size
     get = lambda name, shape: _get(read, names, name, shape)  # noqa: E731
-    embed_name = next((n for n in ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
-                       if n in names), "shared.weight")
+    embed_name = next((n for n in ("shared.weight", *_EMBED_COPIES) if n in names), "shared.weight")
     params = {"embed": {"embedding": get(embed_name, (v, e))}}
+    for copy in _EMBED_COPIES:
+        if copy != embed_name and copy in names and not np.array_equal(get(copy, (v, e)), params["embed"]["embedding"]):
+            raise HFConversionError(f"weights: {copy} is not {embed_name}; llm_jax's t5 has one embedding")
 
     def attention(prefix):
         p = {ours: {"kernel": get(f"{prefix}.{theirs}.weight", (h * d, e)).T.reshape(e, h, d)}
