@@ -1,33 +1,46 @@
 """Hugging Face import/export of the encoder (bert) and encoder-decoder (t5) families (llm_jax/hf/bert.py,
-t5.py) against transformers' own models, built from tiny configs and saved with save_pretrained: the
-config.json and model.safetensors that transformers writes are imported, and what we export is loaded back
-by `from_pretrained`. Float32 on CPU; logits within 1e-4, weights bit for bit, decoding token for token.
-Every weight is perturbed first, so that a norm scale left at 1 or a bias at 0 cannot hide a mis-mapping."""
+t5.py, through hf/convert.py's import_hf and export_hf).
 
-import json
+transformers' own models are built from tiny configs, every weight perturbed (so that a norm scale left
+at 1 or a bias at 0 cannot hide a mis-mapping), saved with save_pretrained beside a tokenizer trained
+here (BERT's WordPiece; T5's SentencePiece unigram with transformers' 100 sentinels), imported, run,
+exported back and loaded by transformers' Auto classes. Float32 on CPU: logits within 1e-4, weights bit
+for bit, decoding token for token.
+"""
+
 import os
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
-import torch
-from safetensors.numpy import load_file, save_file
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from llm_jax.config import ModelConfig
-from llm_jax.hf import bert, t5
-from llm_jax.hf.errors import HFConversionError
-from llm_jax.infer.generate import Decoding, generate_batch
-from llm_jax.infer.sampling import Sampling
-from llm_jax.models.build import make_model
+import json  # noqa: E402
 
-os.environ["HF_HUB_OFFLINE"] = "1"
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import sentencepiece as spm  # noqa: E402
+import tokenizers  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from safetensors.numpy import load_file  # noqa: E402
+
+from llm_jax.config import ModelConfig  # noqa: E402
+from llm_jax.data.corpus import default_corpus_root, list_default_files  # noqa: E402
+from llm_jax.hf import bert, convert, t5  # noqa: E402
+from llm_jax.hf.errors import HFConversionError  # noqa: E402
+from llm_jax.infer.generate import Decoding, generate_batch  # noqa: E402
+from llm_jax.infer.sampling import Sampling  # noqa: E402
+from llm_jax.models.build import make_model  # noqa: E402
+from llm_jax.train import exported  # noqa: E402
+
 torch.set_num_threads(1)
-transformers = pytest.importorskip("transformers")
 
-EOS = 1  # T5's
-BERT_SIZES = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                  max_position_embeddings=32)
+SAMPLE = "The quick brown fox jumps over the lazy dog, and then it runs home to sleep. Ünïcode ✓"
+BERT_VOCAB, T5_VOCAB = 320, 416  # >= the tokenizers' 300 and 400 ids, and what the imported config asks
+BERT_SIZES = dict(vocab_size=BERT_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64, max_position_embeddings=32)
+T5_SIZES = dict(vocab_size=T5_VOCAB, d_model=32, d_ff=64, num_heads=4, decoder_start_token_id=0, eos_token_id=1,
+                pad_token_id=0)
 # v1.1: gated GELU, untied lm_head, 4 heads x d_kv 16 = 64 against d_model 32, unequal stack depths (the
 # deeper one the encoder: transformers 5 sizes its generation cache by num_layers); mt5: the same network in
 # its own class (never scaled); original: relu, tied and scaled output, few buckets with a short max distance
@@ -39,8 +52,7 @@ T5_VARIANTS = {
     "original": dict(feed_forward_proj="relu", tie_word_embeddings=True, d_kv=8, num_layers=2,
                      relative_attention_num_buckets=8, relative_attention_max_distance=12),
 }
-T5_SIZES = dict(vocab_size=160, d_model=32, d_ff=64, num_heads=4, decoder_start_token_id=0,
-                eos_token_id=EOS, pad_token_id=0)
+VARIANTS = ("bert", "bert_untied", *T5_VARIANTS)
 
 
 def perturbed(model, seed: int):
@@ -51,210 +63,180 @@ def perturbed(model, seed: int):
     return model.eval()
 
 
-def saved(model, path) -> str:
-    model.save_pretrained(path)
-    return str(path)
+def hf_model(variant: str):
+    if variant.startswith("bert"):
+        config = transformers.BertConfig(**BERT_SIZES, tie_word_embeddings=variant == "bert")
+        return perturbed(transformers.BertForMaskedLM(config), seed=1)
+    mt5 = variant == "mt5"
+    config = (transformers.MT5Config if mt5 else transformers.T5Config)(**T5_SIZES, **T5_VARIANTS[variant])
+    model = (transformers.MT5ForConditionalGeneration if mt5 else transformers.T5ForConditionalGeneration)(config)
+    if not T5_VARIANTS[variant]["tie_word_embeddings"]:  # transformers 5 builds lm_head tied to the embedding
+        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.shared.weight) * 32**-0.5)
+    return perturbed(model, seed=3)
+
+
+def save_tokenizer(texts, variant: str, folder) -> None:
+    if variant.startswith("bert"):
+        wordpiece = tokenizers.implementations.BertWordPieceTokenizer(lowercase=True)
+        wordpiece.train_from_iterator(texts, vocab_size=300)
+        transformers.BertTokenizer(tokenizer_object=wordpiece._tokenizer).save_pretrained(folder)
+        return
+    # As T5 ships it: spiece.model (unigram, pad 0 eos 1 unk 2, no bos), sentinels added by transformers.
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=str(folder / "spiece"), vocab_size=300,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    (folder / "spiece.vocab").unlink()
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer", "extra_ids": 100}))
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """variant -> (transformers' model, its folder, our import, (setup, params) of it, the folder exported back)."""
+    work = tmp_path_factory.mktemp("hf")
+    texts = [f.read_text(errors="ignore")[:4000] for f in list_default_files(default_corpus_root())[:10]]
+    built = {}
+
+    def get(variant: str):
+        if variant not in built:
+            model, hf_dir = hf_model(variant), work / variant
+            model.save_pretrained(hf_dir)
+            save_tokenizer(texts, variant, hf_dir)
+            convert.import_hf(hf_dir, work / f"{variant}_ours")
+            convert.export_hf(work / f"{variant}_ours", work / f"{variant}_back")
+            setup, params, _ = exported.restore_export(work / f"{variant}_ours", with_data=False)
+            built[variant] = model, hf_dir, work / f"{variant}_ours", (setup, params), work / f"{variant}_back"
+        return built[variant]
+
+    return get
+
+
+# Two rows: BERT's with both token types; T5's second row padded on the encoder side.
+TOKENS = np.random.default_rng(0).integers(5, 300, (2, 24))
+TOKEN_TYPES = np.asarray([[0] * 14 + [1] * 10] * 2)
+ENCODER_REAL = np.ones((2, 20), np.int64)
+ENCODER_REAL[1, 13:] = 0
+ENCODER_TOKENS = np.random.default_rng(1).integers(3, 300, (2, 20)) * ENCODER_REAL
+TARGETS = np.random.default_rng(2).integers(3, 300, (2, 12))
+DECODER_INPUTS = np.concatenate([np.zeros((2, 1), np.int64), TARGETS[:, :-1]], axis=1)  # shifted right, start 0
+
+
+def theirs(model, output: str = "logits") -> np.ndarray:
+    with torch.no_grad():
+        if isinstance(model, transformers.BertPreTrainedModel):
+            out = model(input_ids=torch.tensor(TOKENS), token_type_ids=torch.tensor(TOKEN_TYPES))
+            return (out.pooler_output if output == "pooled" else out.logits).numpy()
+        return model(input_ids=torch.tensor(ENCODER_TOKENS), attention_mask=torch.tensor(ENCODER_REAL),
+                     decoder_input_ids=torch.tensor(DECODER_INPUTS)).logits.numpy()
+
+
+def ours(config: ModelConfig, params, output: str = "logits") -> np.ndarray:
+    """Our model's output on the same tokens, jitted (one compile is cheaper than dispatching every op)."""
+    model = make_model(config)
+    if config.family.encoder:
+        fn = jax.jit(lambda p: model.apply({"params": p}, TOKENS, token_types=TOKEN_TYPES, output=output))
+    else:
+        fn = jax.jit(lambda p: model.apply({"params": p}, DECODER_INPUTS, encoder_tokens=ENCODER_TOKENS,
+                                           encoder_segment_ids=ENCODER_REAL))
+    return np.asarray(fn(jax.tree.map(jnp.asarray, params)))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_imported_model_gives_transformers_logits(converted, variant):
+    model, _, _, (setup, params), _ = converted(variant)
+    config = setup.config.model
+    assert config.resolved_tie_embeddings == (variant in ("bert", "original"))
+    assert (config.resolved_head_dim * config.n_heads != config.d_model) == (variant in ("v1.1", "mt5"))
+    expected = theirs(model)
+    assert np.abs(expected).max() > 1.0  # not a degenerate comparison
+    np.testing.assert_allclose(ours(config, params), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_round_trip_is_bit_identical_and_loads_in_transformers(converted, variant):
+    model, hf_dir, ours_dir, (setup, params), back = converted(variant)
+    original, written = load_file(hf_dir / "model.safetensors"), load_file(back / "model.safetensors")
+    extra, unread = set(), set()
+    if variant.startswith("bert"):
+        # BertForMaskedLM has no pooler: the import starts one as transformers would, the export writes it.
+        extra = {"bert.pooler.dense.weight", "bert.pooler.dense.bias"}
+        if variant == "bert_untied":
+            # Untied, transformers adds the decoder's own bias (ours); cls.predictions.bias is never read.
+            unread = {"cls.predictions.bias"}
+    assert set(written) == set(original) | extra
+    for name, tensor in original.items():
+        if name not in unread:
+            assert written[name].dtype == tensor.dtype and np.array_equal(written[name], tensor), name
+
+    auto = transformers.AutoModelForMaskedLM if variant.startswith("bert") else transformers.AutoModelForSeq2SeqLM
+    reloaded, info = auto.from_pretrained(back, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"] and info["unexpected_keys"] <= extra
+    assert type(reloaded).__name__ == (bert.ARCHITECTURE if variant.startswith("bert") else t5.ARCHITECTURE)
+    np.testing.assert_allclose(theirs(reloaded.eval()), theirs(model), atol=1e-5 if variant == "mt5" else 0, rtol=0)
+    if variant.startswith("bert"):  # BertModel reads the pooler, and its sentence vector is ours
+        pooled = theirs(transformers.AutoModel.from_pretrained(back).eval(), "pooled")
+        np.testing.assert_allclose(ours(setup.config.model, params, "pooled"), pooled, atol=1e-4, rtol=0)
+
+    ids = transformers.AutoTokenizer.from_pretrained(back)(SAMPLE, add_special_tokens=False).input_ids
+    assert ids == transformers.AutoTokenizer.from_pretrained(hf_dir)(SAMPLE, add_special_tokens=False).input_ids
+    assert ids == setup.tokenizer.encode(SAMPLE)
+
+
+def test_t5_greedy_and_beam_search_match_transformers(converted):
+    """32 new tokens greedily (eos held off by min_new_tokens in both), then 4 beams, on two prompts of
+    different lengths (the shorter padded); T5 v1.1, whose heads are not d_model / n_heads wide."""
+    model, _, _, (setup, params), _ = converted("v1.1")
+    prompts = [list(ENCODER_TOKENS[0]), list(ENCODER_TOKENS[1, :13])]
+    eos = setup.tokenizer.eos_id
+    assert eos == model.config.eos_token_id == 1
+
+    def hf_generate(**kwargs):
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor(ENCODER_TOKENS), attention_mask=torch.tensor(ENCODER_REAL),
+                                 do_sample=False, **kwargs)
+        return [[t for t in row[1:] if t != 0] for row in out.tolist()]  # the start id and padding dropped
+
+    def generate(decoding):
+        with setup.context(split_batch=False):
+            return generate_batch(setup.model, params, prompts, decoding, rng=jax.random.key(0), eos_id=eos)
+
+    greedy = generate(Decoding(max_new_tokens=32, min_new_tokens=32, sampling=Sampling(temperature=0.0)))
+    assert [g.tokens for [g] in greedy] == hf_generate(max_new_tokens=32, min_new_tokens=32)
+    beams = generate(Decoding(max_new_tokens=12, num_beams=4, num_return_sequences=4))
+    assert [g.tokens for gens in beams for g in gens] == hf_generate(max_new_tokens=12, num_beams=4,
+                                                                     num_return_sequences=4)
+
+
+# ----------------------------------------------------------------------------- checkpoints of other forms
 
 
 def read_folder(path) -> tuple[dict, dict[str, np.ndarray]]:
-    with open(os.path.join(path, "config.json")) as f:
-        return json.load(f), load_file(os.path.join(path, "model.safetensors"))
-
-
-def import_folder(module, path) -> tuple[ModelConfig, dict]:
-    hf, tensors = read_folder(path)
-    config = ModelConfig(**module.model_keys_from_hf(hf))
-    return config, module.params_from_hf(config, tensors.__getitem__, tensors.keys())
-
-
-def export_folder(module, config: ModelConfig, params: dict, path) -> str:
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(module.hf_config_from_model(config), f)
-    save_file(dict(module.params_to_hf(config, params)), os.path.join(path, "model.safetensors"),
-              metadata={"format": "pt"})
-    return str(path)
-
-
-def ours(config: ModelConfig, params: dict, *args, output: str = "logits", **kwargs) -> np.ndarray:
-    """Our model's output, jitted (one compile is cheaper than dispatching every op)."""
-    model = make_model(config)
-    if config.family.encoder:
-        kwargs["output"] = output
-    return np.asarray(jax.jit(lambda p, *a, **k: model.apply({"params": p}, *a, **k), static_argnames=("output",))(
-        params, *args, **kwargs))
-
-
-def assert_same_tensors(path_a, path_b, extra: set[str] = frozenset(), unread: set[str] = frozenset()):
-    """Every tensor of folder a in folder b, bit for bit (but `unread`: tensors transformers never reads);
-    b holds only those and `extra`."""
-    _, a = read_folder(path_a)
-    _, b = read_folder(path_b)
-    assert set(b) == set(a) | extra
-    for name, x in a.items():
-        if name in unread:
-            continue
-        assert b[name].dtype == x.dtype and np.array_equal(b[name], x), name
-
-
-# ----------------------------------------------------------------------------- bert
-
-TOKENS = np.random.default_rng(0).integers(4, 128, (2, 24))
-TOKEN_TYPES = np.asarray([[0] * 14 + [1] * 10] * 2)
-
-
-@pytest.fixture(scope="module", params=["tied", "untied"])
-def bert_mlm(request, tmp_path_factory):
-    config = transformers.BertConfig(**BERT_SIZES, tie_word_embeddings=request.param == "tied")
-    model = perturbed(transformers.BertForMaskedLM(config), seed=1)
-    return model, saved(model, tmp_path_factory.mktemp(f"bert_{request.param}"))
-
-
-def bert_logits(model, tokens=TOKENS, token_types=TOKEN_TYPES) -> np.ndarray:
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(tokens), token_type_ids=torch.tensor(token_types)).logits.numpy()
-
-
-def test_bert_import_matches_transformers(bert_mlm, caplog):
-    model, path = bert_mlm
-    with caplog.at_level("WARNING"):
-        config, params = import_folder(bert, path)
-    # BertForMaskedLM has no pooler: ours starts as transformers would start it, and says so.
-    assert "pooler" in caplog.text and "mlm_head" not in caplog.text
-    got = ours(config, params, jnp.asarray(TOKENS), token_types=jnp.asarray(TOKEN_TYPES))
-    np.testing.assert_allclose(got, bert_logits(model), atol=1e-4, rtol=0)
-
-
-def test_bert_export_loads_in_transformers_bit_identical(bert_mlm, tmp_path):
-    model, path = bert_mlm
-    config, params = import_folder(bert, path)
-    out = export_folder(bert, config, params, tmp_path / "out")
-    pooler = {"bert.pooler.dense.weight", "bert.pooler.dense.bias"}
-    # Untied, transformers' decoder adds its own bias (cls.predictions.decoder.bias, ours); the other
-    # one, cls.predictions.bias, is then never read, and we write ours there too.
-    untied = not model.config.tie_word_embeddings
-    assert_same_tensors(path, out, extra=pooler, unread={"cls.predictions.bias"} if untied else set())
-    loaded, info = transformers.AutoModelForMaskedLM.from_pretrained(out, output_loading_info=True)
-    assert not info["missing_keys"] and not info["mismatched_keys"] and info["unexpected_keys"] <= pooler
-    np.testing.assert_array_equal(bert_logits(loaded.eval()), bert_logits(model))
-    # The pooler travels too: BertModel reads it, and its sentence vector is ours.
-    base = transformers.AutoModel.from_pretrained(out).eval()
-    with torch.no_grad():
-        pooled = base(input_ids=torch.tensor(TOKENS), token_type_ids=torch.tensor(TOKEN_TYPES)).pooler_output
-    got = ours(config, params, jnp.asarray(TOKENS), token_types=jnp.asarray(TOKEN_TYPES), output="pooled")
-    np.testing.assert_allclose(got, pooled.numpy(), atol=1e-4, rtol=0)
+    return json.loads((path / "config.json").read_text()), load_file(path / "model.safetensors")
 
 
 def test_bert_model_checkpoint_gets_transformers_mlm_head_init(tmp_path, caplog):
     """A BertModel file: no "bert." prefix, a pooler, no masked-LM head (initialised as transformers does)."""
     model = perturbed(transformers.BertModel(transformers.BertConfig(**BERT_SIZES)), seed=2)
+    model.save_pretrained(tmp_path)
+    hf, tensors = read_folder(tmp_path)
+    config = ModelConfig(**bert.model_keys_from_hf(hf))
     with caplog.at_level("WARNING"):
-        config, params = import_folder(bert, saved(model, tmp_path))
+        params = bert.params_from_hf(config, tensors.__getitem__, tensors.keys())
     assert "mlm_head" in caplog.text and "pooler" not in caplog.text
     head = params["mlm_head"]
     assert (head["transform_norm"]["scale"] == 1).all() and not head["transform_norm"]["bias"].any()
     assert not head["bias"].any() and not head["transform"]["bias"].any()
     assert 0.01 < head["transform"]["kernel"].std() < 0.03  # normal(initializer_range 0.02)
-    with torch.no_grad():
-        pooled = model(input_ids=torch.tensor(TOKENS), token_type_ids=torch.tensor(TOKEN_TYPES)).pooler_output
-    got = ours(config, params, jnp.asarray(TOKENS), token_types=jnp.asarray(TOKEN_TYPES), output="pooled")
-    np.testing.assert_allclose(got, pooled.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(ours(config, params, "pooled"), theirs(model, "pooled"), atol=1e-4, rtol=0)
 
 
-def test_bert_reads_the_old_layernorm_names(bert_mlm):
+def test_bert_reads_the_old_layernorm_names(converted):
     """Older BERT files name LayerNorm parameters gamma/beta, which transformers renames on load."""
-    hf, tensors = read_folder(bert_mlm[1])
+    hf, tensors = read_folder(converted("bert")[1])
     old = {n.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): x
            for n, x in tensors.items()}
     assert old.keys() != tensors.keys()
     config = ModelConfig(**bert.model_keys_from_hf(hf))
     got = bert.params_from_hf(config, old.__getitem__, old.keys())
     jax.tree.map(np.testing.assert_array_equal, got, bert.params_from_hf(config, tensors.__getitem__, tensors.keys()))
-
-
-# ----------------------------------------------------------------------------- t5
-
-ENCODER_TOKENS = np.random.default_rng(1).integers(2, 160, (2, 20))
-ENCODER_REAL = np.ones((2, 20), np.int64)
-ENCODER_REAL[1, 13:] = 0  # the second row is padded
-TARGETS = np.random.default_rng(2).integers(2, 160, (2, 12))
-DECODER_INPUTS = np.concatenate([np.zeros((2, 1), np.int64), TARGETS[:, :-1]], axis=1)  # shifted right, start 0
-
-
-@pytest.fixture(scope="module")
-def t5_folder(tmp_path_factory):
-    """variant -> (transformers' model, the folder it saved), each built once."""
-    built = {}
-
-    def build(variant: str):
-        if variant not in built:
-            config_class, model_class = ((transformers.MT5Config, transformers.MT5ForConditionalGeneration)
-                                         if variant == "mt5" else
-                                         (transformers.T5Config, transformers.T5ForConditionalGeneration))
-            model = model_class(config_class(**T5_SIZES, **T5_VARIANTS[variant]))
-            if not T5_VARIANTS[variant]["tie_word_embeddings"]:  # transformers 5 builds lm_head tied
-                model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.shared.weight) * 32**-0.5)
-            model = perturbed(model, seed=3)
-            built[variant] = model, saved(model, tmp_path_factory.mktemp(f"t5_{variant}"))
-        return built[variant]
-
-    return build
-
-
-def t5_logits(model) -> np.ndarray:
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(ENCODER_TOKENS * ENCODER_REAL), attention_mask=torch.tensor(ENCODER_REAL),
-                     decoder_input_ids=torch.tensor(DECODER_INPUTS)).logits.numpy()
-
-
-def our_t5_logits(config, params) -> np.ndarray:
-    return ours(config, params, jnp.asarray(DECODER_INPUTS), encoder_tokens=jnp.asarray(ENCODER_TOKENS * ENCODER_REAL),
-                encoder_segment_ids=jnp.asarray(ENCODER_REAL))
-
-
-@pytest.mark.parametrize("variant", T5_VARIANTS)
-def test_t5_import_matches_transformers(t5_folder, variant):
-    model, path = t5_folder(variant)
-    config, params = import_folder(t5, path)
-    assert config.resolved_tie_embeddings == (variant == "original")
-    assert (config.resolved_head_dim * config.n_heads != config.d_model) == (variant != "original")
-    np.testing.assert_allclose(our_t5_logits(config, params), t5_logits(model), atol=1e-4, rtol=0)
-
-
-@pytest.mark.parametrize("variant", ["v1.1", "original"])
-def test_t5_export_loads_in_transformers_bit_identical(t5_folder, variant, tmp_path):
-    model, path = t5_folder(variant)
-    config, params = import_folder(t5, path)
-    out = export_folder(t5, config, params, tmp_path / "out")
-    assert_same_tensors(path, out)
-    loaded, info = transformers.AutoModelForSeq2SeqLM.from_pretrained(out, output_loading_info=True)
-    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
-    np.testing.assert_array_equal(t5_logits(loaded.eval()), t5_logits(model))
-
-
-def test_t5_greedy_and_beam_search_match_transformers(t5_folder):
-    """32 new tokens greedily (eos held off, as min_new_tokens does in both), then 4 beams, on two prompts
-    of different lengths (the shorter padded); T5 v1.1, whose heads are not d_model / n_heads wide."""
-    model, path = t5_folder("v1.1")
-    config, params = import_folder(t5, path)
-    prompts = [list(ENCODER_TOKENS[0]), list(ENCODER_TOKENS[1, :13])]
-    jparams = jax.tree.map(jnp.asarray, params)
-
-    def hf_generate(**kwargs):
-        with torch.no_grad():
-            out = model.generate(input_ids=torch.tensor(ENCODER_TOKENS * ENCODER_REAL),
-                                 attention_mask=torch.tensor(ENCODER_REAL), do_sample=False, **kwargs)
-        return [[t for t in row[1:] if t != 0] for row in out.tolist()]  # drop the start id and HF's padding
-
-    greedy = generate_batch(make_model(config), jparams, prompts, Decoding(max_new_tokens=32, min_new_tokens=32,
-                                                                                 sampling=Sampling(temperature=0.0)),
-                            rng=jax.random.key(0), eos_id=EOS)
-    assert [g.tokens for [g] in greedy] == hf_generate(max_new_tokens=32, min_new_tokens=32)
-    beams = generate_batch(make_model(config), jparams, prompts,
-                           Decoding(max_new_tokens=12, num_beams=4, num_return_sequences=4),
-                           rng=jax.random.key(0), eos_id=EOS)
-    expected = hf_generate(max_new_tokens=12, num_beams=4, num_return_sequences=4)
-    assert [g.tokens for gens in beams for g in gens] == expected
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -287,19 +269,17 @@ def test_model_without_hf_equivalent_is_refused_in_one_line(module, keys, field)
     assert "\n" not in str(error.value)
 
 
-def test_mt5_without_its_own_lm_head_is_refused(t5_folder):
-    """MT5ForConditionalGeneration never scales the decoder output: tied to the embedding, it is not ours."""
-    hf, tensors = read_folder(t5_folder("mt5")[1])
-    del tensors["lm_head.weight"]
+@pytest.mark.parametrize("variant, edit, words", [
+    # MT5ForConditionalGeneration never scales the decoder output: tied to the embedding, it is not ours.
+    ("mt5", lambda w: w.pop("lm_head.weight"), "lm_head.weight is missing"),
+    # Scaled (tied) yet with an lm_head of its own, which transformers would not tie.
+    ("original", lambda w: w.update({"lm_head.weight": w["shared.weight"] * 2}), "scale_decoder_outputs"),
+    # An encoder embedding of its own: transformers would not tie it either.
+    ("original", lambda w: w.update({"encoder.embed_tokens.weight": w["shared.weight"] * 2}), "one embedding"),
+])
+def test_t5_weights_that_are_not_one_tied_model_are_refused(converted, variant, edit, words):
+    hf, tensors = read_folder(converted(variant)[1])
+    edit(tensors)
     config = ModelConfig(**t5.model_keys_from_hf(hf))
-    with pytest.raises(HFConversionError, match="lm_head.weight is missing"):
-        t5.params_from_hf(config, tensors.__getitem__, tensors.keys())
-
-
-def test_t5_scaled_output_with_its_own_lm_head_is_refused(t5_folder):
-    """A checkpoint that scales the decoder output (tied) yet holds an lm_head that is not the embedding."""
-    hf, tensors = read_folder(t5_folder("original")[1])
-    tensors["lm_head.weight"] = tensors["shared.weight"] * 2
-    config = ModelConfig(**t5.model_keys_from_hf(hf))
-    with pytest.raises(HFConversionError, match="scale_decoder_outputs"):
+    with pytest.raises(HFConversionError, match=words):
         t5.params_from_hf(config, tensors.__getitem__, tensors.keys())
