@@ -249,6 +249,7 @@ def test_bert_reads_the_old_layernorm_names(converted):
     (bert, {"type_vocab_size": 1}, "type_vocab_size"),
     (t5, {"model_type": "umt5"}, "umt5"),
     (t5, {"feed_forward_proj": "gated-mish"}, "feed_forward_proj"),
+    (t5, {"feed_forward_proj": "gated-gelu", "dense_act_fn": "mish"}, "dense_act_fn"),
     (t5, {"decoder_start_token_id": 2}, "decoder_start_token_id"),
 ])
 def test_config_without_faithful_mapping_is_refused_in_one_line(module, change, field):
@@ -256,6 +257,17 @@ def test_config_without_faithful_mapping_is_refused_in_one_line(module, change, 
     with pytest.raises(HFConversionError, match=field) as error:
         module.model_keys_from_hf(hf)
     assert "\n" not in str(error.value)
+
+
+def test_t5_activation_is_read_as_transformers_reads_it():
+    """feed_forward_proj, unless the dense_act_fn / is_gated_act that transformers 5 also saves say otherwise."""
+    def read(**hf):
+        keys = t5.model_keys_from_hf({**T5_SIZES, **hf})
+        return keys["activation"], keys["gated_mlp"]
+
+    assert read(feed_forward_proj="gated-gelu") == ("gelu_tanh", True)
+    assert read(feed_forward_proj="relu") == ("relu", False)
+    assert read(feed_forward_proj="gated-gelu", dense_act_fn="relu", is_gated_act=False) == ("relu", False)
 
 
 @pytest.mark.parametrize("module, keys, field", [

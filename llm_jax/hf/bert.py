@@ -43,7 +43,6 @@ ARCHITECTURE = "BertForMaskedLM"
 # Tensors that are not our weights (convert.py checks every other one is used).
 IGNORED_SUFFIXES = ("cls.seq_relationship.weight", "cls.seq_relationship.bias", "embeddings.position_ids")
 
-
 # BertConfig's defaults (transformers 5): what a config.json without the key means.
 _DEFAULTS = {"vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
              "intermediate_size": 3072, "hidden_act": "gelu", "max_position_embeddings": 512, "type_vocab_size": 2,

@@ -63,17 +63,19 @@ def _refuse(field: str, value, why: str):
     raise HFConversionError(f"config.json: {field}={value!r}: {why}")
 
 
-def _feed_forward(proj: str) -> tuple[str, bool]:
-    """(our activation, gated) of a feed_forward_proj, read as T5Config reads it."""
+def _feed_forward(c: dict) -> tuple[str, bool]:
+    """(our activation, gated) of a config, read as transformers 5's T5Config reads it: from
+    feed_forward_proj ("gated-gelu" meaning the tanh GELU), unless dense_act_fn / is_gated_act, which
+    it also saves, say otherwise (they win when both are in config.json)."""
+    proj = c["feed_forward_proj"]
     parts = proj.split("-")
-    gated = parts[0] == "gated"
-    if len(parts) > 2 or (len(parts) == 2 and not gated):
+    if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
         _refuse("feed_forward_proj", proj, "expected 'gated-ACT' or 'ACT'")
-    act = "gelu_new" if proj == "gated-gelu" else parts[-1]
+    act = c.get("dense_act_fn", "gelu_new" if proj == "gated-gelu" else parts[-1])
     if act not in ACTIVATIONS_FROM_HF:
-        _refuse("feed_forward_proj", proj, f"activation {act!r} is not implemented "
-                f"(llm_jax has {', '.join(ACTIVATIONS_FROM_HF)})")
-    return ACTIVATIONS_FROM_HF[act], gated
+        field, value = ("dense_act_fn", act) if "dense_act_fn" in c else ("feed_forward_proj", proj)
+        _refuse(field, value, f"activation {act!r} is not implemented (llm_jax has {', '.join(ACTIVATIONS_FROM_HF)})")
+    return ACTIVATIONS_FROM_HF[act], bool(c.get("is_gated_act", parts[0] == "gated"))
 
 
 def _tied(hf: dict) -> bool:
@@ -93,14 +95,14 @@ def model_keys_from_hf(hf: dict) -> dict:
         _refuse("model_type", model_type, "each layer has its own relative position biases; llm_jax's t5 has one "
                 "table per stack" if model_type == "umt5" else f"not one of {', '.join(_DEFAULTS)}")
     c = {**_DEFAULTS[model_type], **{k: v for k, v in hf.items() if v is not None}}
-    if c.get("is_encoder_decoder", True) is False or c.get("is_decoder"):
-        _refuse("is_encoder_decoder" if c.get("is_encoder_decoder", True) is False else "is_decoder",
-                False if c.get("is_encoder_decoder", True) is False else True,
-                "llm_jax's t5 is an encoder-decoder")
+    if c.get("is_encoder_decoder") is False:
+        _refuse("is_encoder_decoder", False, "llm_jax's t5 is an encoder-decoder")
+    if c.get("is_decoder"):
+        _refuse("is_decoder", True, "llm_jax's t5 is an encoder-decoder, not its decoder alone")
     start = c.get("decoder_start_token_id", DECODER_START_ID)
     if start != DECODER_START_ID:
         _refuse("decoder_start_token_id", start, f"llm_jax's t5 starts decoding from id {DECODER_START_ID}")
-    activation, gated = _feed_forward(c["feed_forward_proj"])
+    activation, gated = _feed_forward(c)
     num_layers = c["num_layers"]
     decoder_layers = c.get("num_decoder_layers", num_layers)
     keys = {"arch": "t5", "vocab_size": c["vocab_size"], "n_layers": num_layers, "d_model": c["d_model"],
