@@ -205,6 +205,16 @@ def test_t5_greedy_and_beam_search_match_transformers(converted):
                                                                      num_return_sequences=4)
 
 
+def test_t5_scanned_stacks_export_as_unrolled(converted):
+    """A t5 run with model.scan_layers=true (each stack's layers stacked) gives the export the same tree."""
+    _, _, ours_dir, (_, params), _ = converted("v1.1")
+    _, scanned, _ = exported.restore_export(ours_dir, ["model.scan_layers=true"], with_data=False)
+    assert "layers" in scanned["encoder"] and "layers" in scanned["decoder"]
+    flat, want = convert.unstacked(convert._plain(jax.device_get(scanned))), convert._plain(jax.device_get(params))
+    assert jax.tree.structure(flat) == jax.tree.structure(want)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(flat), jax.tree.leaves(want)))
+
+
 # ----------------------------------------------------------------------------- checkpoints of other forms
 
 
