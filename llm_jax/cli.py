@@ -153,6 +153,17 @@ def _cmd_fill_mask(args) -> int:
     return 0
 
 
+def _cmd_harness(args) -> int:
+    from llm_jax.commands import harness
+
+    tasks = [t for group in args.tasks for t in group.split(",") if t]
+    results = harness.run_harness(args.workdir, tasks, include_path=args.include_path, num_fewshot=args.num_fewshot,
+                                  limit=args.limit, batch_size=args.batch_size, max_length=args.max_length,
+                                  dtype=args.dtype, max_gen_toks=args.max_gen_toks, seed=args.seed)
+    print(harness.write_results(results, args.output))
+    return 0
+
+
 def _cmd_export(args) -> int:
     from llm_jax.commands.export import export_run
 
@@ -368,6 +379,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", required=True, help='e.g. "for i in [MASK](10):"')
     p.add_argument("--top-k", type=int, default=5)
     p.set_defaults(func=_cmd_fill_mask)
+
+    p = sub.add_parser("harness", help="score lm-evaluation-harness tasks on a run or an export (lm-eval's model "
+                       "llm_jax; every lm-eval flag: python -m llm_jax.commands.harness --model llm_jax ...)")
+    p.add_argument("workdir", help="a run directory (its newest checkpoint) or an export")
+    p.add_argument("--tasks", action="append", required=True, help="task names, comma-separated; repeatable")
+    p.add_argument("--include-path", action="append", default=None, help="a folder of task YAML files; repeatable")
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--limit", type=float, default=None, help="examples per task (below 1: a fraction)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows scored or decoded together")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per row (default: model.max_len)")
+    p.add_argument("--dtype", default=None, help="compute dtype, e.g. float32 (default: the run's model.dtype)")
+    p.add_argument("--max-gen-toks", type=int, default=None, help="generate_until's new tokens unless a task says")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=None, help="write lm-eval's whole results here (JSON)")
+    p.set_defaults(func=_cmd_harness)
 
     p = sub.add_parser("export", help="write the parameters of a run alone, for inference or init_from=OUT")
     p.add_argument("workdir")

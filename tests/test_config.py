@@ -75,6 +75,7 @@ def test_override_beats_file(tmp_path):
     ("model.n_kv_heads=3", "divisible by model.n_kv_heads"),
     ("model.n_heads=3 model.head_dim=64", None),
     ("model.head_dim=0", "'model.head_dim' must be positive"),
+    ("model.max_documents_per_row=0", "'model.max_documents_per_row' must be positive"),
     ("model.arch=llama model.head_dim=15", "RoPE needs an even head dimension; the head dimension is 15"),
     ("optimizer.name=sgd", "one of adamw, lamb"),
     ("model.arch=t6", "one of gpt2, llama, bert, t5"),

@@ -552,3 +552,17 @@ def test_cut_pairs_counts_the_examples_seq2seq_cuts():
     # What PairCutter does with them: the first example whole, the last cut on both sides.
     cutter = pipeline.PairCutter(CharTokenizer(), SEQ, 4)
     assert [len(cutter(p)[0]["encoder_inputs"]) for p in pairs] == [8, 8, 2, 8]
+
+
+@pytest.mark.parametrize("overrides, most", [(["model.max_documents_per_row=2"], 2),
+                                             (["model.attention=cudnn", "model.dtype=bfloat16"], 16)])
+def test_rows_hold_at_most_max_documents_per_row(overrides, most):
+    # Short documents (1 or 2 tokens + bos/eos) so that many would fit in a row of seq_len 64.
+    docs = [" ".join(str(1000 * d + k) for k in range(d % 2 + 1)) for d in range(400)]
+    config = toy_config("train.seq_len=64", "model.max_len=64", *overrides)
+    assert config.model.resolved_max_documents_per_row == most
+    eval_batches = pipeline.make_eval_batches(config, ToyTokenizer(), toy_sources(["1"], docs))
+    it = shards.make_train_iterator(config, ToyTokenizer(), toy_sources(docs))
+    batches = [next(it) for _ in range(3)] + eval_batches
+    counts = [len(set(row.tolist()) - {0}) for batch in batches for row in batch["segment_ids"]]
+    assert max(counts) == most  # the bound is reached, never passed

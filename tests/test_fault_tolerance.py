@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import jax
-import multiprocess
 import numpy as np
+import pod_processes
 import pytest
 from test_steps import _batch, _setup
 from test_trainer import _config, corpus  # noqa: F401 - the corpus fixture
@@ -229,12 +229,12 @@ def test_two_processes_save_the_same_step_when_one_gets_sigterm(tmp_path, corpus
     # Time-based saves run too: a save decided on one process only would hang the other one.
     args = _cli_args(tmp_path, corpus, "train.log_every=1", "checkpoint.every=100000",
                      "checkpoint.every_minutes=0.01", "train.agree_every=4")
-    procs = multiprocess.launch([*args, "train.steps=100000"], num_processes=2, devices_per_process=2)
+    procs = pod_processes.launch([*args, "train.steps=100000"], num_processes=2, devices_per_process=2)
     deadline = time.time() + 180
     while time.time() < deadline and all(p.poll() is None for p in procs) and len(_train_rows(workdir)) < 3:
         time.sleep(0.1)
     procs[1].send_signal(signal.SIGTERM)  # one process only: the other learns it through the agreement
-    results = multiprocess.wait_all(procs, timeout=90)
+    results = pod_processes.wait_all(procs, timeout=90)
     for returncode, output in results:
         assert returncode == 0, output[-3000:]
     stops = [re.findall(r"stopping at step (\d+) on a signal", output) for _, output in results]
@@ -244,7 +244,7 @@ def test_two_processes_save_the_same_step_when_one_gets_sigterm(tmp_path, corpus
     assert _checkpoint_steps(workdir)[-1] == step
     assert len(list((workdir / "checkpoints" / str(step) / "data").iterdir())) >= 2  # one file per process
 
-    results = multiprocess.wait_all(multiprocess.launch([*args, f"train.steps={step + 2}"]), timeout=300)
+    results = pod_processes.wait_all(pod_processes.launch([*args, f"train.steps={step + 2}"]), timeout=300)
     for returncode, output in results:
         assert returncode == 0, output[-3000:]
     # Process 0 logs for both; a process starting elsewhere would have hung the collectives.

@@ -178,8 +178,8 @@ def test_scanned_layers_export_as_unrolled(converted, work):
     _, _, ours, (_, params), _ = converted["llama"]
     _, scanned = load_ours(ours, ["model.scan_layers=true"])
     assert "layers" in scanned and "layer_0" not in scanned
-    flat = convert.unstacked(convert._plain(jax.device_get(scanned)))
-    want = convert._plain(jax.device_get(params))
+    flat = convert.unstacked(convert.host_tree(jax.device_get(scanned)))
+    want = convert.host_tree(jax.device_get(params))
     assert jax.tree.structure(flat) == jax.tree.structure(want)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(flat), jax.tree.leaves(want)))
 
@@ -263,6 +263,12 @@ def test_weights_problems_are_refused_in_one_line(converted, work):
     with pytest.raises(HFConversionError, match="not a readable safetensors file"):
         convert.import_hf(corrupt, work / "corrupt_out")
 
+    sharded = edited_copy(converted, work, "missing_shard", family="llama")
+    shard = sorted(sharded.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(HFConversionError, match=f"{shard.name} is missing"):
+        convert.import_hf(sharded, work / "missing_shard_out")
+
     # More layers in config.json than in the weights: the first missing tensor is named.
     short = edited_copy(converted, work, "fewer_layers", family="gpt2", config_edit={"n_layer": 3})
     with pytest.raises(HFConversionError, match="no tensor 'transformer.h.2"):
@@ -316,7 +322,7 @@ def test_mapping_round_trips_variants_the_models_above_do_not_cover(module, keys
     draws = np.random.default_rng(0)
     params = jax.tree.map(lambda a: draws.standard_normal(a.shape).astype(np.float32),
                           nn.unbox(abstract)["params"])
-    params = convert._plain(params)
+    params = convert.host_tree(params)
     tensors = dict(module.params_to_hf(model, params))
     assert ("lm_head.weight" in tensors) != model.resolved_tie_embeddings
     back = module.params_from_hf(model, tensors.__getitem__, set(tensors))
@@ -346,6 +352,8 @@ def test_imported_llama_fine_tunes_with_init_from_and_exports_back(converted, wo
     tuned = AutoModelForCausalLM.from_pretrained(work / "tuned_hf").eval()
     tokenizer = AutoTokenizer.from_pretrained(work / "tuned_hf")
     assert tokenizer(SAMPLE).input_ids == AutoTokenizer.from_pretrained(hf_dir)(SAMPLE).input_ids
+    # generate stops where llm-jax generate does: the tokenizer's eos, in generation_config.json
+    assert tuned.generation_config.eos_token_id == tokenizer.eos_token_id == tokenizer.bos_token_id is not None
     before = model.state_dict()["model.layers.0.mlp.up_proj.weight"]
     assert not torch.equal(tuned.state_dict()["model.layers.0.mlp.up_proj.weight"], before)  # it trained
     setup, params, step = loop.restore_for_inference(work / "tuned", with_data=False)
@@ -353,3 +361,16 @@ def test_imported_llama_fine_tunes_with_init_from_and_exports_back(converted, wo
     tokens = ids(seed=3)
     logits = np.asarray(setup.model.apply({"params": params}, tokens))
     assert np.abs(logits - hf_logits(tuned, tokens)).max() <= 1e-4
+
+
+def test_int8_export_is_refused_in_one_line(converted, work):
+    import shutil
+
+    _, _, ours, _, _ = converted["gpt2"]
+    int8 = work / "int8"
+    shutil.copytree(ours, int8)
+    info = json.loads((int8 / ckpt.EXPORT_INFO).read_text())
+    (int8 / ckpt.EXPORT_INFO).write_text(json.dumps({**info, "quantization": {"format": "int8"}}))
+    with pytest.raises(HFConversionError, match="holds int8 weights") as error:
+        convert.export_hf(int8, work / "int8_hf")
+    assert "\n" not in str(error.value) and not (work / "int8_hf").exists()

@@ -250,3 +250,32 @@ def test_mlp_flavours(arch, names):
         h = np.asarray(jax.nn.silu(h)) * (np.asarray(x)[0] @ np.asarray(params["up"]["kernel"]))
     expected = h @ np.asarray(params["proj"]["kernel"])
     np.testing.assert_allclose(np.asarray(Mlp(config).apply({"params": params}, x))[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_segment_runs_bounded_to_max_runs_keep_the_rows_that_fit():
+    """With max_runs R, rows of at most R runs are described exactly as with one slot per position."""
+    segment_ids = jnp.array([[1, 1, 1, 2, 2, 3, 3, 3, 3, 0, 0, 0],   # 4 runs: 3 documents + padding
+                             [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]])  # 1 run
+    full_offsets, full_lengths = segment_runs(segment_ids)
+    offsets, lengths = segment_runs(segment_ids, max_runs=4)
+    assert offsets.shape == (2, 5) and lengths.shape == (2, 4)
+    np.testing.assert_array_equal(offsets[:, :4], full_offsets[:, :4])
+    np.testing.assert_array_equal(offsets[:, 4], [-1, -1])
+    np.testing.assert_array_equal(lengths, full_lengths[:, :4])
+    assert (np.asarray(full_lengths)[:, 4:] == -1).all()  # nothing beyond R was dropped
+
+
+def test_cudnn_kernel_is_compiled_for_max_runs_sequences_per_row(monkeypatch):
+    """The bound reaches the kernel: its sequence lengths are [B, max_runs], not [B, L] (cuDNN's
+    backward memory grows with their number)."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(cudnn, "check_compute_capability", lambda capability: True)
+    monkeypatch.setattr(cudnn, "is_cuda_compute_capability_equal", lambda capability: False)
+    q = jnp.zeros((2, 64, 2, 64), jnp.bfloat16)
+    segment_ids = jnp.ones((2, 64), jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda q: fused_attention(q, q, q, segment_ids, platform="gpu", max_runs=5))(q).jaxpr
+    kernel = [eqn for eqn in _equations(jaxpr) if eqn.primitive.name == "dot_product_attention_fwd_wrapper"]
+    shapes = {tuple(v.aval.shape) for v in kernel[0].invars}
+    assert (2, 5) in shapes and (2, 6) in shapes and (2, 64) not in shapes

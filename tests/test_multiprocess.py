@@ -7,7 +7,7 @@ import sys
 import tempfile
 
 import pytest
-from multiprocess import REPO, launch, process_env, wait_all
+from pod_processes import REPO, launch, process_env, wait_all
 from test_trainer import corpus  # noqa: F401 - the corpus fixture
 
 from llm_jax.train.metrics import read_metrics

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from multiprocess import REPO
+from pod_processes import REPO
 
 from llm_jax import cli
 

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-import multiprocess
+import pod_processes
 import pytest
 from test_fault_tolerance import _checkpoint_steps, _cli_args, _train_rows
 from test_trainer import _config, corpus  # noqa: F401 - the corpus fixture
@@ -90,9 +90,9 @@ def test_the_lock_is_refused_within_one_process_and_free_after_the_run(tmp_path)
 def test_both_processes_of_a_job_exit_2_when_the_workdir_is_busy(tmp_path, corpus):  # noqa: F811
     fd = run_lock.acquire(tmp_path / "run")  # another run holds it: this test process
     try:
-        procs = multiprocess.launch(_cli_args(tmp_path, corpus, "train.steps=5"), num_processes=2,
+        procs = pod_processes.launch(_cli_args(tmp_path, corpus, "train.steps=5"), num_processes=2,
                                     devices_per_process=1)
-        results = multiprocess.wait_all(procs, timeout=180)  # a process left waiting would time out here
+        results = pod_processes.wait_all(procs, timeout=180)  # a process left waiting would time out here
     finally:
         run_lock.release(fd)
     for returncode, output in results:

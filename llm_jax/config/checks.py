@@ -40,6 +40,8 @@ def validate(c: Config) -> None:
     m = c.model
     for key in ("vocab_size", "n_layers", "d_model", "n_heads", "d_ff", "max_len"):
         _require(getattr(m, key) > 0, f"config key 'model.{key}' must be positive, got {getattr(m, key)}")
+    _require(m.max_documents_per_row is None or m.max_documents_per_row > 0,
+             f"config key 'model.max_documents_per_row' must be positive, got {m.max_documents_per_row}")
     _require(m.head_dim is None or m.head_dim > 0, f"config key 'model.head_dim' must be positive, got {m.head_dim}")
     _require(m.head_dim is not None or m.d_model % m.n_heads == 0,
              f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads}), or set model.head_dim")

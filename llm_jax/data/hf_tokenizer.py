@@ -162,6 +162,10 @@ class HFTokenizer:
         """The special tokens the configs named ({"bos_token": "<s>", ...}; empty for a bare file)."""
         return dict(self._named)
 
+    def id_to_token(self, i: int) -> str | None:
+        """The text of token `i` as the vocabulary spells it (byte-level: GPT-2's alphabet)."""
+        return self._tok.id_to_token(i)
+
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without bos/eos/[CLS]/[SEP] (the data pipeline adds them)."""
         return self._tok.encode(text, add_special_tokens=False).ids

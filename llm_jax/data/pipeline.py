@@ -475,11 +475,13 @@ def _to_batch(packed: dict[str, np.ndarray]) -> Batch:
 
 
 def packed_batches(pieces: grain.IterDataset, lengths: dict[str, int], rows: int, num_bins: int, seed: int,
-                   shuffle_bins: bool, drop_remainder: bool) -> grain.IterDataset:
+                   shuffle_bins: bool, drop_remainder: bool, max_documents: int | None = None) -> grain.IterDataset:
     """Pieces -> rows (first-fit packing over `num_bins` bins) -> batches of `rows` rows.
 
     `lengths` is the row length of each feature of the pieces (`piece_lengths`); a piece goes into
-    the first row where all its features fit, with one segment id for all of them.
+    the first row where all its features fit, with one segment id for all of them, and where fewer
+    than `max_documents` pieces are (model.max_documents_per_row: the fused cuDNN attention is
+    compiled for that many; None: no limit).
     """
     packed = grain.experimental.FirstFitPackIterDataset(
         pieces,
@@ -487,6 +489,7 @@ def packed_batches(pieces: grain.IterDataset, lengths: dict[str, int], rows: int
         num_packing_bins=num_bins,
         seed=seed,
         shuffle_bins=shuffle_bins,
+        max_sequences_per_bin=max_documents,
     )
     return packed.batch(rows, drop_remainder=drop_remainder).map(_to_batch)
 
@@ -550,7 +553,8 @@ def make_eval_batches(config: Config, tokenizer: Tokenizer, sources: DataSources
     per_document = cut_documents(config, tokenizer, grain.MapDataset.source(sources.eval), EVAL_MASK_SEED_WORDS)
     pieces = flatten_pieces(per_document.to_iter_dataset(read))
     batches = packed_batches(pieces, piece_lengths(config), global_batch, num_bins=global_batch, seed=0,
-                             shuffle_bins=False, drop_remainder=False)
+                             shuffle_bins=False, drop_remainder=False,
+                             max_documents=config.model.resolved_max_documents_per_row)
     spans = rows if rows is not None else [(0, global_batch)]
     out = []
     for batch in itertools.islice(iter(batches), config.train.eval_batches):

@@ -171,7 +171,7 @@ def shard_batches(config: Config, shard: int, documents: grain.IterDataset) -> g
     # More bins than rows: the short last pieces of documents find room, less padding.
     return data_lib.packed_batches(pieces, data_lib.piece_lengths(c), rows, num_bins=max(2 * rows, 16),
                                    seed=_seed(c, _SALT_PACK, shard), shuffle_bins=c.data.shuffle,
-                                   drop_remainder=True)
+                                   drop_remainder=True, max_documents=c.model.resolved_max_documents_per_row)
 
 
 class TrainIterator:

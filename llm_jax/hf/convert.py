@@ -33,7 +33,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from llm_jax.config import Config, ConfigError, ModelConfig, TrainConfig, validate
+from llm_jax.config import Config, ConfigError, ModelConfig, TrainConfig, load_config, validate
 from llm_jax.hf import safetensors_io, tokenizer_files
 from llm_jax.hf.errors import HFConversionError
 
@@ -42,6 +42,7 @@ STORED_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 SCANNED = "layers"  # the stacked subtree of model.scan_layers (models/decoder.py SCANNED_LAYERS)
 HF_CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
+GENERATION_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 
 
 # ----------------------------------------------------------------------------- family modules
@@ -200,29 +201,34 @@ def export_hf(src: str | Path, out: str | Path) -> dict[str, Any]:
                                 "it came from")
     if not (src / "config.yaml").is_file():
         raise ConfigError(f"{src} is neither a run directory nor an llm-jax export (no config.yaml)")
-    config, params, step = restore_run(src)
-    if config.task.kind != "lm":
-        raise HFConversionError(f"{src} is a task.kind={config.task.kind} run (a task head); hf export writes "
+    saved = load_config(src / "config.yaml", [f"workdir={src}", "init_from="])  # refusals before any weight is read
+    if saved.task.kind != "lm":
+        raise HFConversionError(f"{src} is a task.kind={saved.task.kind} run (a task head); hf export writes "
                                 "language models")
-    module = module_for_arch(config.model.arch)
-    hf_config = module.hf_config_from_model(config.model)
-    params = unstacked(_plain(jax.device_get(params)))
-    special = _special_ids(config, src)
-    hf_config = {**hf_config, **special, "dtype": config.model.param_dtype}
-    return write_hf(out, module, config, params, hf_config, special, src / "tokenizer", step)
+    module = module_for_arch(saved.model.arch)
+    hf_config = module.hf_config_from_model(saved.model)
+    config, params, step = restore_run(src)
+    params = unstacked(host_tree(jax.device_get(params)))
+    # The tokenizer's ids win over a family's defaults; an id the tokenizer lacks is left to the family.
+    special = {key: value for key, value in _special_ids(config, src).items() if value is not None}
+    # "dtype" for transformers 5, "torch_dtype" for the versions before it (5 reads it without a warning)
+    hf_config = {**hf_config, **special, "dtype": config.model.param_dtype, "torch_dtype": config.model.param_dtype}
+    return write_hf(out, module, config, params, hf_config, src / "tokenizer", step)
 
 
 def write_hf(out: Path, module: ModuleType, config: Config, params: dict[str, Any], hf_config: dict[str, Any],
-             special: dict[str, Any], tokenizer_dir: Path, step: int) -> dict[str, Any]:
+             tokenizer_dir: Path, step: int) -> dict[str, Any]:
     """Writes config.json, model.safetensors, generation_config.json and the tokenizer beside `out`, then
-    renames the folder into place."""
+    renames the folder into place. generation_config.json holds the special ids of config.json (transformers
+    reads generate's defaults from it alone when it exists, so it repeats an encoder-decoder's start id)."""
+    generation = {key: hf_config[key] for key in GENERATION_KEYS if hf_config.get(key) is not None}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         (tmp / HF_CONFIG).write_text(json.dumps(hf_config, indent=2) + "\n")
         count = safetensors_io.write_weights(tmp / safetensors_io.WEIGHTS, module.params_to_hf(config.model, params))
-        if any(v is not None for v in special.values()):
-            (tmp / GENERATION_CONFIG).write_text(json.dumps(special, indent=2) + "\n")
+        if generation:
+            (tmp / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
         tokenizer_files.export_tokenizer(tokenizer_dir, tmp, config.model)
         if out.exists():
             out.rmdir()  # empty, checked before
@@ -246,10 +252,10 @@ def _special_ids(config: Config, src: Path) -> dict[str, int | None]:
     return ids
 
 
-def _plain(tree: Any) -> Any:
+def host_tree(tree: Any) -> Any:
     """Nested mappings (FrozenDicts included) as dicts of numpy arrays."""
     if isinstance(tree, Mapping):
-        return {str(k): _plain(v) for k, v in tree.items()}
+        return {str(k): host_tree(v) for k, v in tree.items()}
     return np.asarray(tree)
 
 

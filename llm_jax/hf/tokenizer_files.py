@@ -97,8 +97,7 @@ def _export_json(tokenizer_dir: Path, out: Path) -> None:
     if (out / CONFIG_NAMES[0]).is_file():
         return
     ours = HFTokenizer(tokenizer_dir)
-    vocab = {i: t for t, i in ours._tok.get_vocab(with_added_tokens=True).items()}
-    named = {key: vocab[i] for key, i in (("bos_token", ours.bos_id), ("eos_token", ours.eos_id),
+    named = {key: ours.id_to_token(i) for key, i in (("bos_token", ours.bos_id), ("eos_token", ours.eos_id),
                                            ("unk_token", ours.unk_id), ("pad_token", ours.pad_id),
                                            ("cls_token", ours.cls_id), ("sep_token", ours.sep_id),
                                            ("mask_token", ours.mask_id)) if i is not None and i >= 0}

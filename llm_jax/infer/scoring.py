@@ -2,9 +2,10 @@
 `loglikelihood_rolling`) and of `llm-jax eval --input`'s bits per byte.
 
 - A decoder scores a continuation's tokens given the context's: one row `[bos] context continuation`,
-  the continuation's positions summed. Context and continuation are encoded apart (lm-eval's way),
-  so the continuation's ids are those it has alone; a row longer than the model's positions loses
-  context from the left.
+  the continuation's positions summed. `loglikelihood` encodes context and continuation apart, so the
+  continuation's ids are those it has alone (lm-eval's adapter, commands/lm_eval_model.py, splits the
+  ids of the whole text instead, as lm-eval's Hugging Face models do, and calls `score_ids`); a row
+  longer than the model's positions loses context from the left.
 - An encoder-decoder reads the context as its encoder input (`context [eos]`, as training's inputs)
   and scores the continuation as its target, decoded from the start id 0.
 
@@ -136,7 +137,8 @@ def loglikelihood(model: nn.Module, params, tokenizer, requests: Sequence[tuple[
 def rolling_windows(ids: list[int], max_len: int, *, encoder_decoder: bool,
                     bos_id: int) -> list[tuple[list[int], list[int]]]:
     """Every token of `ids` scored once, in windows of at most max_len predicted tokens each given
-    the one token before it (bos before the first; lm-eval's rolling windows, context_len 1).
+    the one token before it (bos before the first; lm-eval's rolling windows, context_len 1, except
+    that lm-eval gives a short last window the full row of context before it).
     An encoder-decoder's windows are targets with an empty input."""
     pairs = []
     for start in range(0, len(ids), max_len):

@@ -300,14 +300,16 @@ def bidirectional_attention(q_BLHD: jax.Array, k_BLKD: jax.Array, v_BLKD: jax.Ar
                                                      segment_mask(segment_ids_BL, q_BLHD.shape[1]))
 
 
-def segment_runs(segment_ids_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Packed rows in cuDNN's ragged ("THD") description: (offsets [B, L+1], lengths [B, L]) int32.
+def segment_runs(segment_ids_BL: jax.Array, max_runs: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """Packed rows in cuDNN's ragged ("THD") description: (offsets [B, R+1], lengths [B, R]) int32.
 
     Each run of equal segment ids is one sequence: its start in the row and its length, runs in
-    order, then -1 padding (the layout `q_offsets`/`q_seqlen` of jax's cuDNN attention take; L+1
-    and L: a row holds at most L runs). Linear in L, where a mask is quadratic. Trailing padding
-    (segment 0) is a run of its own, so it attends only to itself, as in `causal_segment_mask`
-    and `segment_mask`.
+    order, then -1 padding (the layout `q_offsets`/`q_seqlen` of jax's cuDNN attention take).
+    R = max_runs, the most runs a row may hold (None: L, one per position); a row with more runs
+    than R would lose the rest, so the packer is bound to R - 1 documents (one run is left for the
+    trailing padding). R matters: cuDNN's backward pass takes temporary memory in proportion to
+    B x R x L (ModelConfig.max_documents_per_row). Trailing padding (segment 0) is a run of its own,
+    so it attends only to itself, as in `causal_segment_mask` and `segment_mask`.
     The packer gives each document of a row its own id, so runs and documents are the same.
     """
     batch, length = segment_ids_BL.shape
@@ -318,11 +320,14 @@ def segment_runs(segment_ids_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
     is_run_BL = start_BL < length
     lengths_BL = jnp.where(is_run_BL, end_BL - start_BL, -1).astype(jnp.int32)
     offsets_BL1 = jnp.concatenate([jnp.where(is_run_BL, start_BL, -1), jnp.full((batch, 1), -1, jnp.int32)], axis=1)
-    return offsets_BL1.astype(jnp.int32), lengths_BL
+    runs = length if max_runs is None else min(max_runs, length)
+    offsets_BR1 = jnp.concatenate([offsets_BL1[:, :runs], offsets_BL1[:, -1:]], axis=1)
+    return offsets_BR1.astype(jnp.int32), lengths_BL[:, :runs]
 
 
 def fused_attention(q_BLHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array,
-                    segment_ids_BL: jax.Array | None, platform: str | None = None, causal: bool = True) -> jax.Array:
+                    segment_ids_BL: jax.Array | None, platform: str | None = None, causal: bool = True,
+                    max_runs: int | None = None) -> jax.Array:
     """`model.attention=cudnn`: cuDNN's fused flash attention on GPU for 16-bit dtypes (the only
     ones it supports), JAX's XLA attention elsewhere (`jax.nn.dot_product_attention`).
 
@@ -330,7 +335,8 @@ def fused_attention(q_BLHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array,
     masks within each document (and causally, for a decoder), and no [B, 1, L, L] mask or bias is
     ever built (a mask would be quadratic in memory: as a bfloat16 bias 256 MiB at batch 32 x 2048).
     Without segment ids causality is `is_causal`, so cuDNN skips the masked half. causal=False (an
-    encoder): the same within documents, in both directions.
+    encoder): the same within documents, in both directions. max_runs: the most runs of equal
+    segment ids in a row (`segment_runs`), documents and trailing padding.
     """
     platform = platform or traced_platform()
     if platform == "tpu":
@@ -341,7 +347,7 @@ def fused_attention(q_BLHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array,
     if segment_ids_BL is None:
         return jax.nn.dot_product_attention(q_BLHD, k_BSKD, v_BSKD, is_causal=causal, implementation="cudnn")
     try:
-        return _cudnn_packed_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, causal)
+        return _cudnn_packed_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, causal, max_runs)
     except NotImplementedError as e:  # e.g. the packed layout needs a Hopper GPU (H100/H200) or newer
         _warn_once(f"cuDNN cannot take packed documents here ({e}); building a [B, 1, L, L] mask instead")
         return _masked_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, "cudnn", causal)
@@ -353,7 +359,7 @@ def _masked_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, implementation, ca
                                         implementation=implementation)
 
 
-def _cudnn_packed_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, causal):
+def _cudnn_packed_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, causal, max_runs):
     # jax.nn.dot_product_attention takes only per-row lengths, not several sequences per row; its
     # cuDNN module (jax 0.10) takes them as offsets and lengths per row ("packed" layout, Hopper+).
     from jax._src.cudnn import fused_attention_stablehlo as cudnn
@@ -365,10 +371,10 @@ def _cudnn_packed_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, causal):
         # memory, B x L x H x D, against the quadratic mask this path avoids.
         k_BSKD = jnp.repeat(k_BSKD, n_heads // n_kv, axis=2)
         v_BSKD = jnp.repeat(v_BSKD, n_heads // n_kv, axis=2)
-    offsets_BL1, lengths_BL = segment_runs(segment_ids_BL)
+    offsets_BR1, lengths_BR = segment_runs(segment_ids_BL, max_runs)
     return cudnn.dot_product_attention(
-        q_BLHD, k_BSKD, v_BSKD, q_seqlen=lengths_BL, kv_seqlen=lengths_BL, q_offsets=offsets_BL1,
-        kv_offsets=offsets_BL1, scale=1.0 / math.sqrt(q_BLHD.shape[-1]),
+        q_BLHD, k_BSKD, v_BSKD, q_seqlen=lengths_BR, kv_seqlen=lengths_BR, q_offsets=offsets_BR1,
+        kv_offsets=offsets_BR1, scale=1.0 / math.sqrt(q_BLHD.shape[-1]),
         mask_type=cudnn.MaskType.PADDING_CAUSAL if causal else cudnn.MaskType.PADDING, qkv_layout="BTNH")
 
 
@@ -438,7 +444,9 @@ class Attention(nn.Module):
             if decode:  # the init call: create the cache, sized by this full-length input
                 self._cache_variables(k_BLKD.shape, k_BLKD.dtype)
             if cfg.attention == "cudnn":
-                out_BLHD = fused_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal=causal)
+                documents = cfg.resolved_max_documents_per_row  # + 1: the run of trailing padding
+                out_BLHD = fused_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal=causal,
+                                           max_runs=None if documents is None else documents + 1)
             elif cfg.attention == "splash" and not decode:  # the cache's init call may be any length
                 out_BLHD = splash_attention_on(traced_platform(), q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, causal)
             elif use_cpu_kernels(q_BLHD.dtype):  # fused C++ kernels (cpu_kernels.py), the same functions

@@ -503,7 +503,7 @@ EXPORT_TOKENIZER = "tokenizer"
 EXPORT_INFO = "export.json"
 # Model keys that change how the model runs, not what its parameters are: a run started from
 # exported parameters may set them differently (e.g. dropout for fine-tuning).
-RUNTIME_MODEL_KEYS = ("dropout", "dtype", "remat", "attention", "init_std")
+RUNTIME_MODEL_KEYS = ("dropout", "dtype", "remat", "attention", "init_std", "max_documents_per_row")
 # Model keys that leave a run's checkpoints restorable as they are (scan_layers: converted on restore).
 SAME_TREE_MODEL_KEYS = (*RUNTIME_MODEL_KEYS, "scan_layers")
 
@@ -591,7 +591,8 @@ def check_init_from(config: Config) -> Config:
 _RESOLVED_MODEL_KEYS = {"n_encoder_layers": "encoder_layers", "n_decoder_layers": "decoder_layers",
                         "n_kv_heads": "kv_heads", "position": "resolved_position",
                         "tie_embeddings": "resolved_tie_embeddings", "activation": "resolved_activation",
-                        "gated_mlp": "resolved_gated_mlp", "norm_eps": "resolved_norm_eps"}
+                        "gated_mlp": "resolved_gated_mlp", "norm_eps": "resolved_norm_eps",
+                        "head_dim": "resolved_head_dim"}
 
 
 def _check_same_model(path: Path, model: ModelConfig) -> None:
