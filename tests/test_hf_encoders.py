@@ -210,7 +210,8 @@ def test_t5_scanned_stacks_export_as_unrolled(converted):
     _, _, ours_dir, (_, params), _ = converted("v1.1")
     _, scanned, _ = exported.restore_export(ours_dir, ["model.scan_layers=true"], with_data=False)
     assert "layers" in scanned["encoder"] and "layers" in scanned["decoder"]
-    flat, want = convert.unstacked(convert._plain(jax.device_get(scanned))), convert._plain(jax.device_get(params))
+    flat = convert.unstacked(convert.host_tree(jax.device_get(scanned)))
+    want = convert.host_tree(jax.device_get(params))
     assert jax.tree.structure(flat) == jax.tree.structure(want)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(flat), jax.tree.leaves(want)))
 
