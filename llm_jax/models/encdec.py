@@ -38,12 +38,13 @@ leading [n_layers] axis named "layers", as in decoder.py), and the Hugging Face 
 Hugging Face kernels are [out, in] (torch Linear): q/k/v.weight [H*D, E] is kernel.reshape(E, H*D).T;
 o.weight [E, H*D] is kernel.reshape(H*D, E).T; wi*/wo/lm_head.weight are kernel.T. The embedding and
 relative bias tables are not transposed (torch Embedding is [rows, features]). Norm scales are
-layer_norm.weight. Hugging Face's config: d_model=E, d_kv=D (here always d_model / n_heads: a checkpoint
-with n_heads x d_kv != d_model, as t5-v1_1-small's 6 x 64 < 512, needs a head_dim key), num_heads=H,
+layer_norm.weight. Hugging Face's config: d_model=E, d_kv=D (model.head_dim; None: d_model / n_heads, so a
+checkpoint with n_heads x d_kv != d_model, as t5-v1_1-small's 6 x 64 < 512, sets it), num_heads=H,
 d_ff=F, num_layers / num_decoder_layers, relative_attention_num_buckets=N (model.relative_buckets: the table's rows; the
 encoder gives half to each direction),
 relative_attention_max_distance, layer_norm_epsilon=model.norm_eps, feed_forward_proj "gated-gelu"
-(gelu_tanh, gated) or "relu", tie_word_embeddings, decoder_start_token_id=0 (the pad id, data/).
+(gelu_tanh, gated) or "relu", tie_word_embeddings, decoder_start_token_id=0 (the pad id, data/). The
+mapping in code, both ways (`llm-jax hf import` / `hf export`): llm_jax/hf/t5.py.
 
 Init is T5's (Hugging Face's _init_weights, factor 1), fixed by the fan-ins: model.init_std does not
 apply. One exception: the untied lm_head is drawn with std d_model**-0.5 (fan-in, as T5X does), not 1.0

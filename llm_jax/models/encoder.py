@@ -24,7 +24,8 @@ have a leading [n_layers] axis named "layers", as in decoder.py), and the Huggin
     pooler: kernel [E, E], bias [E]             bert.pooler.dense (BertModel, BertForPreTraining,
                                                 BertForSequenceClassification; BertForMaskedLM has none)
 Norm scale/bias are LayerNorm.weight/bias. Hugging Face kernels are [out, in] (torch Linear): the
-mapping transposes them and splits E into heads x head_dim. One difference of function: dropout
+mapping (llm_jax/hf/bert.py, `llm-jax hf import` / `hf export`) transposes them and splits E into heads x
+head_dim. One difference of function: dropout
 acts on the residual branches, as in the decoder (layers.Attention), not also on the attention
 probabilities.
 """
