@@ -75,7 +75,7 @@ def hf_model(variant: str):
     return perturbed(model, seed=3)
 
 
-def save_tokenizer(texts, variant: str, folder) -> None:
+def save_tokenizer(texts, variant: str, folder, extra_ids: int = 100) -> None:
     if variant.startswith("bert"):
         wordpiece = tokenizers.implementations.BertWordPieceTokenizer(lowercase=True)
         wordpiece.train_from_iterator(texts, vocab_size=300)
@@ -85,7 +85,7 @@ def save_tokenizer(texts, variant: str, folder) -> None:
     spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=str(folder / "spiece"), vocab_size=300,
                                    model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
     (folder / "spiece.vocab").unlink()
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer", "extra_ids": 100}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer", "extra_ids": extra_ids}))
 
 
 @pytest.fixture(scope="module")
@@ -306,3 +306,13 @@ def test_t5_weights_that_are_not_one_tied_model_are_refused(converted, variant, 
     config = ModelConfig(**t5.model_keys_from_hf(hf))
     with pytest.raises(HFConversionError, match=words):
         t5.params_from_hf(config, tensors.__getitem__, tensors.keys())
+
+
+def test_a_t5_tokenizer_with_other_than_100_sentinels_imports_with_its_count(tmp_path):
+    texts = [f.read_text(errors="ignore")[:4000] for f in list_default_files(default_corpus_root())[:10]]
+    hf_model("v1.1").save_pretrained(tmp_path / "hf")
+    save_tokenizer(texts, "v1.1", tmp_path / "hf", extra_ids=20)
+    convert.import_hf(tmp_path / "hf", tmp_path / "ours")
+    setup, _, _ = exported.restore_export(tmp_path / "ours", with_data=False)
+    assert setup.config.tokenizer.extra_ids == 20
+    assert len(setup.tokenizer.sentinel_ids) == 20

@@ -114,6 +114,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, dtype: str | None = None) -> 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer_dir = Path(tmp) / "tokenizer"
         tokenizer_files.import_tokenizer(hf_dir, tokenizer_dir)  # refuses a folder with none
+        config = _with_the_tokenizers_sentinels(config, tokenizer_dir)
         load_run_tokenizer(config, tmp)  # refuses one this model cannot use (vocabulary, bos/eos), as generate would
         with safetensors_io.WeightReader(hf_dir) as weights:
 
@@ -144,6 +145,22 @@ def imported_config(model: ModelConfig, out: Path, run_keys: Mapping[str, Any]) 
         section, name = key.split(".")
         config = dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section),
                                                                              **{name: value})})
+    validate(config)
+    return config
+
+
+def _with_the_tokenizers_sentinels(config: Config, tokenizer_dir: Path) -> Config:
+    """An encoder-decoder's span corruption uses the tokenizer's sentinels: tokenizer.extra_ids says how
+    many there are (100 in T5's tokenizers; other counts exist), so the imported config takes the count
+    the tokenizer has rather than the default."""
+    from llm_jax.data.tokenizer import open_tokenizer
+
+    if not config.model.family.encoder_decoder:
+        return config
+    count = len(open_tokenizer(tokenizer_dir).sentinel_ids)
+    if count == 0 or count == config.tokenizer.extra_ids:
+        return config
+    config = dataclasses.replace(config, tokenizer=dataclasses.replace(config.tokenizer, extra_ids=count))
     validate(config)
     return config
 
