@@ -3,12 +3,9 @@
 Builds a tiny `EncoderDecoder` (unequal encoder and decoder depths, so that a stack mix-up shows),
 draws its parameters (T5's init, then every value scaled by its own random factor in [0.5, 1.5], so
 that norm scales are not all 1 and a mis-mapped one shows), maps them to a Hugging Face state dict
-(the table in models/encdec.py's docstring: torch Linear weights are [out, in], so q/k/v kernels
-[E, H, D] become [H*D, E], the output kernel [H, D, E] becomes [E, H*D], MLP and lm_head kernels are
-transposed; the embedding and the relative bias tables [buckets, heads] are not; the relative tables
-go to block 0 of each stack), loads them into `T5ForConditionalGeneration` (strict: every HF weight
-must come from one of ours, and the parameter counts must agree), runs both on the same tokens in
-float32 and compares the logits:
+with `llm-jax hf export`'s mapping (llm_jax/hf/t5.py), loads them into `T5ForConditionalGeneration`
+(strict: every HF weight must come from one of ours, and the parameter counts must agree), runs both
+on the same tokens in float32 and compares the logits:
 
 - `full`: one forward pass of each, on two rows: one full, one with encoder padding (encoder
   segment ids 0 <-> HF attention_mask 0) and decoder padding (compared at the real positions only);
@@ -55,55 +52,13 @@ ENCODER_PAD, DECODER_PAD = 8, 4  # padding at the end of the second row, on each
 # ----------------------------------------------------------------------------- JAX half
 
 
-def _layer(stack: dict, i: int) -> dict:
-    """Block i of a stack's parameters, unrolled (layer_{i}) or scanned (one "layers" tree, leading axis)."""
-    if "layers" in stack:
-        return {name: _layer_slice(sub, i) for name, sub in stack["layers"].items()}
-    return stack[f"layer_{i}"]
-
-
-def _layer_slice(tree, i: int):
-    return {k: _layer_slice(v, i) for k, v in tree.items()} if isinstance(tree, dict) else tree[i]
-
-
 def hf_state_dict(params: dict, config) -> dict[str, np.ndarray]:
-    """Hugging Face T5ForConditionalGeneration's weights from llm_jax's parameters (numpy, unboxed)."""
-    e, hd = config.d_model, config.n_heads * config.resolved_head_dim
+    """Hugging Face T5ForConditionalGeneration's weights from llm_jax's parameters (numpy, unboxed; scanned
+    or not): the mapping `llm-jax hf export` writes (llm_jax/hf/t5.py)."""
+    from llm_jax.hf import convert, t5
 
-    def attention(p: dict, prefix: str, out: dict) -> None:
-        for ours, theirs in (("query", "q"), ("key", "k"), ("value", "v")):
-            out[f"{prefix}.{theirs}.weight"] = p[ours]["kernel"].reshape(e, hd).T  # [E, H, D] -> [H*D, E]
-        out[f"{prefix}.o.weight"] = p["out"]["kernel"].reshape(hd, e).T  # [H, D, E] -> [E, H*D]
-
-    def mlp(p: dict, prefix: str, out: dict) -> None:
-        names = (("gate", "wi_0"), ("up", "wi_1"), ("proj", "wo")) if config.resolved_gated_mlp else \
-            (("fc", "wi"), ("proj", "wo"))
-        for ours, theirs in names:
-            out[f"{prefix}.{theirs}.weight"] = p[ours]["kernel"].T
-
-    state = {"shared.weight": params["embed"]["embedding"]}
-    for side, n_layers in (("encoder", config.encoder_layers), ("decoder", config.decoder_layers)):
-        stack = params[side]
-        state[f"{side}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = \
-            stack["relative_position"]["bias"]
-        for i in range(n_layers):
-            layer, block = _layer(stack, i), f"{side}.block.{i}.layer"
-            if side == "encoder":
-                state[f"{block}.0.layer_norm.weight"] = layer["attn_norm"]["scale"]
-                attention(layer["attn"], f"{block}.0.SelfAttention", state)
-                mlp_index = 1
-            else:
-                state[f"{block}.0.layer_norm.weight"] = layer["self_attn_norm"]["scale"]
-                attention(layer["self_attn"], f"{block}.0.SelfAttention", state)
-                state[f"{block}.1.layer_norm.weight"] = layer["cross_attn_norm"]["scale"]
-                attention(layer["cross_attn"], f"{block}.1.EncDecAttention", state)
-                mlp_index = 2
-            state[f"{block}.{mlp_index}.layer_norm.weight"] = layer["mlp_norm"]["scale"]
-            mlp(layer["mlp"], f"{block}.{mlp_index}.DenseReluDense", state)
-        state[f"{side}.final_layer_norm.weight"] = stack["final_norm"]["scale"]
-    if not config.resolved_tie_embeddings:
-        state["lm_head.weight"] = params["lm_head"]["kernel"].T
-    return {name: np.ascontiguousarray(value, np.float32) for name, value in state.items()}
+    return {name: np.ascontiguousarray(value, np.float32)
+            for name, value in t5.params_to_hf(config, convert.unstacked(params))}
 
 
 def hf_sizes(config) -> dict:

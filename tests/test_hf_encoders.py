@@ -85,7 +85,8 @@ def save_tokenizer(texts, variant: str, folder, extra_ids: int = 100) -> None:
     spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=str(folder / "spiece"), vocab_size=300,
                                    model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
     (folder / "spiece.vocab").unlink()
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer", "extra_ids": extra_ids}))
+    config = {"tokenizer_class": "T5Tokenizer", "extra_ids": extra_ids}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
 
 
 @pytest.fixture(scope="module")
