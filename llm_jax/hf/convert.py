@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
-import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -242,21 +241,15 @@ def write_hf(out: Path, module: ModuleType, config: Config, params: dict[str, An
     """Writes config.json, model.safetensors, generation_config.json and the tokenizer beside `out`, then
     renames the folder into place. generation_config.json holds the special ids of config.json (transformers
     reads generate's defaults from it alone when it exists, so it repeats an encoder-decoder's start id)."""
+    from llm_jax.train import checkpoint as ckpt
+
     generation = {key: hf_config[key] for key in GENERATION_KEYS if hf_config.get(key) is not None}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with ckpt.directory_in_place(out) as tmp:
         (tmp / HF_CONFIG).write_text(json.dumps(hf_config, indent=2) + "\n")
         count = safetensors_io.write_weights(tmp / safetensors_io.WEIGHTS, module.params_to_hf(config.model, params))
         if generation:
             (tmp / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
         tokenizer_files.export_tokenizer(tokenizer_dir, tmp, config.model)
-        if out.exists():
-            out.rmdir()  # empty, checked before
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"out": str(out), "architecture": hf_config["architectures"][0], "model_type": hf_config["model_type"],
             "tensors": count, "dtype": config.model.param_dtype, "step": step}
 

@@ -508,6 +508,22 @@ RUNTIME_MODEL_KEYS = ("dropout", "dtype", "remat", "attention", "init_std", "max
 SAME_TREE_MODEL_KEYS = (*RUNTIME_MODEL_KEYS, "scan_layers")
 
 
+@contextlib.contextmanager
+def directory_in_place(out: Path):
+    """A new directory beside `out` to write into, renamed to `out` (absent or empty) when the block
+    completes, removed when it fails: an interrupted write leaves no directory that looks complete."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()  # empty: checked by the caller
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def export_params(out: str | Path, params: Any, config: Config, tokenizer_dir: Path, info: dict,
                   extra: dict[str, Any] | None = None) -> Path:
     """Writes the parameters alone, the run's config and its tokenizer to `out` (a new directory);
@@ -519,9 +535,7 @@ def export_params(out: str | Path, params: Any, config: Config, tokenizer_dir: P
     out = Path(out).absolute()
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} already exists and is not empty; export to a new directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with directory_in_place(out) as tmp:
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(tmp / EXPORT_PARAMS, params)
             for name, tree in (extra or {}).items():
@@ -533,12 +547,6 @@ def export_params(out: str | Path, params: Any, config: Config, tokenizer_dir: P
             if (tokenizer_dir / name).is_file():
                 shutil.copyfile(tokenizer_dir / name, tmp / EXPORT_TOKENIZER / name)
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=1) + "\n")
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
