@@ -26,13 +26,6 @@ def export_run(workdir: str | Path, out: str | Path, best: bool = False) -> dict
     return {**info, "out": str(path)}
 
 
-def check_out(out: str | Path) -> None:
-    """Refuses an OUT that holds anything, before any checkpoint is read (export_params checks again)."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"{out} already exists and is not empty; write to a new directory")
-
-
 def restore_run(workdir: Path, best: bool = False) -> tuple[Config, Any, int]:
     """(config, params, step) of a run's newest checkpoint (or, with `best`, of its lowest eval loss);
     or of a float export (a pruned one, to be quantized too)."""

@@ -10,11 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llm_jax.commands.export import check_out, restore_run
+from llm_jax.commands.export import restore_run
 from llm_jax.infer import prune
 from llm_jax.models.decoder import count_params
 from llm_jax.train import checkpoint as ckpt
 from llm_jax.train import exported
+from llm_jax.train.checkpoint import check_out
 
 
 def prune_run(workdir: str | Path, out: str | Path, sparsity: float, structure: str = "unstructured",

@@ -9,12 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llm_jax.commands.export import check_out, restore_run
+from llm_jax.commands.export import restore_run
 from llm_jax.config import ConfigError
 from llm_jax.infer import quantize
 from llm_jax.models.decoder import count_params
 from llm_jax.train import checkpoint as ckpt
 from llm_jax.train import loop
+from llm_jax.train.checkpoint import check_out
 
 
 def quantize_run(workdir: str | Path, out: str | Path, group_size: int | None = None) -> dict[str, Any]:

@@ -102,7 +102,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, dtype: str | None = None) -> 
     from llm_jax.train import checkpoint as ckpt
 
     hf_dir, out = Path(hf_dir), Path(out).absolute()
-    check_out(out)
+    ckpt.check_out(out)
     dtype = dtype or "float32"
     if dtype not in STORED_DTYPES:
         raise HFConversionError(f"--dtype must be one of {', '.join(STORED_DTYPES)}, got {dtype!r}")
@@ -215,7 +215,7 @@ def export_hf(src: str | Path, out: str | Path) -> dict[str, Any]:
     from llm_jax.train import exported
 
     src, out = Path(src), Path(out).absolute()
-    check_out(out)
+    ckpt.check_out(out)
     if exported.is_export(src) and "quantization" in ckpt.export_info(src):
         raise HFConversionError(f"{src} holds int8 weights (llm-jax quantize); export the float run or export "
                                 "it came from")
@@ -288,9 +288,3 @@ def unstacked(params: dict[str, Any]) -> dict[str, Any]:
             out[key] = value
     return out
 
-
-def check_out(out: str | Path) -> None:
-    """Refuses an OUT that holds anything, before any weight is read."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"{out} already exists and is not empty; write to a new directory")

@@ -508,6 +508,14 @@ RUNTIME_MODEL_KEYS = ("dropout", "dtype", "remat", "attention", "init_std", "max
 SAME_TREE_MODEL_KEYS = (*RUNTIME_MODEL_KEYS, "scan_layers")
 
 
+def check_out(out: str | Path) -> None:
+    """Refuses an OUT that holds anything: every command that writes a new directory (export, quantize,
+    prune, hf import/export) calls it before reading any weight."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} already exists and is not empty; write to a new directory")
+
+
 @contextlib.contextmanager
 def directory_in_place(out: Path):
     """A new directory beside `out` to write into, renamed to `out` (absent or empty) when the block
@@ -533,8 +541,7 @@ def export_params(out: str | Path, params: Any, config: Config, tokenizer_dir: P
     leaves no directory that looks complete.
     """
     out = Path(out).absolute()
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{out} already exists and is not empty; export to a new directory")
+    check_out(out)
     with directory_in_place(out) as tmp:
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(tmp / EXPORT_PARAMS, params)
