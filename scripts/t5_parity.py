@@ -52,13 +52,24 @@ ENCODER_PAD, DECODER_PAD = 8, 4  # padding at the end of the second row, on each
 # ----------------------------------------------------------------------------- JAX half
 
 
+def _unrolled(stack: dict) -> dict:
+    """A stack's parameters with scanned layers (one "layers" tree, leading axis) as layer_0, layer_1, ..."""
+    import jax
+
+    if "layers" not in stack:
+        return stack
+    layers, count = stack["layers"], jax.tree.leaves(stack["layers"])[0].shape[0]
+    rest = {name: value for name, value in stack.items() if name != "layers"}
+    return {**rest, **{f"layer_{i}": jax.tree.map(lambda a, i=i: a[i], layers) for i in range(count)}}
+
+
 def hf_state_dict(params: dict, config) -> dict[str, np.ndarray]:
     """Hugging Face T5ForConditionalGeneration's weights from llm_jax's parameters (numpy, unboxed; scanned
     or not): the mapping `llm-jax hf export` writes (llm_jax/hf/t5.py)."""
-    from llm_jax.hf import convert, t5
+    from llm_jax.hf import t5
 
-    return {name: np.ascontiguousarray(value, np.float32)
-            for name, value in t5.params_to_hf(config, convert.unstacked(params))}
+    params = {name: _unrolled(value) if name in ("encoder", "decoder") else value for name, value in params.items()}
+    return {name: np.ascontiguousarray(value, np.float32) for name, value in t5.params_to_hf(config, params)}
 
 
 def hf_sizes(config) -> dict:

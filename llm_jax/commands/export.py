@@ -26,17 +26,18 @@ def export_run(workdir: str | Path, out: str | Path, best: bool = False) -> dict
     return {**info, "out": str(path)}
 
 
-def restore_run(workdir: Path, best: bool = False) -> tuple[Config, Any, int]:
+def restore_run(workdir: Path, best: bool = False, overrides: tuple[str, ...] = ()) -> tuple[Config, Any, int]:
     """(config, params, step) of a run's newest checkpoint (or, with `best`, of its lowest eval loss);
-    or of a float export (a pruned one, to be quantized too)."""
+    or of a float export (a pruned one, to be quantized too). `overrides`: settings that leave the tree
+    restorable, e.g. model.scan_layers=false for the parameters layer by layer (the restore relayouts)."""
     if exported.is_export(workdir) and not best:
-        return _restore_export(workdir)
+        return _restore_export(workdir, overrides)
     config_path = workdir / "config.yaml"
     if not config_path.is_file():
         raise ConfigError(f"{workdir} is not a run directory (no config.yaml)")
     # The run's own model; the mesh of this machine (all devices data parallel), whatever the run used.
     config = load_config(config_path, [f"workdir={workdir}", "parallel.mode=jit", "mesh.data=-1", "mesh.fsdp=1",
-                                       "mesh.tensor=1"])
+                                       "mesh.tensor=1", *overrides])
     setup = loop.build(config, with_data=False)
     checkpointer = ckpt.Checkpointer(workdir / "checkpoints", config.checkpoint, read_only=True,
                                      run_config=to_dict(config), best=best_metric(config),
@@ -59,11 +60,11 @@ def restore_run(workdir: Path, best: bool = False) -> tuple[Config, Any, int]:
     return config, state.params, step
 
 
-def _restore_export(path: Path) -> tuple[Config, Any, int]:
+def _restore_export(path: Path, overrides: tuple[str, ...] = ()) -> tuple[Config, Any, int]:
     info = ckpt.export_info(path)
     if "quantization" in info:
         raise ConfigError(f"{path} holds int8 weights already (llm-jax quantize); start from a run or a float export")
     config = load_config(path / ckpt.EXPORT_CONFIG, [f"workdir={path}", "init_from=", "parallel.mode=jit",
-                                                     "mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1"])
+                                                     "mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1", *overrides])
     setup = loop.build(config, with_data=False)
     return config, ckpt.load_exported_params(path, config.model, setup.abstract_state.params), int(info.get("step", 0))

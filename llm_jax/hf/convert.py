@@ -13,7 +13,8 @@ Export (`export_hf`): the newest checkpoint of a run, or a float export (a prune
 int8 one is refused: its dequantized weights would not be the model that was evaluated), is written as
 config.json (every convention explicit, from the family module), model.safetensors in the stored
 dtype, generation_config.json (bos/eos/pad of the tokenizer) and the tokenizer in transformers' form.
-Scanned layers (`model.scan_layers`) are unstacked to layer_0, layer_1, ... first. Both directions
+A scanned run (`model.scan_layers`) is restored layer by layer (layer_0, layer_1, ...), as a resume
+with scan_layers flipped would be. Both directions
 write beside OUT and rename into place, so an interrupted conversion leaves nothing that looks done.
 """
 
@@ -38,7 +39,6 @@ from llm_jax.hf.errors import HFConversionError
 
 FAMILY_MODULES = ("gpt2", "llama", "bert", "t5")  # llm_jax.hf.<name>, each mapping one family
 STORED_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
-SCANNED = "layers"  # the stacked subtree of model.scan_layers (models/decoder.py SCANNED_LAYERS)
 HF_CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
 GENERATION_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
@@ -227,8 +227,9 @@ def export_hf(src: str | Path, out: str | Path) -> dict[str, Any]:
                                 "language models")
     module = module_for_arch(saved.model.arch)
     hf_config = module.hf_config_from_model(saved.model)
-    config, params, step = restore_run(src)
-    params = unstacked(host_tree(jax.device_get(params)))
+    # Layer by layer, as transformers names them: the restore relayouts a scanned run's stacked layers.
+    config, params, step = restore_run(src, overrides=("model.scan_layers=false",))
+    params = host_tree(jax.device_get(params))
     # The tokenizer's ids win over a family's defaults; an id the tokenizer lacks is left to the family.
     special = {key: value for key, value in _special_ids(config, src).items() if value is not None}
     # "dtype" for transformers 5, "torch_dtype" for the versions before it (5 reads it without a warning)
@@ -272,19 +273,4 @@ def host_tree(tree: Any) -> Any:
         return {str(k): host_tree(v) for k, v in tree.items()}
     return np.asarray(tree)
 
-
-def unstacked(params: dict[str, Any]) -> dict[str, Any]:
-    """A scanned tree (`layers`, leaves with a leading [n_layers] axis) as layer_0, layer_1, ... at every
-    depth (an encoder-decoder has one stack per side); an unscanned tree unchanged."""
-    out: dict[str, Any] = {}
-    for key, value in params.items():
-        if key == SCANNED and isinstance(value, dict):
-            n_layers = jax.tree.leaves(value)[0].shape[0]
-            for i in range(n_layers):
-                out[f"layer_{i}"] = jax.tree.map(lambda a, i=i: a[i], value)
-        elif isinstance(value, dict):
-            out[key] = unstacked(value)
-        else:
-            out[key] = value
-    return out
 
