@@ -19,6 +19,7 @@ import numpy as np
 
 from llm_jax.config import Config, ConfigError
 from llm_jax.models.build import ENCODER_KEYS
+from llm_jax.runtime.faults import first_line
 
 GIB = 1024**3
 
@@ -55,8 +56,7 @@ def topology_devices(topology: str) -> list:
     try:
         return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
     except Exception as e:  # missing libtpu or an unknown name surface as many error types
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"cannot target TPU topology {topology!r} from this host ({first_line}); "
+        raise ConfigError(f"cannot target TPU topology {topology!r} from this host ({first_line(e)}); "
                           "install the TPU extra (pip install -e \".[tpu]\") or plan on fake CPU devices "
                           "with --devices N") from e
 

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import tokenizers
 
+from llm_jax.runtime.faults import first_line
+
 JSON_NAME = "tokenizer.json"
 CONFIG_NAMES = ("tokenizer_config.json", "special_tokens_map.json")
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "cls_token", "sep_token", "mask_token")
@@ -117,8 +119,7 @@ class HFTokenizer:
             self._tok = tokenizers.Tokenizer.from_str(text)
             self._spec = json.loads(text)
         except Exception as e:  # the Rust side raises plain Exceptions
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise HFTokenizerError(f"{self.path} is not a Hugging Face tokenizer.json ({reason})") from None
+            raise HFTokenizerError(f"{self.path} is not a Hugging Face tokenizer.json ({first_line(e)})") from None
         self._json, self._named = text, dict(named)
         vocab = self._tok.get_vocab(with_added_tokens=True)
         self.vocab_size: int = max(vocab.values()) + 1

@@ -56,6 +56,7 @@ from llm_jax.config import Config, ConfigError, DataConfig, MixtureSource
 from llm_jax.data import corpus as corpus_lib
 from llm_jax.data import objectives, tfds_builder
 from llm_jax.data.tokenizer import Tokenizer
+from llm_jax.runtime.faults import first_line
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +149,7 @@ def _tfds_error(d: DataConfig, split: str, key: str, error: Exception) -> Config
                            f"there (e.g. `tfds build {d.tfds_name} --file_format=array_record`)")
     if isinstance(error, ValueError) and "split" in str(error).lower():
         return ConfigError(f"{key}: dataset '{d.tfds_name}' has no split '{split}'")
-    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return ConfigError(f"data.tfds_name: dataset '{d.tfds_name}' in {where} cannot be read: {first_line}")
+    return ConfigError(f"data.tfds_name: dataset '{d.tfds_name}' in {where} cannot be read: {first_line(error)}")
 
 
 def _open_tfds(d: DataConfig, pairs: bool = False) -> DataSources:

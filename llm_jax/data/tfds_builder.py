@@ -32,6 +32,7 @@ from etils import epath
 
 from llm_jax.config import ConfigError
 from llm_jax.data import corpus as corpus_lib
+from llm_jax.runtime.faults import first_line
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +274,7 @@ def _damage(builder: LlmJaxLocalCorpus) -> str | None:
                 finally:
                     reader.close()
             except (RuntimeError, OSError, ValueError) as e:
-                return f"{path}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}"
+                return f"{path}: {first_line(e)}"
             if found != expected:
                 return f"{path}: {found} records where {expected} were written"
     return None

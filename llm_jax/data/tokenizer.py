@@ -49,7 +49,7 @@ from sentencepiece import sentencepiece_model_pb2 as sp_model
 from llm_jax.config import Config, ConfigError
 from llm_jax.config.checks import reserved_symbols, sentinel_symbols
 from llm_jax.data.hf_tokenizer import CONFIG_NAMES, JSON_NAME, HFTokenizer, HFTokenizerError
-from llm_jax.runtime.faults import MachineFault
+from llm_jax.runtime.faults import MachineFault, first_line
 
 log = logging.getLogger(__name__)
 
@@ -470,7 +470,7 @@ def _load_own(model_path: Path) -> AnyTokenizer:
     try:
         return open_tokenizer(model_path)
     except (RuntimeError, OSError, HFTokenizerError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = first_line(e)
         raise MachineFault(
             f"the run's tokenizer {model_path} is damaged ({reason}); delete it and run again: the run trains "
             "it anew from the same corpus and settings, or copies tokenizer.path (e.g. an export's "
@@ -494,7 +494,7 @@ def _write_run_tokenizer(config: Config, sources: Any, out_dir: Path) -> None:
             try:
                 tokenizer = open_tokenizer(tmp_dir)
             except (RuntimeError, OSError, HFTokenizerError) as e:
-                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                reason = first_line(e)
                 raise ConfigError(f"tokenizer.path: {given} is not a SentencePiece model or a Hugging Face "
                                   f"tokenizer.json ({reason})") from None
             _check_loaded(tokenizer, config, shown_path=given)

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from llm_jax.hf.errors import HFConversionError
+from llm_jax.runtime.faults import first_line
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -52,7 +53,7 @@ class WeightReader:
         except HFConversionError:
             raise
         except Exception as e:  # safetensors' SafetensorError, OSError of a truncated file
-            raise HFConversionError(f"{path}: tensor {name!r} cannot be read: {_first_line(e)}") from e
+            raise HFConversionError(f"{path}: tensor {name!r} cannot be read: {first_line(e)}") from e
         self.read_names.add(name)
         return tensor
 
@@ -63,7 +64,7 @@ class WeightReader:
             try:
                 self._handles[path] = safe_open(str(path), framework="numpy")
             except Exception as e:  # a damaged or truncated header
-                raise HFConversionError(f"{path} is not a readable safetensors file: {_first_line(e)}") from e
+                raise HFConversionError(f"{path} is not a readable safetensors file: {first_line(e)}") from e
         return self._handles[path]
 
     def close(self) -> None:
@@ -85,13 +86,13 @@ def _tensor_files(hf_dir: Path) -> dict[str, Path]:
             return {str(name): hf_dir / str(file) for name, file in weight_map.items()}
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise HFConversionError(f"{index} is not a safetensors index (a JSON object with a weight_map): "
-                                    f"{_first_line(e)}") from e
+                                    f"{first_line(e)}") from e
     if single.is_file():
         try:
             with safe_open(str(single), framework="numpy") as f:
                 return {name: single for name in f.keys()}
         except Exception as e:
-            raise HFConversionError(f"{single} is not a readable safetensors file: {_first_line(e)}") from e
+            raise HFConversionError(f"{single} is not a readable safetensors file: {first_line(e)}") from e
     if any((hf_dir / name).is_file() for name in TORCH_WEIGHTS):
         raise HFConversionError(f"{hf_dir} holds PyTorch pickles (pytorch_model.bin) only; llm_jax reads safetensors: "
                                 "re-save it with transformers' save_pretrained(dir, safe_serialization=True)")
@@ -108,6 +109,3 @@ def write_weights(path: str | Path, tensors: Iterable[tuple[str, np.ndarray]]) -
     save_file(state, str(path), metadata={"format": "pt"})
     return len(state)
 
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -40,15 +40,13 @@ from llm_jax.config import ConfigError, ModelConfig
 from llm_jax.data.hf_tokenizer import CONFIG_NAMES, JSON_NAME, HFTokenizer, HFTokenizerError
 from llm_jax.data.tokenizer import MODEL_NAME, copy_tokenizer, open_tokenizer, tokenizer_file
 from llm_jax.hf.errors import HFConversionError
+from llm_jax.runtime.faults import first_line
 
 _Type = sp_model.ModelProto.SentencePiece.Type
 _UNIGRAM, _BPE = sp_model.TrainerSpec.ModelType.UNIGRAM, sp_model.TrainerSpec.ModelType.BPE
 # User-defined pieces that transformers' BERT and T5 tokenizers hold as special tokens.
 _SPECIAL_SYMBOLS = ("[CLS]", "[SEP]", "[MASK]")
 
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def import_tokenizer(hf_dir: Path, dest: Path) -> None:
@@ -60,9 +58,9 @@ def import_tokenizer(hf_dir: Path, dest: Path) -> None:
         copy_tokenizer(hf_dir, dest, key=f"{hf_dir}")
         open_tokenizer(dest)
     except ConfigError as e:
-        raise HFConversionError(_first_line(e)) from None
+        raise HFConversionError(first_line(e)) from None
     except (RuntimeError, OSError, HFTokenizerError) as e:
-        raise HFConversionError(f"{hf_dir}: its tokenizer cannot be read ({_first_line(e)})") from None
+        raise HFConversionError(f"{hf_dir}: its tokenizer cannot be read ({first_line(e)})") from None
 
 
 def export_tokenizer(tokenizer_dir: Path, out: Path, model: ModelConfig) -> None:
@@ -79,7 +77,7 @@ def export_tokenizer(tokenizer_dir: Path, out: Path, model: ModelConfig) -> None
     try:
         proto = sp_model.ModelProto.FromString(found.read_bytes())
     except Exception as e:  # protobuf's DecodeError
-        raise HFConversionError(f"{found} is not a SentencePiece model ({_first_line(e)})") from None
+        raise HFConversionError(f"{found} is not a SentencePiece model ({first_line(e)})") from None
     tokenizer = _tokenizer_from_spm(proto, found)
     named = _special_tokens(proto)
     tokenizer.post_processor = _post_processor(model, named, tokenizer)

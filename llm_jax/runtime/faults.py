@@ -57,6 +57,12 @@ def os_error_in(exc: BaseException | None) -> OSError | None:
     return None
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none): a library's multi-line
+    error told in the one line a user sees."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def describe(error: OSError) -> str:
     """'No space left on device: /path; free some space ...' (one line)."""
     what = error.strerror or str(error)

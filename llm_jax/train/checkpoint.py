@@ -484,7 +484,7 @@ def _error_kind(error: BaseException) -> tuple[str, BaseException]:
 
 
 def _first_line(error: BaseException) -> str:
-    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    line = faults.first_line(error)
     return line if len(line) <= 300 else line[:297] + "..."
 
 
@@ -636,6 +636,5 @@ def load_exported_params(path: str | Path, model: ModelConfig, abstract_params: 
             target = checkpoint_tree.restore_target(saved.tree, abstract_params) if convert else abstract_params
             params = checkpointer.restore(path / EXPORT_PARAMS, target)
     except Exception as e:  # orbax raises many types for damaged or incompatible files
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"init_from: {path / EXPORT_PARAMS} cannot be restored: {first_line}") from e
+        raise CheckpointError(f"init_from: {path / EXPORT_PARAMS} cannot be restored: {faults.first_line(e)}") from e
     return checkpoint_tree.to_expected_layout(params, abstract_params) if convert else params

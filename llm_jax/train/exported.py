@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from llm_jax.config import load_config
 from llm_jax.infer import quantize
 from llm_jax.parallel import mesh as mesh_lib
+from llm_jax.runtime.faults import first_line
 from llm_jax.train import checkpoint as ckpt
 from llm_jax.train import checkpoint_tree
 
@@ -71,8 +72,7 @@ def load_export_mask(path: str | Path) -> dict[tuple[str, ...], np.ndarray] | No
             tree = checkpointer.metadata(mask_dir).item_metadata.tree
             masks = checkpointer.restore(mask_dir, jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree))
     except Exception as e:  # orbax raises many types for damaged or incompatible files
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ckpt.CheckpointError(f"init_from: {mask_dir} cannot be restored: {first_line}") from e
+        raise ckpt.CheckpointError(f"init_from: {mask_dir} cannot be restored: {first_line(e)}") from e
     return {path: np.asarray(m, bool) for path, m in checkpoint_tree.flat(masks).items()}
 
 
@@ -85,5 +85,4 @@ def read_tree(directory: Path, mesh: jax.sharding.Mesh) -> Any:
             target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated), saved)
             return checkpointer.restore(directory, target)
     except Exception as e:  # orbax raises many types for damaged or incompatible files
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ckpt.CheckpointError(f"{directory} cannot be restored: {first_line}") from e
+        raise ckpt.CheckpointError(f"{directory} cannot be restored: {first_line(e)}") from e
