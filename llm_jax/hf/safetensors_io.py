@@ -108,4 +108,3 @@ def write_weights(path: str | Path, tensors: Iterable[tuple[str, np.ndarray]]) -
         state[name] = np.ascontiguousarray(array)
     save_file(state, str(path), metadata={"format": "pt"})
     return len(state)
-

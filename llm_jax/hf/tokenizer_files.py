@@ -48,7 +48,6 @@ _UNIGRAM, _BPE = sp_model.TrainerSpec.ModelType.UNIGRAM, sp_model.TrainerSpec.Mo
 _SPECIAL_SYMBOLS = ("[CLS]", "[SEP]", "[MASK]")
 
 
-
 def import_tokenizer(hf_dir: Path, dest: Path) -> None:
     """Writes into `dest` (an export's tokenizer/ folder) the tokenizer of the Hugging Face folder
     `hf_dir`, as our loader reads it. Raises HFConversionError (one line) when there is none usable."""
