@@ -66,14 +66,22 @@ def new_text(tokenizer, head_ids: list[int], ids: list[int]) -> str:
     return full[len(head):] if full.startswith(head) else tokenizer.decode(ids)
 
 
+def worded(tokenizer, head_ids: list[int], generation: Generation,
+           stops: list[str]) -> tuple[list[int], str, int | None]:
+    """(the ids of a generation's text: its eos left out, that text, where a stop string cuts it or None)."""
+    tokens = list(generation.tokens)
+    text_ids = tokens[:-1] if generation.finish_reason == "eos" else tokens
+    text = new_text(tokenizer, head_ids, text_ids)
+    return text_ids, text, cut_at_stop(text, stops)
+
+
 def _record(tokenizer, prompt: str, head_ids: list[int], generation: Generation,
             stops: list[str]) -> dict[str, Any]:
     """The JSONL record of one generation: prompt, text (the new text alone), tokens (the new ids),
     finish_reason, logprob (and score, for beam search)."""
     tokens = list(generation.tokens)
-    text_ids = tokens[:-1] if generation.finish_reason == "eos" else tokens
-    text, reason, logprob = new_text(tokenizer, head_ids, text_ids), generation.finish_reason, generation.logprob
-    cut = cut_at_stop(text, stops)
+    text_ids, text, cut = worded(tokenizer, head_ids, generation, stops)
+    reason, logprob = generation.finish_reason, generation.logprob
     if cut is not None:
         text, reason = text[:cut], "stop"
         kept = next(n for n in range(1, len(text_ids) + 1)

@@ -48,7 +48,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 
-from llm_jax.commands.generate import cut_at_stop, new_text
+from llm_jax.commands.generate import worded
 from llm_jax.config import ConfigError
 from llm_jax.infer import scoring
 from llm_jax.infer.generate import Decoding, generate_batch
@@ -252,10 +252,8 @@ class LLMJaxLM(TemplateLM):
             raise HarnessError(f"llm_jax generate_until: {e}") from None
         texts = [""] * len(prompts)
         for i, [generation] in zip(order, generations):
-            ids = generation.tokens[:-1] if generation.finish_reason == "eos" else generation.tokens
             head = [] if self._encoder_decoder else prompts[i]
-            text = new_text(self.tokenizer, head, ids)  # as `llm-jax generate` words it
-            cut = cut_at_stop(text, stops)
+            _, text, cut = worded(self.tokenizer, head, generation, stops)  # as `llm-jax generate` words it
             texts[i] = text if cut is None else text[:cut]
         return texts
 
